@@ -1,0 +1,7 @@
+"""The Iris network: task encoding from references and all-classes-in-one-pass query decoding."""
+from .memory import estimate_memory_bytes, count_parameters
+from .network import IrisNetwork, build_network
+from .task import TaskEmbedding, TaskMismatchError
+
+__all__ = ["IrisNetwork", "TaskEmbedding", "TaskMismatchError", "build_network", "estimate_memory_bytes",
+           "count_parameters"]

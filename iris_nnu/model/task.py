@@ -1,0 +1,123 @@
+"""TaskEmbedding: the encoded task (per-class tokens at each task scale) that conditions the query pass."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .network import IrisNetwork
+
+FORMAT_VERSION = "iris_nnu.task_embedding/1"
+# model_id of tasks encoded in training mode: hashing the weights every step would be wasteful because they
+# change every step; such a task is refused by a model in eval mode until a caller vouches for it
+# (dataclasses.replace(task, model_id=model.model_id())).
+TRAINING_MODEL_ID = "training"
+
+
+class TaskMismatchError(ValueError):
+    """A task embedding does not belong to this model (other weights) or to the other tasks (other shapes)."""
+
+
+@dataclass(eq=False)
+class TaskEmbedding:
+    tokens: list[Tensor]  # per task scale (B, K, m+1, C_scale); index 0 = foreground token, 1..m = context tokens
+    classes: list[int]  # label values of the K classes
+    present: Tensor  # (B, K) bool: class k had a non-empty mask in reference b
+    model_id: str  # IrisNetwork.model_id() of the network that made it
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.tokens)
+        self.classes = [int(c) for c in self.classes]
+        if not self.tokens or any(t.dim() != 4 for t in self.tokens):
+            raise ValueError("tokens must be a non-empty list of (B, K, m+1, C) tensors")
+        b, k = self.tokens[0].shape[:2]
+        if any(t.shape[:3] != self.tokens[0].shape[:3] for t in self.tokens):
+            raise ValueError(f"token scales disagree on (B, K, m+1): {[tuple(t.shape) for t in self.tokens]}")
+        if len(self.classes) != k or len(set(self.classes)) != k:
+            raise ValueError(f"need {k} distinct class values, got {self.classes}")
+        self.present = torch.as_tensor(self.present, dtype=torch.bool, device=self.tokens[0].device)
+        if tuple(self.present.shape) != (b, k):
+            raise ValueError(f"present must have shape {(b, k)}, got {tuple(self.present.shape)}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens[0].shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.tokens[0].shape[1]
+
+    def mean(self) -> TaskEmbedding:
+        """Context ensemble: per class, average over the references where the class is present (B becomes 1)."""
+        w = self.present.to(self.tokens[0].dtype)  # (B, K)
+        count = w.sum(0)
+        missing = [c for c, n in zip(self.classes, count.tolist()) if n == 0]
+        if missing:
+            raise ValueError(f"class(es) {missing} are present in none of the {self.batch_size} references")
+        tokens = [(t * w[:, :, None, None]).sum(0, keepdim=True) / count[None, :, None, None] for t in self.tokens]
+        return TaskEmbedding(tokens, self.classes, torch.ones_like(self.present[:1]), self.model_id)
+
+    def select(self, classes: Sequence[int]) -> TaskEmbedding:
+        """Reorder / subset the classes by label value."""
+        unknown = [int(c) for c in classes if int(c) not in self.classes]
+        if unknown:
+            raise KeyError(f"class(es) {unknown} not in this task (it has {self.classes})")
+        idx = torch.tensor([self.classes.index(int(c)) for c in classes], device=self.present.device)
+        return TaskEmbedding([t.index_select(1, idx) for t in self.tokens], [int(c) for c in classes],
+                             self.present.index_select(1, idx), self.model_id)
+
+    @staticmethod
+    def concatenate(tasks: Sequence[TaskEmbedding]) -> TaskEmbedding:
+        """Stack along B over the sorted union of classes; a class missing from a task is zero and not present."""
+        if not tasks:
+            raise ValueError("nothing to concatenate")
+        first = tasks[0]
+        shapes = [t.shape[2:] for t in first.tokens]
+        for task in tasks[1:]:
+            if task.model_id != first.model_id:
+                raise TaskMismatchError(f"tasks from different models: {first.model_id} vs {task.model_id}")
+            if [t.shape[2:] for t in task.tokens] != shapes:
+                raise TaskMismatchError(f"token shapes differ: {shapes} vs {[t.shape[2:] for t in task.tokens]}")
+        classes = sorted(set().union(*(t.classes for t in tasks)))
+        tokens, present = [[] for _ in shapes], []
+        for task in tasks:
+            pos = torch.tensor([classes.index(c) for c in task.classes], device=first.present.device)
+            p = torch.zeros(task.batch_size, len(classes), dtype=torch.bool, device=first.present.device)
+            present.append(p.index_copy(1, pos, task.present.to(p.device)))
+            for i, t in enumerate(task.tokens):
+                z = first.tokens[i].new_zeros(task.batch_size, len(classes), *shapes[i])
+                tokens[i].append(z.index_copy(1, pos, t.to(z)))
+        return TaskEmbedding([torch.cat(t) for t in tokens], classes, torch.cat(present), first.model_id)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TaskEmbedding:
+        return TaskEmbedding([t.to(device=device, dtype=dtype) for t in self.tokens], self.classes,
+                             self.present.to(device=device), self.model_id)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (temp file in the same folder, then os.replace)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        state = {"format": FORMAT_VERSION, "tokens": [t.detach().cpu() for t in self.tokens],
+                 "classes": list(self.classes), "present": self.present.cpu(), "model_id": self.model_id}
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: IrisNetwork | None = None) -> TaskEmbedding:
+        """Load on CPU; with `model` given, refuse a task encoded by other weights."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{path} is not a task embedding file of format {FORMAT_VERSION}")
+        task = cls(state["tokens"], state["classes"], state["present"], state["model_id"])
+        if model is not None and model.model_id() != task.model_id:
+            raise TaskMismatchError(
+                f"task file {path} was encoded by model {task.model_id}, not by this model {model.model_id()}")
+        return task
