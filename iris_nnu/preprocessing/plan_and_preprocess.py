@@ -1,0 +1,190 @@
+"""`iris_plan_and_preprocess`: fingerprint member datasets, make ONE joint plan, preprocess, register a collection."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+from iris_nnu.errors import IrisInputError, cli_entry, require_env_folder
+from iris_nnu.preprocessing.collection import (
+    MANIFEST_FILE,
+    check_collection_id_free,
+    collection_folder_name,
+    register_collection,
+)
+from iris_nnu.preprocessing.planner import (
+    CONFIGURATION,
+    PLANS_IDENTIFIER,
+    MemberSummary,
+    plan_collection,
+    plans_for_member,
+)
+from iris_nnu.preprocessing.preprocessor import SIGNATURE_SUFFIX, preprocess_member, write_json_atomic
+from iris_nnu.preprocessing.raw_dataset import RawDataset, check_raw_dataset, find_unreadable_file, load_raw_dataset
+
+DEFAULT_COLLECTION_ID = 900
+
+
+def fingerprint(dataset: RawDataset, num_processes: int, overwrite: bool) -> dict:
+    """nnU-Net's dataset fingerprint (cached in nnUNet_preprocessed/DatasetXXX/dataset_fingerprint.json)."""
+    path = os.path.join(require_env_folder("nnUNet_preprocessed"), dataset.name, "dataset_fingerprint.json")
+    if not overwrite and os.path.isfile(path):
+        try:
+            return load_json(path)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            overwrite = True  # a fingerprint cut short by an interruption: make it again
+    print(f"{dataset.name}: extracting nnU-Net fingerprint of {len(dataset.cases)} cases")
+    try:
+        result = DatasetFingerprintExtractor(dataset.dataset_id, num_processes, verbose=False).run(overwrite)
+    except Exception as e:  # noqa: BLE001 - nnU-Net's workers do not say which file failed; find it
+        bad = find_unreadable_file(dataset)
+        where = f"{bad}: unreadable image" if bad else f"fingerprint extraction failed ({type(e).__name__}: {e})"
+        raise IrisInputError(f"{dataset.name}: {where}") from None
+    return json.loads(json.dumps(result))  # as read back from the file: string keys, lists not arrays
+
+
+def copy_ground_truth(dataset: RawDataset, member_folder: str) -> None:
+    """Copy labels to gt_segmentations/ as nnU-Net does, so validation needs no nnUNet_raw."""
+    gt = os.path.join(member_folder, "gt_segmentations")
+    os.makedirs(gt, exist_ok=True)
+    for case, files in dataset.cases.items():
+        dst = os.path.join(gt, case + dataset.dataset_json["file_ending"])
+        if not os.path.isfile(dst) or os.path.getsize(dst) != os.path.getsize(files["label"]):
+            shutil.copyfile(files["label"], dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
+
+
+def clean_previous(datasets: list[RawDataset], collection_folder: str) -> None:
+    """--clean: remove what earlier Iris runs wrote (never nnU-Net's own plans or data)."""
+    root = require_env_folder("nnUNet_preprocessed")
+    for d in datasets:
+        folder = os.path.join(root, d.name)
+        shutil.rmtree(os.path.join(folder, f"{PLANS_IDENTIFIER}_{CONFIGURATION}"), ignore_errors=True)
+        for f in (f"{PLANS_IDENTIFIER}.json", MANIFEST_FILE, f"{PLANS_IDENTIFIER}_{CONFIGURATION}{SIGNATURE_SUFFIX}"):
+            if os.path.isfile(os.path.join(folder, f)):
+                os.remove(os.path.join(folder, f))
+    if len(datasets) > 1:
+        shutil.rmtree(collection_folder, ignore_errors=True)
+
+
+def parse_spacing(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a spacing in mm, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"spacing must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="iris_plan_and_preprocess",
+        description="Fingerprint one or more nnU-Net raw datasets, make ONE joint Iris plan for all of them "
+                    "(common isotropic spacing, patch and network sized to a memory budget, normalisation per "
+                    "modality), preprocess every dataset with it and register them as one collection in "
+                    "nnUNet_preprocessed, ready for `iris_train COLLECTION FOLD`. Re-running skips finished work.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-d", nargs="+", type=int, required=True, metavar="ID",
+                   help="dataset ids in nnUNet_raw (DatasetXXX_Name folders)")
+    p.add_argument("--collection_id", type=int, default=None,
+                   help=f"id of the collection folder; default: the dataset's own id with one -d, "
+                        f"else {DEFAULT_COLLECTION_ID}")
+    p.add_argument("--collection_name", default=None,
+                   help="name of the collection folder (DatasetXXX_NAME); default: the dataset's own name with "
+                        "one -d, else the member names joined by '_'")
+    p.add_argument("--target_spacing", type=parse_spacing, default=None, metavar="auto|MM",
+                   help="isotropic spacing in mm for all members; auto: median over members of the cube root of "
+                        "the median voxel volume (default: auto)")
+    p.add_argument("--memory_gb", type=float, default=None,
+                   help="memory budget for one training step; default: 85%% of the visible GPU's memory, else a "
+                        "2 GB CPU budget")
+    p.add_argument("-np", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                   help="processes for fingerprinting, checking and preprocessing")
+    p.add_argument("--verify_dataset_integrity", action="store_true",
+                   help="also read every label and image in full: label values within dataset.json's labels, "
+                        "no NaN/inf (headers and geometry are always checked)")
+    p.add_argument("--clean", action="store_true",
+                   help="redo everything: fingerprints, plans and preprocessed data")
+    return p
+
+
+@cli_entry("iris_plan_and_preprocess")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.np < 1:
+        raise IrisInputError(f"-np must be at least 1, got {args.np}")
+    if args.memory_gb is not None and args.memory_gb <= 0:
+        raise IrisInputError(f"--memory_gb must be positive, got {args.memory_gb}")
+    ids = list(dict.fromkeys(args.d))
+    root = require_env_folder("nnUNet_preprocessed")
+    datasets = [load_raw_dataset(i) for i in ids]
+    for d in datasets:
+        if len(d.cases) < 5:
+            raise IrisInputError(f"{d.name}: {len(d.cases)} cases; Iris needs at least 5 for nnU-Net's 5-fold split")
+
+    if len(datasets) == 1:
+        collection_id = args.collection_id if args.collection_id is not None else datasets[0].dataset_id
+        name = args.collection_name or datasets[0].name.split("_", 1)[1]
+    else:
+        collection_id = args.collection_id if args.collection_id is not None else DEFAULT_COLLECTION_ID
+        name = args.collection_name or "_".join(d.name.split("_", 1)[1] for d in datasets)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", name):
+        raise IrisInputError(f"--collection_name {name!r}: use letters, digits, '_' and '-'")
+    collection_folder = os.path.join(root, collection_folder_name(collection_id, name))
+    is_member_folder = len(datasets) == 1 and collection_folder == os.path.join(root, datasets[0].name)
+    if len(datasets) == 1 and not is_member_folder:
+        raise IrisInputError("with a single -d the dataset is its own collection; leave out --collection_id and "
+                             "--collection_name (or give the dataset's own)")
+    if not is_member_folder:
+        check_collection_id_free(collection_id, name, [d.name for d in datasets])
+    if args.clean:
+        clean_previous(datasets, collection_folder)
+
+    for d in datasets:
+        check_raw_dataset(d, full=args.verify_dataset_integrity, num_processes=args.np)
+    summaries = [MemberSummary(d.name, d.dataset_json, fingerprint(d, args.np, args.clean)) for d in datasets]
+    reader = determine_reader_writer_from_dataset_json(datasets[0].dataset_json,
+                                                      next(iter(datasets[0].cases.values()))["images"][0])
+    try:
+        plans = plan_collection(summaries, args.target_spacing, args.memory_gb, reader.__name__)
+    except ValueError as e:
+        raise IrisInputError(str(e)) from None
+    configuration = plans["configurations"][CONFIGURATION]
+    arch = configuration["architecture"]["arch_kwargs"]
+    print(f"joint plan: spacing {configuration['spacing'][0]:g} mm, patch {configuration['patch_size']}, "
+          f"batch {configuration['batch_size']}, widths {arch['features_per_stage']}, estimated "
+          f"{plans['iris']['estimated_training_memory_gb']:.2f} of {plans['iris']['memory_budget_gb']:.2f} GB")
+
+    for d in datasets:
+        member_folder = os.path.join(root, d.name)
+        os.makedirs(member_folder, exist_ok=True)
+        member_plans = plans_for_member(plans, d.name)
+        write_json_atomic(d.dataset_json, os.path.join(member_folder, "dataset.json"))
+        write_json_atomic(member_plans, os.path.join(member_folder, f"{PLANS_IDENTIFIER}.json"))
+        copy_ground_truth(d, member_folder)
+        errors = preprocess_member(d.name, d.cases, member_plans, d.dataset_json,
+                                   os.path.join(member_folder, configuration["data_identifier"]), args.np)
+        if errors:
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise IrisInputError(f"{d.name}: {errors[0]}{more}")
+
+    register_collection(collection_folder, plans, [{
+        "name": d.name, "dataset_id": d.dataset_id, "labels": d.labels, "channel_names": d.channel_names,
+        "file_ending": d.dataset_json["file_ending"], "cases": list(d.cases),
+        "member_folder": os.path.join(root, d.name)} for d in datasets])
+    print(f"collection {os.path.basename(collection_folder)} ready: "
+          f"iris_train {collection_id} FOLD  (folder {collection_folder})")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""A member dataset in nnU-Net raw format: locate it, read its dataset.json, list and check its cases.
+
+nnU-Net's own `verify_dataset_integrity` asserts and prints; Iris needs one line naming the dataset and
+the file, so the checks are ours. Listing cases reuses nnU-Net's `get_filenames_of_train_images_and_targets`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from typing import Iterable
+
+import numpy as np
+import SimpleITK as sitk
+from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+from tqdm import tqdm
+
+from iris_nnu.errors import IrisInputError, require_env_folder
+
+# Geometry of image channels and label must agree to this (relative) tolerance, as in nnU-Net's checks.
+GEOMETRY_TOLERANCE = 1e-3
+
+
+@dataclass
+class RawDataset:
+    """One dataset under nnUNet_raw: its folder, dataset.json and cases {case: {'images': [...], 'label': path}}."""
+
+    dataset_id: int
+    name: str  # DatasetXXX_Name
+    folder: str
+    dataset_json: dict
+    cases: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> dict[str, int]:
+        return self.dataset_json["labels"]
+
+    @property
+    def channel_names(self) -> dict[str, str]:
+        return self.dataset_json["channel_names"]
+
+    @property
+    def foreground_labels(self) -> list[int]:
+        return sorted(v for v in self.labels.values() if v != 0)
+
+
+def find_raw_dataset_folder(dataset_id: int) -> str:
+    """nnUNet_raw/DatasetXXX_Name for an id; exactly one folder must match."""
+    raw = require_env_folder("nnUNet_raw")
+    if not os.path.isdir(raw):
+        raise IrisInputError(f"nnUNet_raw={raw} is not a folder")
+    prefix = f"Dataset{dataset_id:03d}_"
+    matches = sorted(d for d in os.listdir(raw) if d.startswith(prefix) and os.path.isdir(os.path.join(raw, d)))
+    if not matches:
+        raise IrisInputError(f"dataset {dataset_id}: no folder {prefix}* in nnUNet_raw={raw}")
+    if len(matches) > 1:
+        raise IrisInputError(f"dataset {dataset_id}: several folders match in nnUNet_raw: {', '.join(matches)}")
+    return os.path.join(raw, matches[0])
+
+
+def validate_dataset_json(dataset_json: dict, where: str) -> None:
+    """Check the keys Iris relies on; `where` names the file in the error."""
+    for key in ("channel_names", "labels", "file_ending"):
+        if key not in dataset_json:
+            raise IrisInputError(f"{where}: missing key '{key}'")
+    if not isinstance(dataset_json["channel_names"], dict) or not dataset_json["channel_names"]:
+        raise IrisInputError(f"{where}: 'channel_names' must be a non-empty mapping like {{\"0\": \"MRI\"}}")
+    labels = dataset_json["labels"]
+    if not isinstance(labels, dict) or not labels:
+        raise IrisInputError(f"{where}: 'labels' must be a non-empty mapping of names to integer values")
+    values = []
+    for name, value in labels.items():
+        if isinstance(value, (list, tuple)):
+            raise IrisInputError(f"{where}: label '{name}' is a region {value}; Iris supports plain labels only")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise IrisInputError(f"{where}: label '{name}' has value {value!r}, expected an integer")
+        values.append(value)
+    if sorted(values) != list(range(len(values))):
+        raise IrisInputError(f"{where}: label values {sorted(values)} are not consecutive integers starting at 0 "
+                             f"(background 0)")
+    if "ignore" in labels:
+        raise IrisInputError(f"{where}: an 'ignore' label is not supported by iris-nnu")
+
+
+def load_raw_dataset(dataset_id: int) -> RawDataset:
+    """Locate, read and list a raw dataset; file-level problems raise IrisInputError naming the file."""
+    folder = find_raw_dataset_folder(dataset_id)
+    name = os.path.basename(folder)
+    json_file = os.path.join(folder, "dataset.json")
+    if not os.path.isfile(json_file):
+        raise IrisInputError(f"{name}: {json_file} not found")
+    try:
+        with open(json_file) as f:
+            dataset_json = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IrisInputError(f"{name}: {json_file} is not valid JSON ({e})") from None
+    validate_dataset_json(dataset_json, json_file)
+    if "dataset" not in dataset_json and not os.path.isdir(os.path.join(folder, "imagesTr")):
+        raise IrisInputError(f"{name}: {os.path.join(folder, 'imagesTr')} not found")
+    cases = get_filenames_of_train_images_and_targets(folder, dataset_json)
+    if not cases:
+        raise IrisInputError(f"{name}: no training cases ending in {dataset_json['file_ending']} in imagesTr")
+    return RawDataset(dataset_id, name, folder, dataset_json, dict(sorted(cases.items())))
+
+
+def _read_header(path: str) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return reader
+
+
+def _geometry(reader: sitk.ImageFileReader) -> tuple[np.ndarray, ...]:
+    return (np.array(reader.GetSize()), np.array(reader.GetSpacing()), np.array(reader.GetOrigin()),
+            np.array(reader.GetDirection()))
+
+
+def check_case(case: str, images: list[str], label: str, num_channels: int, label_values: Iterable[int] | None,
+               ) -> str | None:
+    """Check one case: files exist and read, 3D, channels and label share geometry; optionally label values.
+
+    Returns None when fine, else a message naming the file. With `label_values` given the label image is read
+    in full and its values checked (the slow part of --verify_dataset_integrity).
+    """
+    if len(images) != num_channels:
+        return f"case {case}: {len(images)} image channel file(s), dataset.json names {num_channels}"
+    for path in [*images, label]:
+        if not os.path.isfile(path):
+            return f"{path}: file not found"
+    geometries = []
+    for path in [*images, label]:
+        try:
+            reader = _read_header(path)
+        except RuntimeError as e:
+            return f"{path}: unreadable image ({str(e).strip().splitlines()[-1][:200]})"
+        if reader.GetDimension() != 3:
+            return f"{path}: {reader.GetDimension()}D image, iris-nnu needs 3D volumes"
+        if reader.GetNumberOfComponents() != 1:
+            return f"{path}: {reader.GetNumberOfComponents()} components per voxel, expected 1"
+        geometries.append((path, _geometry(reader)))
+    ref_path, (size, spacing, origin, direction) = geometries[-1]
+    for path, (s, sp, o, d) in geometries[:-1]:
+        if not np.array_equal(s, size):
+            return f"{path}: size {tuple(s)} differs from its label {ref_path} {tuple(size)}"
+        scale = max(float(np.abs(spacing).max()), 1.0)
+        if (not np.allclose(sp, spacing, rtol=GEOMETRY_TOLERANCE)
+                or not np.allclose(o, origin, atol=GEOMETRY_TOLERANCE * scale * 10)
+                or not np.allclose(d, direction, atol=GEOMETRY_TOLERANCE)):
+            return f"{path}: spacing/origin/direction differ from its label {ref_path}"
+    if label_values is not None:
+        try:
+            seg = sitk.GetArrayFromImage(sitk.ReadImage(label))
+            images_data = [sitk.GetArrayFromImage(sitk.ReadImage(p)) for p in images]
+        except RuntimeError as e:
+            return f"{label}: unreadable image ({str(e).strip().splitlines()[-1][:200]})"
+        found = np.unique(seg)
+        unexpected = sorted(set(found.tolist()) - set(label_values))
+        if unexpected:
+            return f"{label}: label values {unexpected[:10]} are not in dataset.json's labels"
+        for p, d in zip(images, images_data):
+            if not np.all(np.isfinite(d)):
+                return f"{p}: contains NaN or infinite values"
+    return None
+
+
+def _check_case_star(args: tuple) -> str | None:
+    return check_case(*args)
+
+
+def check_raw_dataset(dataset: RawDataset, full: bool = False, num_processes: int = 1) -> None:
+    """Check every case of a dataset (headers always; label values and finiteness when `full`)."""
+    if "numTraining" in dataset.dataset_json and dataset.dataset_json["numTraining"] != len(dataset.cases):
+        raise IrisInputError(f"{dataset.name}: dataset.json says numTraining={dataset.dataset_json['numTraining']} "
+                             f"but {len(dataset.cases)} cases were found in imagesTr")
+    values = list(dataset.labels.values()) if full else None
+    jobs = [(c, v["images"], v["label"], len(dataset.channel_names), values) for c, v in dataset.cases.items()]
+    desc = f"{dataset.name}: {'verifying' if full else 'checking'} cases"
+    if num_processes > 1 and full:
+        with get_context("spawn").Pool(num_processes) as pool:
+            results = list(tqdm(pool.imap(_check_case_star, jobs, chunksize=4), total=len(jobs), desc=desc))
+    else:
+        results = [_check_case_star(j) for j in tqdm(jobs, desc=desc, disable=not full)]
+    for problem in results:
+        if problem is not None:
+            raise IrisInputError(f"{dataset.name}: {problem}")
+
+
+def find_unreadable_file(dataset: RawDataset) -> str | None:
+    """After a failure deep inside nnU-Net: the first file whose voxels cannot be read, to name it."""
+    for case in dataset.cases.values():
+        for path in [*case["images"], case["label"]]:
+            try:
+                sitk.ReadImage(path)
+            except RuntimeError:
+                return path
+    return None
+
+
+DATASET_NAME_PATTERN = re.compile(r"^Dataset(\d{3})_([A-Za-z0-9_\-]+)$")

@@ -1,0 +1,1 @@
+"""Episodic training of Iris on nnU-Net's trainer: `IrisTrainer` and the `iris_train` command."""

@@ -1,0 +1,148 @@
+"""Episodic batches for Iris: a query patch and a reference patch from ANOTHER case of the SAME member.
+
+nnU-Net's `nnUNetDataLoader` draws single patches; Iris needs pairs that share a sampled set of classes, so the
+batch assembly is ours, while patch placement (`get_bbox`), case loading and augmentation are nnU-Net's.
+One episode (= one batch) comes from one member and shares its classes: 1..K_max labels drawn at random
+(random class dropping), each turned into a binary target channel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+from batchgenerators.dataloading.data_loader import DataLoader
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from threadpoolctl import threadpool_limits
+
+# Reference perturbation (imperfect references): probability of dilating or eroding the reference masks.
+REFERENCE_MASK_PERTURBATION_P = 0.3
+# Attempts to find a reference case that holds at least one of the episode's classes.
+REFERENCE_ATTEMPTS = 5
+
+
+@dataclass
+class MemberEpisodes:
+    """Where one member's episodes come from."""
+
+    name: str
+    folder: str  # preprocessed IrisPlans_3d_fullres folder
+    labels: dict[str, int]
+    query_cases: list[str]
+    reference_cases: list[str]
+    weight: float = 1.0
+
+    @property
+    def foreground_labels(self) -> list[int]:
+        return sorted(v for v in self.labels.values() if v != 0)
+
+
+def perturb_masks(masks: torch.Tensor, generator: np.random.Generator) -> torch.Tensor:
+    """Randomly dilate or erode each reference's masks by one voxel (B,K,X,Y,Z), simulating imperfect references."""
+    out = masks.clone()
+    for b in range(masks.shape[0]):
+        roll = generator.random()
+        if roll < REFERENCE_MASK_PERTURBATION_P / 2:
+            out[b] = F.max_pool3d(masks[b:b + 1], 3, stride=1, padding=1)[0]
+        elif roll < REFERENCE_MASK_PERTURBATION_P:
+            eroded = -F.max_pool3d(-masks[b:b + 1], 3, stride=1, padding=1)[0]
+            keep = eroded.flatten(1).sum(1) > 0  # never erode a small structure away
+            out[b, keep] = eroded[keep]
+    return out
+
+
+class EpisodicDataLoader(DataLoader):
+    """Yields episodes: {'data', 'target', 'reference', 'reference_masks', 'present', 'classes', 'member', 'keys'}.
+
+    `target` is a list of (B,K,...) binary tensors per deep-supervision scale (or one tensor without it).
+    """
+
+    def __init__(self, members: list[MemberEpisodes], batch_size: int, initial_patch_size, patch_size,
+                 max_classes: int, query_transforms, reference_transforms, mirror_axes: tuple[int, ...] = (),
+                 oversample_foreground_percent: float = 0.67, seed: int | None = None):
+        super().__init__(members, batch_size, 1, None, True, False, True)
+        self.members = [m for m in members if m.query_cases]
+        if not self.members:
+            raise ValueError("no member has query cases for episodes")
+        weights = np.array([m.weight for m in self.members], dtype=float)
+        self.member_probabilities = weights / weights.sum()
+        self.max_classes = max_classes
+        self.query_transforms = query_transforms
+        self.reference_transforms = reference_transforms
+        self.mirror_axes = tuple(mirror_axes)
+        self.oversample_foreground_percent = oversample_foreground_percent
+        self.rng = np.random.default_rng(seed)
+        # nnU-Net's loaders, one per member: their dataset and patch placement (padding, foreground centring)
+        self.samplers = {}
+        for m in self.members:
+            cases = sorted(set(m.query_cases) | set(m.reference_cases))
+            dataset = nnUNetDatasetBlosc2(m.folder, cases)
+            self.samplers[m.name] = nnUNetDataLoader(dataset, batch_size, initial_patch_size, patch_size,
+                                                     LabelManager(m.labels, None), oversample_foreground_percent)
+
+    def _crop(self, member: MemberEpisodes, case: str, classes: list[int], force_fg: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """A patch of the case (image, label map), centred on a voxel of one of `classes` when forced."""
+        sampler = self.samplers[member.name]
+        data, seg, _, properties = sampler._data.load_case(case)
+        locations = {c: properties["class_locations"][c] for c in classes
+                     if len(properties["class_locations"].get(c, [])) > 0}
+        lbs, ubs = sampler.get_bbox(data.shape[1:], force_fg and bool(locations), locations or None)
+        bbox = [[lo, hi] for lo, hi in zip(lbs, ubs)]
+        image = torch.from_numpy(crop_and_pad_nd(data, bbox, 0)).float()
+        labels = torch.from_numpy(crop_and_pad_nd(seg, bbox, -1, cast_cropped_to=np.int16)).to(torch.int16)
+        return image, labels, bool(locations)
+
+    def _reference_case(self, member: MemberEpisodes, query: str) -> str:
+        """Another case than the query (the same only if the member has no other)."""
+        candidates = [c for c in member.reference_cases if c != query] or member.reference_cases
+        return str(self.rng.choice(candidates))
+
+    def generate_train_batch(self) -> dict:
+        member = self.members[self.rng.choice(len(self.members), p=self.member_probabilities)]
+        labels = member.foreground_labels
+        k = int(self.rng.integers(1, min(self.max_classes, len(labels)) + 1))
+        classes = sorted(int(c) for c in self.rng.choice(labels, size=k, replace=False))
+        queries, references, targets, masks, keys = [], [], [], [], []
+        with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
+            for b in range(self.batch_size):
+                query = str(self.rng.choice(member.query_cases))
+                force = self.rng.random() < self.oversample_foreground_percent
+                q_image, q_labels, _ = self._crop(member, query, classes, force)
+                for _ in range(REFERENCE_ATTEMPTS):  # a reference crop must contain the structure
+                    reference = self._reference_case(member, query)
+                    r_image, r_labels, has_class = self._crop(member, reference, classes, True)
+                    if has_class:
+                        break
+                q = self.query_transforms(image=q_image, segmentation=q_labels)
+                r = self.reference_transforms(image=r_image, segmentation=r_labels)
+                q_seg = q["segmentation"] if isinstance(q["segmentation"], list) else [q["segmentation"]]
+                # mirror query and reference together: left/right structures must keep their side relative
+                # to the reference
+                flip = [a + 1 for a in self.mirror_axes if self.rng.random() < 0.5]
+                q_img, r_img, r_seg = q["image"], r["image"], r["segmentation"]
+                if flip:
+                    q_img, r_img, r_seg = q_img.flip(flip), r_img.flip(flip), r_seg.flip(flip)
+                    q_seg = [s.flip(flip) for s in q_seg]
+                class_values = torch.tensor(classes, dtype=q_seg[0].dtype).view(-1, 1, 1, 1)
+                queries.append(q_img)
+                references.append(r_img)
+                targets.append([(s[0:1] == class_values).float() for s in q_seg])
+                masks.append((r_seg[0:1] == class_values).float())
+                keys.append((query, reference))
+        reference_masks = perturb_masks(torch.stack(masks), self.rng)
+        target = [torch.stack([t[i] for t in targets]) for i in range(len(targets[0]))]
+        return {
+            "data": torch.stack(queries),
+            "target": target if len(target) > 1 else target[0],
+            "reference": torch.stack(references),
+            "reference_masks": reference_masks,
+            "present": reference_masks.flatten(2).amax(2) > 0,
+            "classes": classes,
+            "member": member.name,
+            "keys": keys,
+        }

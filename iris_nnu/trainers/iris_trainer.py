@@ -1,0 +1,322 @@
+"""IrisTrainer: nnU-Net's trainer with Iris's episodic training (reference branch, masked loss, memory bank).
+
+What stays nnU-Net's: the epoch loop, logging and progress.png, checkpoints' layout, model folder, augmentation
+pipeline, deep-supervision weighting and `--c`. What is Iris's: episodes of (query, reference) pairs from one
+member of a collection, a loss over valid (reference, class) pairs, AdamW with warm-up and exponential decay,
+an EMA memory bank of task embeddings per (member, class), and one-shot final validation per member.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from time import time
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from batchgenerators.utilities.file_and_folder_operations import save_json
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.helpers import dummy_context, empty_cache
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import autocast, nn
+from torch._dynamo import OptimizedModule
+
+from iris_nnu.model import IrisNetwork, TaskEmbedding, build_network
+from iris_nnu.preprocessing.collection import Collection, load_collection
+from iris_nnu.trainers.episodes import EpisodicDataLoader, MemberEpisodes
+from iris_nnu.trainers.loss import MaskedDiceBCELoss
+
+
+class WarmupExponentialLR:
+    """Linear warm-up, then exponential decay to `final_fraction` of the peak at the last iteration.
+
+    The paper's schedule (it trains 80k iterations with 2k warm-up). Stateless: the learning rate is a function of
+    the global iteration, so `--c` resumes it exactly from the epoch counter.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, peak_lr: float, total_iterations: int,
+                 warmup_fraction: float = 0.025, max_warmup: int = 2000, final_fraction: float = 0.01):
+        self.optimizer = optimizer
+        self.peak_lr = peak_lr
+        self.total = max(1, total_iterations)
+        self.warmup = max(1, min(max_warmup, round(warmup_fraction * self.total)))
+        self.final_fraction = final_fraction
+
+    def lr_at(self, iteration: int) -> float:
+        if iteration < self.warmup:
+            return self.peak_lr * (iteration + 1) / self.warmup
+        progress = min(1.0, (iteration - self.warmup) / max(1, self.total - self.warmup))
+        return self.peak_lr * self.final_fraction ** progress
+
+    def set_iteration(self, iteration: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(iteration)
+
+    def step(self, epoch: int | None = None) -> None:
+        """nnU-Net calls this at each epoch start; the per-iteration update happens in train_step."""
+
+
+class IrisTrainer(nnUNetTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        plans = dict(plans)
+        plans.setdefault("continue_training", False)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        # Iris's settings are attributes, not constructor arguments: nnU-Net records the constructor's signature.
+        # AdamW, not the paper's LAMB (not in torch): LAMB's layer-wise trust ratio serves batch-32+ training;
+        # at nnU-Net's batch sizes (2-8) AdamW with the paper's lr, decay and warm-up is the standard equivalent.
+        self.initial_lr = 2e-3
+        self.weight_decay = 1e-5
+        self.final_lr_fraction = 0.01  # the learning rate decays exponentially to this fraction of its peak
+        self.oversample_foreground_percent = 0.67
+        self.max_classes_per_episode = int(self.plans_manager.plans.get("iris", {}).get("max_classes_per_episode", 8))
+        self.member_sampling_weights: dict[str, float] | None = None  # None: uniform over members
+        self.memory_bank_alpha = 0.999  # the paper's EMA factor
+        self.episode_seed: int | None = None  # seed of the training episodes (None: fresh randomness)
+        self.save_every = 1  # an interrupted run loses at most one epoch
+        self.collection: Collection = load_collection(self.plans_manager.dataset_name, self.plans_manager.plans_name)
+        # nnU-Net infers the dataset class from this folder; a multi-member collection has its data in its members
+        self.preprocessed_dataset_folder = self.collection.members[0].preprocessed_folder
+        self.memory_bank: dict[str, dict[int, list[torch.Tensor]]] = {}
+        self.lr_schedule: WarmupExponentialLR | None = None
+        self._iteration_in_epoch = 0
+
+    # ------------------------------------------------------------------ network, loss, optimiser
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        """IrisNetwork from the plans; the number of outputs comes from each task, not from the plans."""
+        return build_network(configuration_manager.configuration["architecture"], num_input_channels,
+                             deep_supervision=enable_deep_supervision)
+
+    @property
+    def iris_network(self) -> IrisNetwork:
+        """The IrisNetwork behind DDP/compile wrappers."""
+        net = self.network.module if self.is_ddp else self.network
+        return net._orig_mod if isinstance(net, OptimizedModule) else net
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        self.iris_network.set_deep_supervision(enabled)
+
+    def _get_deep_supervision_scales(self) -> list[list[float]] | None:
+        if not self.enable_deep_supervision:
+            return None
+        stages = len(self.configuration_manager.network_arch_init_kwargs["features_per_stage"])
+        return [[1 / 2**i] * 3 for i in range(stages - 1)]
+
+    def _build_loss(self) -> nn.Module:
+        loss = MaskedDiceBCELoss()
+        if self.enable_deep_supervision:
+            # nnU-Net's weighting: halve per scale, drop the lowest resolution, normalise
+            weights = np.array([1 / 2**i for i in range(len(self._get_deep_supervision_scales()))])
+            weights[-1] = 0
+            loss = DeepSupervisionWrapper(loss, weights / weights.sum())
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
+        self.lr_schedule = WarmupExponentialLR(optimizer, self.initial_lr,
+                                               self.num_epochs * self.num_iterations_per_epoch,
+                                               final_fraction=self.final_lr_fraction)
+        return optimizer, self.lr_schedule
+
+    # ------------------------------------------------------------------ data
+    def do_split(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """Training and validation cases per member, from the collection's splits_final.json."""
+        if self.fold == "all":
+            every = {m.name: list(m.cases) for m in self.collection.members}
+            return every, every
+        return self.collection.fold_cases(self.fold, "train"), self.collection.fold_cases(self.fold, "val")
+
+    def _members_for(self, query_cases: dict[str, list[str]], reference_cases: dict[str, list[str]]
+                     ) -> list[MemberEpisodes]:
+        weights = self.member_sampling_weights or {}
+        return [MemberEpisodes(m.name, m.preprocessed_folder, m.labels, query_cases[m.name],
+                               reference_cases[m.name], float(weights.get(m.name, 1.0)))
+                for m in self.collection.members if query_cases[m.name] and reference_cases[m.name]]
+
+    def get_dataloaders(self):
+        patch_size = self.configuration_manager.patch_size
+        ds_scales = self._get_deep_supervision_scales()
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        use_mask = self.configuration_manager.use_mask_for_norm
+        # mirroring is applied to query and reference together in the loader, so it is left out here
+        query_transforms = self.get_training_transforms(patch_size, rotation, ds_scales, None, dummy_2d, use_mask)
+        reference_transforms = self.get_training_transforms(patch_size, rotation, None, None, dummy_2d, use_mask)
+        val_query_transforms = self.get_validation_transforms(ds_scales)
+        val_reference_transforms = self.get_validation_transforms(None)
+        train, val = self.do_split()
+        common = dict(batch_size=self.batch_size, max_classes=self.max_classes_per_episode)
+        dl_train = EpisodicDataLoader(self._members_for(train, train), initial_patch_size=initial_patch_size,
+                                      patch_size=patch_size, query_transforms=query_transforms,
+                                      reference_transforms=reference_transforms, mirror_axes=mirror_axes,
+                                      oversample_foreground_percent=self.oversample_foreground_percent,
+                                      seed=self.episode_seed, **common)
+        # validation episodes: queries from the validation cases, references from the training cases
+        dl_val = EpisodicDataLoader(self._members_for(val, train), initial_patch_size=patch_size,
+                                    patch_size=patch_size, query_transforms=val_query_transforms,
+                                    reference_transforms=val_reference_transforms, seed=12345,
+                                    oversample_foreground_percent=1.0, **common)
+        processes = get_allowed_n_proc_DA()
+        if processes == 0:
+            return SingleThreadedAugmenter(dl_train, None), SingleThreadedAugmenter(dl_val, None)
+        pin = self.device.type == "cuda"
+        return (NonDetMultiThreadedAugmenter(dl_train, None, processes, max(6, processes // 2), None, pin, 0.002),
+                NonDetMultiThreadedAugmenter(dl_val, None, max(1, processes // 2), max(3, processes // 4), None,
+                                             pin, 0.002))
+
+    # ------------------------------------------------------------------ training loop hooks
+    def on_train_start(self) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+        os.makedirs(self.output_folder, exist_ok=True)
+        self.set_deep_supervision_enabled(self.enable_deep_supervision)
+        self.print_plans()
+        empty_cache(self.device)
+        if self.local_rank == 0:
+            # plans, dataset.json and the manifest at the trainer level, as nnU-Net keeps them for inference
+            save_json(self.plans_manager.plans, os.path.join(self.output_folder_base, "plans.json"), sort_keys=False)
+            save_json(self.dataset_json, os.path.join(self.output_folder_base, "dataset.json"), sort_keys=False)
+            shutil.copyfile(os.path.join(self.collection.folder, "manifest.json"),
+                            os.path.join(self.output_folder_base, "manifest.json"))
+            self._save_debug_information()
+
+    def plot_network_architecture(self) -> None:
+        """Not available: the network's forward needs a task (and hiddenlayer is not a dependency)."""
+
+    def on_train_epoch_start(self) -> None:
+        self._iteration_in_epoch = 0
+        self.lr_schedule.set_iteration(self.current_epoch * self.num_iterations_per_epoch)
+        super().on_train_epoch_start()
+
+    def _episode_to_device(self, batch: dict):
+        query = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        reference = batch["reference"].to(self.device, non_blocking=True)
+        masks = batch["reference_masks"].to(self.device, non_blocking=True)
+        return query, target, reference, masks, batch["present"].to(self.device)
+
+    def _episode_loss(self, output, target, present):
+        if isinstance(output, list):
+            return self.loss(output, target, [present] * len(output))
+        return self.loss(output, target, present)
+
+    def train_step(self, batch: dict) -> dict:
+        self.lr_schedule.set_iteration(self.current_epoch * self.num_iterations_per_epoch + self._iteration_in_epoch)
+        self._iteration_in_epoch += 1
+        query, target, reference, masks, present = self._episode_to_device(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        net = self.iris_network
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            task = net.encode_task(reference, masks, batch["classes"])
+            output = self.network(query, task)
+            loss = self._episode_loss(output, target, present)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        self.update_memory_bank(batch["member"], task, present)
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        query, target, reference, masks, present = self._episode_to_device(batch)
+        net = self.iris_network
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            task = net.encode_task(reference, masks, batch["classes"])
+            output = self.network(query, task)
+            loss = self._episode_loss(output, target, present)
+        if isinstance(output, list):
+            output, target = output[0], target[0]
+        predicted = (output > 0).float().flatten(2)
+        target = target.float().flatten(2)
+        valid = present.float()
+        tp = ((predicted * target).sum(2) * valid).sum()
+        fp = ((predicted * (1 - target)).sum(2) * valid).sum()
+        fn = (((1 - predicted) * target).sum(2) * valid).sum()
+        return {"loss": float(loss.detach().cpu()), "member": batch["member"],
+                "tp": float(tp.cpu()), "fp": float(fp.cpu()), "fn": float(fn.cpu())}
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
+        """Pseudo Dice per member (voxels pooled over its episodes); the mean over members drives checkpoint_best."""
+        dice = []
+        for m in self.collection.members:
+            outs = [o for o in val_outputs if o["member"] == m.name]
+            tp, fp, fn = (sum(o[key] for o in outs) for key in ("tp", "fp", "fn"))
+            dice.append(2 * tp / (2 * tp + fp + fn) if outs and (2 * tp + fp + fn) > 0 else float("nan"))
+        mean = float(np.nanmean(dice)) if not all(math.isnan(d) for d in dice) else 0.0
+        self.logger.log("mean_fg_dice", mean, self.current_epoch)
+        self.logger.log("dice_per_class_or_region", dice, self.current_epoch)
+        self.logger.log("val_losses", float(np.mean([o["loss"] for o in val_outputs])), self.current_epoch)
+
+    # ------------------------------------------------------------------ memory bank
+    @torch.no_grad()
+    def update_memory_bank(self, member: str, task: TaskEmbedding, present: torch.Tensor) -> None:
+        """EMA of each (member, class) task embedding over the references where the class was present."""
+        bank = self.memory_bank.setdefault(member, {})
+        for k, label in enumerate(task.classes):
+            rows = present[:, k]
+            if not bool(rows.any()):
+                continue
+            new = [t[rows, k].float().mean(0).detach().cpu() for t in task.tokens]
+            old = bank.get(int(label))
+            a = self.memory_bank_alpha
+            bank[int(label)] = new if old is None else [a * o + (1 - a) * n for o, n in zip(old, new)]
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint plus the memory bank and Iris settings, written atomically (temp name, rename)."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return
+        checkpoint = {
+            "network_weights": self.iris_network.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            "iris_memory_bank": {member: {str(label): tokens for label, tokens in bank.items()}
+                                 for member, bank in self.memory_bank.items()},
+            "iris_settings": {"num_epochs": self.num_epochs, "num_iterations_per_epoch": self.num_iterations_per_epoch,
+                              "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch,
+                              "memory_bank_alpha": self.memory_bank_alpha,
+                              "max_classes_per_episode": self.max_classes_per_episode},
+        }
+        tmp = f"{filename}.tmp"
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: str) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
+        self.memory_bank = {member: {int(label): tokens for label, tokens in bank.items()}
+                            for member, bank in checkpoint.get("iris_memory_bank", {}).items()}
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        from iris_nnu.trainers.validation import one_shot_validation
+
+        self.set_deep_supervision_enabled(False)
+        self.network.eval()
+        start = time()
+        summary = one_shot_validation(self)
+        self.print_to_log_file(f"one-shot validation ({time() - start:.0f} s): "
+                               + json.dumps({k: round(v, 4) for k, v in summary.items()}))
+        self.set_deep_supervision_enabled(True)

@@ -1,0 +1,143 @@
+"""`iris_train DATASET FOLD`: episodic training of one Iris model on a planned collection."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+
+import torch
+from nnunetv2.run.run_training import maybe_load_checkpoint
+
+from iris_nnu.errors import IrisInputError, cli_entry, require_env_folder
+from iris_nnu.preprocessing.collection import load_collection
+from iris_nnu.preprocessing.planner import CONFIGURATION, PLANS_IDENTIFIER
+from iris_nnu.trainers.iris_trainer import IrisTrainer
+
+
+def resolve_trainer(name: str) -> type[IrisTrainer]:
+    """A trainer class by name: IrisTrainer or a subclass of it (in iris_nnu.trainers or a dotted path).
+
+    Iris resolves its own trainers: nnU-Net's name lookup imports modules that need torchvision.
+    """
+    if "." in name:
+        module, _, cls_name = name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+        except (ImportError, AttributeError) as e:
+            raise IrisInputError(f"-tr {name}: cannot import ({e})") from None
+    else:
+        known = {c.__name__: c for c in [IrisTrainer, *_subclasses(IrisTrainer)]}
+        if name not in known:
+            raise IrisInputError(f"-tr {name}: unknown trainer; known: {', '.join(sorted(known))} "
+                                 f"(or give a dotted path module.Class)")
+        cls = known[name]
+    if not (isinstance(cls, type) and issubclass(cls, IrisTrainer)):
+        raise IrisInputError(f"-tr {name}: not a subclass of IrisTrainer")
+    return cls
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [s for c in cls.__subclasses__() for s in [c, *_subclasses(c)]]
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise IrisInputError("-device cuda: no CUDA device is available (use -device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise IrisInputError("-device mps: MPS is not available (use -device cpu)")
+    return torch.device(name)
+
+
+def parse_fold(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"fold must be an integer or 'all', got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="iris_train",
+        description="Train one Iris model on all members of a collection planned with iris_plan_and_preprocess. "
+                    "Each iteration draws an episode from one member: query patches and reference patches of "
+                    "other cases, 1..K classes at random. Output: a normal nnU-Net model folder "
+                    "nnUNet_results/DatasetXXX_Name/IrisTrainer__IrisPlans__3d_fullres/fold_F.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dataset", help="collection id (e.g. 900) or name (Dataset900_Name or Name)")
+    p.add_argument("fold", type=parse_fold, help="fold of splits_final.json (0-4), or 'all'")
+    p.add_argument("-device", choices=["cpu", "cuda", "mps"], default=None,
+                   help="device; default: cuda if available, else cpu")
+    p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: 1000, or the "
+                   "checkpoint's with --c)")
+    p.add_argument("--iterations_per_epoch", type=int, default=None, help="training iterations per epoch "
+                   "(default: 250, or the checkpoint's with --c)")
+    p.add_argument("--val_iterations", type=int, default=None, help="validation episodes per epoch (default: 50, "
+                   "or the checkpoint's with --c)")
+    p.add_argument("--c", action="store_true", help="continue from the fold's latest checkpoint: epoch, optimiser, "
+                   "learning-rate schedule, memory bank and log")
+    p.add_argument("-num_gpus", type=int, default=1, help="GPUs to train on (only 1 in this version)")
+    p.add_argument("-p", default=PLANS_IDENTIFIER, help="plans identifier")
+    p.add_argument("-tr", default="IrisTrainer", help="trainer class: IrisTrainer, a subclass, or module.Class")
+    p.add_argument("--pretrained_weights", default=None, help="checkpoint to initialise the network from "
+                   "(nnU-Net's load_pretrained_weights); not with --c")
+    p.add_argument("--val", action="store_true", help="only run the final one-shot validation of a finished fold")
+    return p
+
+
+@cli_entry("iris_train")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    require_env_folder("nnUNet_results")
+    if args.num_gpus != 1:
+        raise IrisInputError(f"-num_gpus {args.num_gpus}: multi-GPU (DDP) training is not supported in this "
+                             f"version; train on one GPU")
+    if args.c and args.pretrained_weights:
+        raise IrisInputError("--c and --pretrained_weights exclude each other")
+    if args.pretrained_weights and not os.path.isfile(args.pretrained_weights):
+        raise IrisInputError(f"--pretrained_weights {args.pretrained_weights}: file not found")
+    for flag in ("epochs", "iterations_per_epoch", "val_iterations"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "val_iterations" else 1):
+            raise IrisInputError(f"--{flag} must be positive, got {value}")
+    collection = load_collection(args.dataset, args.p)
+    if args.fold != "all" and not 0 <= args.fold < len(collection.splits):
+        raise IrisInputError(f"{collection.name}: fold {args.fold} has no split in "
+                             f"{os.path.join(collection.folder, 'splits_final.json')} "
+                             f"({len(collection.splits)} folds)")
+    trainer_class = resolve_trainer(args.tr)
+    device = pick_device(args.device)
+    plans = dict(collection.plans, continue_training=args.c or args.val)
+    trainer = trainer_class(plans, CONFIGURATION, args.fold, collection.dataset_json, device)
+
+    checkpoint = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
+    if args.c and not os.path.isfile(checkpoint):
+        checkpoint = os.path.join(trainer.output_folder, "checkpoint_final.pth")
+    if args.c and os.path.isfile(checkpoint):
+        # continue with the run's own settings unless told otherwise (the schedule depends on them)
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False).get("iris_settings", {})
+        trainer.num_epochs = saved.get("num_epochs", trainer.num_epochs)
+        trainer.num_iterations_per_epoch = saved.get("num_iterations_per_epoch", trainer.num_iterations_per_epoch)
+        trainer.num_val_iterations_per_epoch = saved.get("num_val_iterations_per_epoch",
+                                                         trainer.num_val_iterations_per_epoch)
+    if args.epochs is not None:
+        trainer.num_epochs = args.epochs
+    if args.iterations_per_epoch is not None:
+        trainer.num_iterations_per_epoch = args.iterations_per_epoch
+    if args.val_iterations is not None:
+        trainer.num_val_iterations_per_epoch = args.val_iterations
+
+    if args.val and not os.path.isfile(os.path.join(trainer.output_folder, "checkpoint_final.pth")):
+        raise IrisInputError(f"--val: {trainer.output_folder} has no checkpoint_final.pth; training is not finished")
+    maybe_load_checkpoint(trainer, args.c, args.val, args.pretrained_weights)
+    if not args.val:
+        trainer.run_training()
+    trainer.perform_actual_validation()
+    return 0
+
+
+if __name__ == "__main__":
+    main()

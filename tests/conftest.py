@@ -1,0 +1,48 @@
+"""Shared fixtures: an isolated nnU-Net folder layout per test, and the real data when present."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def nnunet_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """Fresh nnUNet_raw / nnUNet_preprocessed / nnUNet_results folders, set in the environment."""
+    folders = {name: tmp_path / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for name, folder in folders.items():
+        folder.mkdir()
+        monkeypatch.setenv(name, str(folder))
+    return folders
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data beside the checkout; the test is skipped when it is absent."""
+    if not (SHARED_DATA / "Dataset001_Hippocampus" / "dataset.json").is_file():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def link_real_dataset(shared: Path, raw: Path, name: str, num_cases: int | None = None) -> Path:
+    """Link a real dataset (all cases, or the first `num_cases`) into a test's nnUNet_raw."""
+    import json
+
+    src = shared / name
+    dst = raw / name
+    (dst / "imagesTr").mkdir(parents=True)
+    (dst / "labelsTr").mkdir()
+    dataset_json = json.loads((src / "dataset.json").read_text())
+    cases = sorted(f.name[: -len(dataset_json["file_ending"])] for f in (src / "labelsTr").iterdir())
+    cases = cases[:num_cases] if num_cases else cases
+    for case in cases:
+        os.symlink(src / "labelsTr" / f"{case}{dataset_json['file_ending']}",
+                   dst / "labelsTr" / f"{case}{dataset_json['file_ending']}")
+        os.symlink(src / "imagesTr" / f"{case}_0000{dataset_json['file_ending']}",
+                   dst / "imagesTr" / f"{case}_0000{dataset_json['file_ending']}")
+    dataset_json["numTraining"] = len(cases)
+    (dst / "dataset.json").write_text(json.dumps(dataset_json))
+    return dst

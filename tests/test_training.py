@@ -1,0 +1,265 @@
+"""IrisTrainer / iris_train: episodes, learning, exact continuation, model folder, bad input."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from synthetic import make_raw_dataset
+
+from iris_nnu.preprocessing.collection import load_collection
+from iris_nnu.preprocessing.plan_and_preprocess import main as plan_main
+from iris_nnu.trainers.iris_trainer import IrisTrainer, WarmupExponentialLR
+from iris_nnu.trainers.loss import MaskedDiceBCELoss
+from iris_nnu.trainers.train import main as train_main
+
+# Small enough to train on 2 CPU cores in a test; plans are data, so tests write it into them.
+TINY_ARCHITECTURE = {"features_per_stage": [8, 16, 32], "blocks_per_stage": 1, "num_query_tokens": 4,
+                     "task_scales": 2, "attention_heads": 2, "attention_depth": 1}
+
+
+def shrink_plans(plans_file: Path) -> None:
+    plans = json.loads(plans_file.read_text())
+    configuration = plans["configurations"]["3d_fullres"]
+    configuration["architecture"]["arch_kwargs"] = TINY_ARCHITECTURE
+    configuration["patch_size"] = [32, 32, 32]
+    configuration["batch_size"] = 2
+    plans_file.write_text(json.dumps(plans))
+
+
+@pytest.fixture(scope="module")
+def collection_env(tmp_path_factory):
+    """Two synthetic members (CT-like, MR-like) planned as collection 900, with a tiny network in the plans."""
+    root = tmp_path_factory.mktemp("iris")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            (root / name).mkdir()
+            mp.setenv(name, str(root / name))
+        mp.setenv("nnUNet_n_proc_DA", "0")
+        make_raw_dataset(str(root / "nnUNet_raw"), 11, "SynthCT", num_cases=6, shape_zyx=(24, 32, 32),
+                         modality="CT", num_classes=2, seed=1, prefix="ct")
+        make_raw_dataset(str(root / "nnUNet_raw"), 12, "SynthMR", num_cases=6, shape_zyx=(28, 28, 28),
+                         modality="MR", num_classes=3, seed=2, prefix="mr")
+        plan_main(["-d", "11", "12", "-np", "1", "--memory_gb", "0.3"])
+        pre = root / "nnUNet_preprocessed"
+        for folder in ("Dataset900_SynthCT_SynthMR", "Dataset011_SynthCT", "Dataset012_SynthMR"):
+            shrink_plans(pre / folder / "IrisPlans.json")
+        yield root
+
+
+def make_trainer(epochs: int, iterations: int, val_iterations: int = 2) -> IrisTrainer:
+    collection = load_collection(900)
+    trainer = IrisTrainer(dict(collection.plans), "3d_fullres", 0, collection.dataset_json, torch.device("cpu"))
+    trainer.num_epochs, trainer.num_iterations_per_epoch = epochs, iterations
+    trainer.num_val_iterations_per_epoch = val_iterations
+    return trainer
+
+
+def test_episodes_pair_cases_of_one_member(collection_env):
+    trainer = make_trainer(1, 1)
+    trainer.initialize()
+    train_loader, _ = trainer.get_dataloaders()
+    collection = trainer.collection
+    train_cases = collection.fold_cases(0, "train")
+    for _ in range(6):
+        batch = next(train_loader)
+        member = collection.member(batch["member"])
+        k = len(batch["classes"])
+        assert 1 <= k <= min(trainer.max_classes_per_episode, len(member.foreground_labels))
+        assert set(batch["classes"]) <= set(member.foreground_labels)
+        assert batch["data"].shape == batch["reference"].shape == (2, 1, 32, 32, 32)
+        assert batch["reference_masks"].shape == (2, k, 32, 32, 32)
+        assert [t.shape[1] for t in batch["target"]] == [k, k]  # deep supervision: full and half resolution
+        for query, reference in batch["keys"]:
+            assert query != reference  # the reference is ANOTHER case ...
+            assert {query, reference} <= set(train_cases[member.name])  # ... of the SAME member, training split
+        # the reference crop is centred on one of the episode's classes
+        assert batch["present"].any(dim=1).all()
+        assert torch.equal(batch["present"], batch["reference_masks"].flatten(2).amax(2) > 0)
+
+
+def test_masked_loss_ignores_absent_classes():
+    loss = MaskedDiceBCELoss()
+    logits = torch.randn(2, 3, 8, 8, 8)
+    target = (torch.rand(2, 3, 8, 8, 8) > 0.5).float()
+    valid = torch.tensor([[True, False, True], [True, True, False]])
+    garbage = logits.clone()
+    garbage[0, 1] = 100
+    garbage[1, 2] = -100
+    assert torch.allclose(loss(logits, target, valid), loss(garbage, target, valid))
+    assert not torch.allclose(loss(logits, target, torch.ones_like(valid)), loss(garbage, target,
+                                                                                  torch.ones_like(valid)))
+    perfect = target * 40 - 20
+    assert loss(perfect, target, valid) < 1e-3
+
+
+def test_learning_rate_schedule():
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1)
+    schedule = WarmupExponentialLR(optimizer, 2e-3, total_iterations=1000)
+    assert schedule.warmup == 25
+    assert schedule.lr_at(0) == pytest.approx(2e-3 / 25)
+    assert schedule.lr_at(24) == pytest.approx(2e-3)
+    assert schedule.lr_at(999) == pytest.approx(2e-5, rel=0.02)
+    lrs = [schedule.lr_at(i) for i in range(25, 1000)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def one_shot_dice(trainer: IrisTrainer) -> float:
+    """Mean Dice over members of one-shot segmentation of validation cases (whole preprocessed volumes)."""
+    import blosc2
+
+    net = trainer.iris_network.eval()
+    net.set_deep_supervision(False)
+    dice = []
+    for member in trainer.collection.members:
+        folder = Path(member.preprocessed_folder)
+        train_cases = trainer.collection.fold_cases(0, "train")[member.name]
+        val_cases = trainer.collection.fold_cases(0, "val")[member.name]
+
+        def load(case):
+            image = torch.from_numpy(blosc2.open(str(folder / f"{case}.b2nd"))[:])
+            labels = torch.from_numpy(blosc2.open(str(folder / f"{case}_seg.b2nd"))[:]).clamp_min(0)
+            pad = [p for s in reversed(image.shape[1:]) for p in (0, 32 - s)]
+            return (torch.nn.functional.pad(image, pad)[None].float(), torch.nn.functional.pad(labels, pad)[None])
+
+        classes = member.foreground_labels
+        ref_image, ref_labels = load(train_cases[0])
+        masks = torch.cat([(ref_labels == c).float() for c in classes], 1)
+        with torch.no_grad():
+            task = net.encode_task(ref_image, masks, classes)
+            for case in val_cases:
+                image, labels = load(case)
+                predicted = net(image, task) > 0
+                for k, c in enumerate(classes):
+                    truth = labels[0, 0] == c
+                    p = predicted[0, k]
+                    if truth.any():
+                        dice.append(float(2 * (p & truth).sum() / (p.sum() + truth.sum())))
+    return float(np.mean(dice))
+
+
+def test_training_learns_one_shot_segmentation(collection_env):
+    torch.manual_seed(0)
+    np.random.seed(0)  # nnU-Net's patch placement draws from numpy's global generator
+    trainer = make_trainer(epochs=4, iterations=10)
+    trainer.episode_seed = 0
+    trainer.final_lr_fraction = 1.0  # 40 iterations: no decay after the warm-up
+    trainer.initialize()
+    untrained = one_shot_dice(trainer)
+    validation = Path(trainer.output_folder) / "validation"
+    trainer.perform_actual_validation()
+    untrained_validation = json.loads((validation / "summary.json").read_text())["mean_over_members"]
+    trainer.run_training()
+    losses = trainer.logger.local_logger.my_fantastic_logging["train_losses"]
+    assert losses[-1] < 0.7 * losses[0], losses
+    trained = one_shot_dice(trainer)
+    assert trained > untrained + 0.25 and trained > 0.4, (untrained, trained)
+    # final validation: one-shot, whole cases in their original geometry, nnU-Net's summary.json per member
+    trainer.perform_actual_validation()
+    overall = json.loads((validation / "summary.json").read_text())
+    for member in trainer.collection.members:
+        folder = validation / member.name
+        val_cases = trainer.collection.fold_cases(0, "val")[member.name]
+        assert sorted(f.name for f in folder.glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in val_cases)
+        member_summary = json.loads((folder / "summary.json").read_text())
+        assert member_summary["foreground_mean"]["Dice"] == pytest.approx(overall["one_shot_mean_dice"][member.name])
+    assert overall["mean_over_members"] > untrained_validation + 0.15, (untrained_validation, overall)
+    # the memory bank holds an embedding for every (member, class) seen
+    for member in trainer.collection.members:
+        assert set(trainer.memory_bank[member.name]) <= set(member.foreground_labels)
+        assert len(trainer.memory_bank[member.name]) >= 1
+
+
+def test_model_folder_and_exact_continuation(collection_env, monkeypatch):
+    results = collection_env / "nnUNet_results"
+    original_epoch_end = IrisTrainer.on_epoch_end
+    seen = {}
+
+    def interrupt_after_second_epoch(self):
+        original_epoch_end(self)
+        if self.current_epoch == 2:
+            seen["optimizer"] = self.optimizer.state_dict()
+            seen["bank"] = {m: {c: [t.clone() for t in v] for c, v in b.items()} for m, b in self.memory_bank.items()}
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(IrisTrainer, "on_epoch_end", interrupt_after_second_epoch)
+    with pytest.raises(SystemExit) as exc:
+        train_main(["900", "1", "-device", "cpu", "--epochs", "4", "--iterations_per_epoch", "2",
+                    "--val_iterations", "1"])
+    assert exc.value.code == 130
+    monkeypatch.setattr(IrisTrainer, "on_epoch_end", original_epoch_end)
+
+    model = results / "Dataset900_SynthCT_SynthMR" / "IrisTrainer__IrisPlans__3d_fullres"
+    fold = model / "fold_1"
+    for name in ("plans.json", "dataset.json", "manifest.json"):
+        assert (model / name).is_file()
+    assert (fold / "checkpoint_latest.pth").is_file() and (fold / "progress.png").is_file()
+    checkpoint = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["current_epoch"] == 2 and checkpoint["iris_settings"]["num_epochs"] == 4
+
+    # --c: the same epoch, optimiser state and memory bank, and the run's own settings
+    collection = load_collection(900)
+    resumed = IrisTrainer(dict(collection.plans, continue_training=True), "3d_fullres", 1,
+                          collection.dataset_json, torch.device("cpu"))
+    resumed.load_checkpoint(str(fold / "checkpoint_latest.pth"))
+    assert resumed.current_epoch == 2
+    state = resumed.optimizer.state_dict()
+    for key, value in seen["optimizer"]["state"].items():
+        assert torch.equal(state["state"][key]["exp_avg"], value["exp_avg"])
+    for member, bank in seen["bank"].items():
+        for label, tokens in bank.items():
+            assert all(torch.equal(a, b) for a, b in zip(resumed.memory_bank[member][label], tokens))
+
+    started = {}
+    original_start = IrisTrainer.on_train_start
+
+    def record_start(self):
+        original_start(self)
+        started["epoch"], started["epochs"] = self.current_epoch, self.num_epochs
+
+    monkeypatch.setattr(IrisTrainer, "on_train_start", record_start)
+    monkeypatch.setattr(IrisTrainer, "perform_actual_validation", lambda self, save_probabilities=False: None)
+    train_main(["900", "1", "-device", "cpu", "--c"])
+    assert started == {"epoch": 2, "epochs": 4}
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 4
+    assert not (fold / "checkpoint_latest.pth").exists()
+
+
+# ---------------------------------------------------------------- bad input
+
+def expect_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exc:
+        train_main(list(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("iris_train: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_unknown_dataset(nnunet_env, capsys):
+    assert "not found in nnUNet_preprocessed" in expect_error(capsys, "77", "0")
+
+
+def test_dataset_not_planned_by_iris(nnunet_env, capsys):
+    (nnunet_env["nnUNet_preprocessed"] / "Dataset005_NnunetOnly").mkdir()
+    msg = expect_error(capsys, "5", "0")
+    assert "Dataset005_NnunetOnly" in msg and "not planned with iris_plan_and_preprocess" in msg
+
+
+def test_fold_without_split(collection_env, capsys):
+    msg = expect_error(capsys, "900", "7", "-device", "cpu")
+    assert "fold 7" in msg and "splits_final.json" in msg
+
+
+def test_unsupported_options(collection_env, capsys):
+    assert "-num_gpus 2" in expect_error(capsys, "900", "0", "-num_gpus", "2")
+    assert "unknown trainer" in expect_error(capsys, "900", "0", "-tr", "NoSuchTrainer")
+    assert "file not found" in expect_error(capsys, "900", "0", "--pretrained_weights", "/no/such.pth")
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in expect_error(capsys, "900", "0", "-device", "cuda")
