@@ -7,6 +7,7 @@ their Conv3d layers sent to oneDNN like Iris's (PyTorch's own choice sends small
 kernel), so the ratio compares architectures, not conv backends.
 
 Run: python benchmarks/model_speed.py [--widths 16,32,64,128,256] [--patch 64,64,64] [--ks 1,4,16]
+On a machine shared with other jobs: --threads 1 --clock cpu.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def sync(device: torch.device) -> None:
 
 
 def bench(device: torch.device, widths: tuple[int, ...], blocks: int, patch: tuple[int, ...],
-          ks: tuple[int, ...], repeats: int) -> None:
+          ks: tuple[int, ...], repeats: int, clock: str = "wall") -> None:
+    now = time.process_time if clock == "cpu" and device.type == "cpu" else time.perf_counter
     torch.manual_seed(0)
     iris = IrisNetwork(1, widths, blocks).to(device).eval()
     query, ref = torch.randn(1, 1, *patch, device=device), torch.randn(1, 1, *patch, device=device)
@@ -75,17 +77,17 @@ def bench(device: torch.device, widths: tuple[int, ...], blocks: int, patch: tup
         for r in range(repeats + 1):  # all rows interleaved in every round; the first round warms up
             for key, fn in fns.items():
                 sync(device)
-                t0 = time.perf_counter()
+                t0 = now()
                 fn()
                 sync(device)
                 if r:
-                    best[key] = min(best[key], time.perf_counter() - t0)
+                    best[key] = min(best[key], now() - t0)
     rows = [(k, {name: t for (kk, name), t in best.items() if kk == k}) for k in ks]
     if device.type != "cpu":  # no backend quirk to correct for: stock is the comparison
         rows = [(k, {**b, "PlainConvUNet": b["PlainConvUNet stock"], "ResEncUNet": b["ResEncUNet stock"]})
                 for k, b in rows]
     print(f"\n{device} ({torch.get_num_threads()} threads), widths {widths}, {blocks} blocks/stage, "
-          f"patch {patch}, batch 1; seconds, min of {repeats}")
+          f"patch {patch}, batch 1; {'process CPU' if now is time.process_time else 'wall'} seconds, min of {repeats}")
     cols = ["K", "encode_task", "Iris query", "vs K=" + str(ks[0]), "PlainConvUNet", "Iris/Plain",
             "ResEncUNet", "Iris/ResEnc", "Plain stock", "ResEnc stock"]
     print(" | ".join(cols) + "\n" + "-" * (sum(map(len, cols)) + 3 * len(cols)))
@@ -108,6 +110,8 @@ def main() -> None:
     ap.add_argument("--ks", type=_ints, default=(1, 4, 16), help="numbers of classes K")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: process CPU time, steadier on a shared machine (use with --threads 1)")
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU runs even if CUDA is available")
     args = ap.parse_args()
     if args.threads:
@@ -119,7 +123,7 @@ def main() -> None:
         assert n == count_parameters(kw, 1)
         print(f"{name}: widths {widths}, {args.blocks} blocks/stage: {n:,} parameters ({n / 1e6:.2f} M)")
 
-    bench(torch.device("cpu"), args.widths, args.blocks, args.patch, args.ks, args.repeats)
+    bench(torch.device("cpu"), args.widths, args.blocks, args.patch, args.ks, args.repeats, args.clock)
     if torch.cuda.is_available() and not args.no_gpu:
         cuda = torch.device("cuda")
         bench(cuda, args.widths, args.blocks, args.patch, args.ks, args.repeats)

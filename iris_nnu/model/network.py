@@ -52,13 +52,14 @@ def full_res_masked_average(feats: Tensor, masks: Tensor, eps: float = 1e-6) -> 
 
     Up-sampling is linear and separable, so <up(F), m> = <F, up^T(m)>: the masks are pulled down with the
     transposed 1D interpolation matrices instead of materialising up(F) (C*N) or F*m (K*C*N). Exact, O(K*N)."""
-    m = masks.to(feats.dtype)
-    ax, ay, az = (_interp_matrix(lo, hi, feats) for lo, hi in zip(feats.shape[2:], masks.shape[2:]))
-    pulled = torch.einsum("bkXYZ,xX->bkxYZ", m, ax)
-    pulled = torch.einsum("bkxYZ,yY->bkxyZ", pulled, ay)
-    pulled = torch.einsum("bkxyZ,zZ->bkxyz", pulled, az)
-    pooled = torch.bmm(pulled.flatten(2), feats.flatten(2).transpose(1, 2))  # (B, K, C)
-    return pooled / (m.flatten(2).sum(-1, keepdim=True) + eps)
+    with torch.autocast(feats.device.type, enabled=False):  # sums over millions of voxels overflow fp16
+        feats, m = feats.float(), masks.float()
+        ax, ay, az = (_interp_matrix(lo, hi, feats) for lo, hi in zip(feats.shape[2:], masks.shape[2:]))
+        pulled = torch.einsum("bkXYZ,xX->bkxYZ", m, ax)
+        pulled = torch.einsum("bkxYZ,yY->bkxyZ", pulled, ay)
+        pulled = torch.einsum("bkxyZ,zZ->bkxyz", pulled, az)
+        pooled = torch.bmm(pulled.flatten(2), feats.flatten(2).transpose(1, 2))  # (B, K, C)
+        return pooled / (m.flatten(2).sum(-1, keepdim=True) + eps)
 
 
 def attention_heads_for(dim: int, wanted: int) -> int:
@@ -254,7 +255,8 @@ class IrisNetwork(nn.Module):
         del num_classes  # nnU-Net's get_network_from_plans passes it; K comes from the task
         features = [int(f) for f in features_per_stage]
         n = len(features) - 1
-        blocks = [int(blocks_per_stage)] * len(features) if isinstance(blocks_per_stage, int) else list(blocks_per_stage)
+        blocks = [int(blocks_per_stage)] * len(features) if isinstance(blocks_per_stage, int) \
+            else [int(v) for v in blocks_per_stage]
         if n < 1 or len(blocks) != len(features) or min(blocks) < 1:
             raise ValueError(f"need >= 2 stages and >= 1 block per stage, got {features}, {blocks_per_stage}")
         if task_scales < 1 or num_query_tokens < 1 or attention_depth < 1:
