@@ -1,0 +1,84 @@
+"""From per-class logits in preprocessed space to a label map in the query's original geometry.
+
+Iris outputs K independent sigmoid maps, not a softmax: a voxel gets the class with the highest probability
+among those above 0.5, else background. Classes arrive in chunks and a running winner (best logit, class index)
+is kept, so memory does not grow with K x volume. Sigmoid is monotone, so comparing logits compares
+probabilities and `logit > 0` is `p > 0.5`.
+
+Resampling (nnU-Net's function, or the equal and faster trilinear interpolation where that is what it computes),
+crop reversal and transpose are adapted from nnunetv2
+(nnunetv2/inference/export_prediction.py, convert_predicted_logits_to_segmentation_with_correct_shape),
+Copyright German Cancer Research Center (DKFZ), Apache-2.0.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+
+class Winner:
+    """Running per-voxel decision over class chunks: index (1-based) of the best class with logit > 0, else 0."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.logit = np.zeros(shape, dtype=np.float32)  # 0 = probability 0.5: a class must beat it to win
+        self.index = np.zeros(shape, dtype=np.uint16)
+
+    def update(self, logits: np.ndarray | torch.Tensor, first_index: int) -> None:
+        """logits (k, *shape) of classes first_index+1 .. first_index+k."""
+        for j in range(logits.shape[0]):
+            channel = logits[j]
+            channel = channel.float().numpy() if isinstance(channel, torch.Tensor) else channel
+            better = channel > self.logit
+            self.index[better] = first_index + j + 1
+            np.maximum(self.logit, channel, out=self.logit)
+
+
+def _is_plain_trilinear(configuration_manager: ConfigurationManager, current_spacing, new_spacing) -> bool:
+    """Whether the configuration's probability resampling is nnU-Net's order-1 resize without the separate-z path."""
+    configuration = configuration_manager.configuration
+    kwargs = configuration.get("resampling_fn_probabilities_kwargs", {})
+    if configuration.get("resampling_fn_probabilities") != "resample_data_or_seg_to_shape" \
+            or kwargs.get("order") != 1 or kwargs.get("is_seg", False):
+        return False
+    separate_z, _ = determine_do_sep_z_and_axis(kwargs.get("force_separate_z"), current_spacing, new_spacing)
+    return not separate_z
+
+
+def resample_to_cropped_shape(logits: torch.Tensor | np.ndarray, plans_manager: PlansManager,
+                              configuration_manager: ConfigurationManager, properties: dict) -> np.ndarray:
+    """(k, *preprocessed) logits -> (k, *shape after cropping, before resampling) float32, nnU-Net's resampling."""
+    spacing_transposed = [properties["spacing"][i] for i in plans_manager.transpose_forward]
+    target_shape = [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
+    if tuple(logits.shape[1:]) == tuple(target_shape):
+        return np.asarray(logits.float().cpu() if isinstance(logits, torch.Tensor) else logits, dtype=np.float32)
+    if _is_plain_trilinear(configuration_manager, configuration_manager.spacing, spacing_transposed):
+        # nnU-Net's order-1 skimage resize (float64, channel by channel) equals trilinear interpolation with
+        # align_corners=False to ~1e-5; torch's is ~10x faster, which matters with many classes on large volumes
+        tensor = torch.as_tensor(logits).float()[None]
+        return F.interpolate(tensor, size=target_shape, mode="trilinear", align_corners=False)[0].numpy()
+    if isinstance(logits, torch.Tensor):
+        logits = logits.float().cpu().numpy()
+    return configuration_manager.resampling_fn_probabilities(
+        logits.astype(np.float32, copy=False), target_shape, configuration_manager.spacing, spacing_transposed)
+
+
+def revert_crop_and_transpose(array: np.ndarray, properties: dict, plans_manager: PlansManager) -> np.ndarray:
+    """Put an (..., *cropped) array back into the full image (zeros outside the crop) and undo the transpose."""
+    lead = array.shape[:-3]
+    full = np.zeros((*lead, *properties["shape_before_cropping"]), dtype=array.dtype)
+    insert_crop_into_image(full, array, properties["bbox_used_for_cropping"])
+    return full.transpose([*range(len(lead)), *(len(lead) + i for i in plans_manager.transpose_backward)])
+
+
+def label_dtype(max_value: int) -> np.dtype:
+    return np.dtype(np.uint8 if max_value < 256 else np.uint16 if max_value < 65536 else np.uint32)
+
+
+def indices_to_values(indices: np.ndarray, classes: list[int]) -> np.ndarray:
+    """Class indices (0 = background, i = classes[i - 1]) -> the references' label values."""
+    values = np.array([0, *classes], dtype=label_dtype(max(classes, default=0)))
+    return values[indices]

@@ -1,0 +1,324 @@
+"""Image files for inference: find queries, read and check images (NIfTI, MHA, NRRD, DICOM series), write results.
+
+Every problem raises IrisInputError with one line that names the file. Outputs are written under a temporary
+name in the output folder and renamed into place, so an interrupted run never leaves a half-written file.
+"""
+from __future__ import annotations
+
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import SimpleITK as sitk
+from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
+from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+from iris_nnu.errors import IrisInputError
+from iris_nnu.preprocessing.raw_dataset import GEOMETRY_TOLERANCE
+
+SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".gipl")
+# Two-file formats are written as their one-file siblings, so a finished output is renamed into place in one step.
+OUTPUT_ENDINGS = {".mhd": ".mha", ".nhdr": ".nrrd"}
+DICOM_OUTPUT_ENDING = ".nii.gz"
+CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def file_ending(path: str) -> str | None:
+    """The supported ending of an image file name ('.nii.gz', '.mha', ...), else None."""
+    lower = os.path.basename(path).lower()
+    return next((e for e in SUPPORTED_ENDINGS if lower.endswith(e)), None)
+
+
+def strip_ending(path: str) -> str:
+    name = os.path.basename(os.path.normpath(path))
+    ending = file_ending(name)
+    return name[: -len(ending)] if ending else name
+
+
+@contextmanager
+def _quiet_itk() -> Iterator[None]:
+    """ITK prints warnings (e.g. 'No Series were found') straight to stderr; keep the CLI's stderr to one line."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def dicom_series_files(folder: str) -> list[str] | None:
+    """The slice files of the one DICOM series in `folder`, None if it holds none."""
+    with _quiet_itk():
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+        if not ids:
+            return None
+        if len(ids) > 1:
+            raise IrisInputError(f"{folder}: {len(ids)} DICOM series in one folder; put each series in its own folder")
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, ids[0]))
+
+
+def _error_text(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:200]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Size, spacing, origin and direction of a 3D image (SimpleITK's x, y, z order)."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    def difference(self, other: Geometry) -> str | None:
+        """What differs from `other` ('size (...) vs (...)', 'spacing/origin/direction'), None when they agree."""
+        if self.size != other.size:
+            return f"size {self.size} vs {other.size}"
+        scale = max(float(np.abs(other.spacing).max()), 1.0)
+        if (not np.allclose(self.spacing, other.spacing, rtol=GEOMETRY_TOLERANCE)
+                or not np.allclose(self.origin, other.origin, atol=GEOMETRY_TOLERANCE * scale * 10)
+                or not np.allclose(self.direction, other.direction, atol=GEOMETRY_TOLERANCE)):
+            return "spacing/origin/direction differ"
+        return None
+
+
+def _geometry_of(obj: sitk.ImageFileReader | sitk.Image) -> Geometry:
+    return Geometry(tuple(int(s) for s in obj.GetSize()), tuple(obj.GetSpacing()), tuple(obj.GetOrigin()),
+                    tuple(obj.GetDirection()))
+
+
+def _check_3d(path: str, dimension: int, components: int) -> None:
+    if dimension != 3:
+        raise IrisInputError(f"{path}: {dimension}D image; iris_predict needs 3D volumes")
+    if components != 1:
+        raise IrisInputError(f"{path}: {components} components per voxel (e.g. RGB); expected 1")
+
+
+def read_geometry(path: str) -> Geometry:
+    """Header of an image file or DICOM series folder, checked to be a readable 3D scalar image."""
+    if os.path.isdir(path):
+        image = read_dicom_series(path)
+        return _geometry_of(image)
+    if not os.path.isfile(path):
+        raise IrisInputError(f"{path}: file not found")
+    if file_ending(path) is None:
+        raise IrisInputError(f"{path}: not a supported image ({', '.join(SUPPORTED_ENDINGS)} or a DICOM series "
+                             f"folder)")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        with _quiet_itk():
+            reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise IrisInputError(f"{path}: unreadable image ({_error_text(e)})") from None
+    _check_3d(path, reader.GetDimension(), reader.GetNumberOfComponents())
+    return _geometry_of(reader)
+
+
+def read_dicom_series(folder: str) -> sitk.Image:
+    files = dicom_series_files(folder)
+    if not files:
+        raise IrisInputError(f"{folder}: a folder, but no DICOM series in it")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        with _quiet_itk():
+            image = reader.Execute()
+    except RuntimeError as e:
+        raise IrisInputError(f"{folder}: unreadable DICOM series ({_error_text(e)})") from None
+    _check_3d(folder, image.GetDimension(), image.GetNumberOfComponentsPerPixel())
+    return image
+
+
+def check_same_geometry(paths: list[str], against: str | None = None) -> Geometry:
+    """Read every header; all must share the geometry of `against` (default: the first). Returns it."""
+    geometries = {p: read_geometry(p) for p in dict.fromkeys([*([against] if against else []), *paths])}
+    reference = against or paths[0]
+    for path, geometry in geometries.items():
+        problem = geometry.difference(geometries[reference])
+        if problem:
+            raise IrisInputError(f"{path}: {problem} from {reference}")
+    return geometries[reference]
+
+
+def reader_writer_for(path: str, plans_reader_writer: type[BaseReaderWriter]) -> BaseReaderWriter:
+    """The plans' reader/writer when it handles this file, else SimpleITK's (DICOM, .mhd, ...)."""
+    ending = file_ending(path)
+    if ending and ending in getattr(plans_reader_writer, "supported_file_endings", ()):
+        return plans_reader_writer()
+    return SimpleITKIO()
+
+
+def read_images(paths: list[str], reader_writer: BaseReaderWriter) -> tuple[np.ndarray, dict]:
+    """Channels (C, Z, Y, X) float32 and nnU-Net properties; geometry checked; finite values checked."""
+    check_same_geometry(paths)
+    if os.path.isdir(paths[0]):
+        image = read_dicom_series(paths[0])
+        data = sitk.GetArrayFromImage(image).astype(np.float32)[None]
+        # the properties SimpleITKIO.read_images makes, so SimpleITKIO.write_seg restores the geometry
+        properties = {"sitk_stuff": {"spacing": image.GetSpacing(), "origin": image.GetOrigin(),
+                                     "direction": image.GetDirection()},
+                      "spacing": list(np.abs(image.GetSpacing()[::-1]))}
+    else:
+        try:
+            data, properties = reader_writer.read_images(paths)
+        except Exception as e:  # noqa: BLE001 - a reader's error on a corrupt file becomes one line naming it
+            raise IrisInputError(f"{paths[0]}: unreadable image ({_error_text(e)})") from None
+    for c, path in enumerate(paths):
+        if not np.all(np.isfinite(data[c])):
+            raise IrisInputError(f"{path}: contains NaN or infinite values")
+    return data, properties
+
+
+def read_label(path: str, reader_writer: BaseReaderWriter) -> np.ndarray:
+    """A label image (1, Z, Y, X) as int64, checked to hold non-negative integers only."""
+    if os.path.isdir(path):
+        raise IrisInputError(f"{path}: a label must be an image file, not a folder")
+    try:
+        seg, _ = reader_writer.read_seg(path)
+    except Exception as e:  # noqa: BLE001
+        raise IrisInputError(f"{path}: unreadable image ({_error_text(e)})") from None
+    if not np.all(np.isfinite(seg)) or not np.all(seg == np.round(seg)):
+        raise IrisInputError(f"{path}: label values must be integers")
+    if seg.min() < 0:
+        raise IrisInputError(f"{path}: negative label value {int(seg.min())}; labels are non-negative integers")
+    return seg.astype(np.int64)
+
+
+def output_ending(first_image: str) -> str:
+    if os.path.isdir(first_image):
+        return DICOM_OUTPUT_ENDING
+    ending = file_ending(first_image) or DICOM_OUTPUT_ENDING
+    return OUTPUT_ENDINGS.get(ending, ending)
+
+
+def temporary_name(path: str) -> str:
+    """A hidden name beside `path` that keeps its ending (writers pick the format from it)."""
+    ending = file_ending(path) or os.path.splitext(path)[1]
+    base = os.path.basename(path)[: -len(ending)] if ending else os.path.basename(path)
+    return os.path.join(os.path.dirname(path), f".{base}.partial{os.getpid()}{ending}")
+
+
+def write_segmentation(segmentation: np.ndarray, path: str, properties: dict,
+                       reader_writer: BaseReaderWriter) -> None:
+    """Write atomically with the reader/writer that read the query (so its geometry comes back)."""
+    tmp = temporary_name(path)
+    try:
+        if segmentation.max(initial=0) > np.iinfo(np.uint16).max and isinstance(reader_writer, SimpleITKIO):
+            # SimpleITKIO.write_seg casts to uint16, which would wrap label values above 65535
+            image = sitk.GetImageFromArray(segmentation.astype(np.uint32))
+            sitk_stuff = properties["sitk_stuff"]
+            image.SetSpacing(sitk_stuff["spacing"])
+            image.SetOrigin(sitk_stuff["origin"])
+            image.SetDirection(sitk_stuff["direction"])
+            sitk.WriteImage(image, tmp, True)
+        else:
+            reader_writer.write_seg(segmentation, tmp, properties)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_atomic(path: str, write) -> None:
+    """Call write(tmp_path) then rename into place; nothing is left behind on failure."""
+    tmp = temporary_name(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------------------------- queries
+@dataclass
+class Query:
+    """One query case: its name (the output's), its channel files (or one DICOM folder)."""
+
+    name: str
+    images: list[str]
+
+    @property
+    def output_ending(self) -> str:
+        return output_ending(self.images[0])
+
+
+def _is_dicom_folder(path: str) -> bool:
+    try:
+        return bool(dicom_series_files(path))
+    except IrisInputError:
+        return True  # several series: reported when the case is read
+
+
+def find_queries(input_path: str, num_channels: int) -> tuple[list[Query], list[str]]:
+    """Queries in a file or folder: nnU-Net `{case}_{XXXX}` channel files, plain names, DICOM series folders.
+
+    Returns the queries and problems (one line each, naming the file) for files that cannot form a query."""
+    input_path = os.path.normpath(input_path)
+    if not os.path.exists(input_path):
+        raise IrisInputError(f"{input_path}: input not found")
+    if os.path.isdir(input_path) and _is_dicom_folder(input_path):
+        return [Query(os.path.basename(input_path), [input_path])], []
+    if os.path.isfile(input_path):
+        if file_ending(input_path) is None:
+            raise IrisInputError(f"{input_path}: not a supported image ({', '.join(SUPPORTED_ENDINGS)} or a DICOM "
+                                 f"series folder)")
+        folder, names = os.path.dirname(input_path) or ".", [os.path.basename(input_path)]
+        match = CHANNEL_SUFFIX.match(strip_ending(input_path))
+        if match and num_channels > 1:  # one channel file given: take its case's other channels too
+            stem = match["case"] + "_"
+            names = [n for n in os.listdir(folder) if n.startswith(stem) and CHANNEL_SUFFIX.match(strip_ending(n))
+                     and CHANNEL_SUFFIX.match(strip_ending(n))["case"] == match["case"]
+                     and file_ending(n) == file_ending(input_path)]
+        dicom_dirs: list[str] = []
+    else:
+        folder = input_path
+        entries = sorted(e for e in os.listdir(folder) if not e.startswith("."))
+        names = [e for e in entries if os.path.isfile(os.path.join(folder, e)) and file_ending(e)]
+        dicom_dirs = [e for e in entries if os.path.isdir(os.path.join(folder, e))
+                      and _is_dicom_folder(os.path.join(folder, e))]
+    queries: dict[str, Query] = {}
+    channels: dict[str, dict[int, str]] = {}
+    problems: list[str] = []
+    for name in names:
+        path = os.path.join(folder, name)
+        match = CHANNEL_SUFFIX.match(strip_ending(name))
+        if match:
+            channels.setdefault(match["case"], {})[int(match["channel"])] = path
+        elif num_channels == 1:
+            case = strip_ending(name)
+            if case in queries:
+                problems.append(f"{path}: case name {case} is also used by {queries[case].images[0]}")
+            else:
+                queries[case] = Query(case, [path])
+        else:
+            problems.append(f"{path}: the model takes {num_channels} channels; name them "
+                            f"{strip_ending(name)}_0000..._{num_channels - 1:04d}")
+    for case, files in sorted(channels.items()):
+        if len({file_ending(f) for f in files.values()}) > 1:
+            problems.append(f"{files[min(files)]}: case {case} has channel files in several formats")
+        elif sorted(files) != list(range(num_channels)):
+            found = ", ".join(os.path.basename(f) for _, f in sorted(files.items()))
+            problems.append(f"{files[min(files)]}: case {case} has channel files {found}; the model takes "
+                            f"{num_channels} (_0000 to _{num_channels - 1:04d})")
+        elif case in queries:
+            problems.append(f"{files[0]}: case name {case} is also used by {queries[case].images[0]}")
+        else:
+            queries[case] = Query(case, [files[c] for c in range(num_channels)])
+    for d in dicom_dirs:
+        path = os.path.join(folder, d)
+        if num_channels != 1:
+            problems.append(f"{path}: a DICOM series is one channel; the model takes {num_channels}")
+        elif d in queries:
+            problems.append(f"{path}: case name {d} is also used by {queries[d].images[0]}")
+        else:
+            queries[d] = Query(d, [path])
+    if not queries and not problems:
+        raise IrisInputError(f"{input_path}: no images found ({', '.join(SUPPORTED_ENDINGS)} files or DICOM series "
+                             f"folders)")
+    return [queries[k] for k in sorted(queries)], problems

@@ -1,0 +1,124 @@
+"""An `iris_train` model folder: plans.json, dataset.json, manifest.json and fold_F/checkpoint_*.pth.
+
+Loaded without nnU-Net's trainer lookups (they import torchvision, which fails with the CPU build of torch):
+the network is built from the plans' architecture entry by `iris_nnu.model.build_network`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from iris_nnu.errors import IrisInputError
+from iris_nnu.model import IrisNetwork, build_network
+from iris_nnu.preprocessing.planner import CONFIGURATION
+
+DEFAULT_CHECKPOINT = "checkpoint_final.pth"
+TRAINER_NAME = "IrisTrainer"
+
+
+@dataclass
+class IrisModel:
+    """A loaded model: the network (eval mode, CPU) and what inference needs from its folder."""
+
+    folder: str
+    fold: str
+    checkpoint_name: str
+    plans: dict
+    dataset_json: dict
+    network: IrisNetwork
+    inference_allowed_mirroring_axes: tuple[int, ...] | None
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.dataset_json["channel_names"])
+
+
+def fold_folder_name(fold: int | str) -> str:
+    return f"fold_{fold}"
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise IrisInputError(f"{path}: not found; is {os.path.dirname(path)} an iris_train model folder?")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IrisInputError(f"{path}: not valid JSON ({e})") from None
+
+
+def _strip_prefixes(state: dict) -> dict:
+    """Weights saved from a compiled (`_orig_mod.`) or DDP (`module.`) network load into the plain one."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def load_model_folder(folder: str | None, fold: int | str = 0, checkpoint_name: str = DEFAULT_CHECKPOINT,
+                      ) -> IrisModel:
+    """Load plans, dataset.json and the fold's checkpoint; every problem is one line naming the file."""
+    if folder is None:
+        raise IrisInputError("no default model is bundled with iris-nnu yet: pass -m MODEL_FOLDER (an iris_train "
+                             "output folder, e.g. $nnUNet_results/DatasetXXX_Name/IrisTrainer__IrisPlans__3d_fullres)")
+    folder = os.path.normpath(folder)
+    if not os.path.isdir(folder):
+        raise IrisInputError(f"{folder}: model folder not found")
+    plans = _read_json(os.path.join(folder, "plans.json"))
+    dataset_json = _read_json(os.path.join(folder, "dataset.json"))
+    try:
+        architecture = plans["configurations"][CONFIGURATION]["architecture"]
+        num_channels = len(dataset_json["channel_names"])
+    except (KeyError, TypeError):
+        raise IrisInputError(f"{folder}: plans.json has no '{CONFIGURATION}' architecture entry or dataset.json no "
+                             f"'channel_names'") from None
+    fold_dir = os.path.join(folder, fold_folder_name(fold))
+    if not os.path.isdir(fold_dir):
+        folds = sorted(d for d in os.listdir(folder)
+                       if d.startswith("fold_") and os.path.isdir(os.path.join(folder, d)))
+        raise IrisInputError(f"{fold_dir}: not found; this model folder has {', '.join(folds) or 'no folds'} (-f)")
+    checkpoint_file = os.path.join(fold_dir, checkpoint_name)
+    if not os.path.isfile(checkpoint_file):
+        found = sorted(f for f in os.listdir(fold_dir) if f.endswith(".pth"))
+        raise IrisInputError(f"{checkpoint_file}: not found; {fold_dir} has {', '.join(found) or 'no checkpoints'} "
+                             f"(-chk)")
+    try:
+        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+        weights = _strip_prefixes(checkpoint["network_weights"])
+    except Exception as e:  # noqa: BLE001 - corrupt or foreign file: one line naming it
+        raise IrisInputError(f"{checkpoint_file}: not a readable iris_train checkpoint ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    try:
+        network = build_network(architecture, input_channels=num_channels, deep_supervision=False)
+        network.load_state_dict(weights)
+    except (ImportError, RuntimeError, TypeError, ValueError) as e:
+        raise IrisInputError(f"{checkpoint_file}: does not fit the architecture in {folder}/plans.json "
+                             f"({str(e).splitlines()[0][:200]})") from None
+    axes = checkpoint.get("inference_allowed_mirroring_axes")
+    return IrisModel(folder, str(fold), checkpoint_name, plans, dataset_json, network.eval(),
+                     tuple(int(a) for a in axes) if axes is not None else None)
+
+
+def write_model_folder(folder: str, plans: dict, dataset_json: dict, network: IrisNetwork, fold: int | str = 0,
+                       manifest: dict | None = None, mirror_axes: tuple[int, ...] | None = (0, 1, 2),
+                       checkpoint_names: tuple[str, ...] = (DEFAULT_CHECKPOINT,)) -> str:
+    """Write a model folder as iris_train lays it out (for tests, benchmarks, imported weights). Returns it."""
+    fold_dir = os.path.join(folder, fold_folder_name(fold))
+    os.makedirs(fold_dir, exist_ok=True)
+    for name, obj in (("plans.json", plans), ("dataset.json", dataset_json),
+                      ("manifest.json", manifest or {"format": 1, "members": []})):
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(obj, f, indent=2)
+    checkpoint = {"network_weights": network.state_dict(), "trainer_name": TRAINER_NAME, "current_epoch": 0,
+                  "init_args": {"plans": plans, "configuration": CONFIGURATION, "fold": fold,
+                                "dataset_json": dataset_json},
+                  "inference_allowed_mirroring_axes": mirror_axes}
+    for name in checkpoint_names:
+        torch.save(checkpoint, os.path.join(fold_dir, name))
+    return folder

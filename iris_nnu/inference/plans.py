@@ -1,0 +1,117 @@
+"""The model's joint plan specialised for one inference run, and preprocessing with it.
+
+Query and references of one run are normalised alike (`--modality`): `other` clips each image to its own
+2nd/98th percentiles and z-scores it (as training did for MR/PET members); `CT` uses nnU-Net's CTNormalization
+with the intensity statistics of the first CT member of the model's collection, or, without one, the paper's
+fixed [-990, 500] HU window.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from iris_nnu.preprocessing.planner import CONFIGURATION
+from iris_nnu.preprocessing.preprocessor import IrisPreprocessor
+
+MODALITIES = ("CT", "other")
+CT_SCHEME = "CTNormalization"
+OTHER_SCHEME = "PercentileZScoreNormalization"
+FIXED_CT_WINDOW = (-990.0, 500.0)
+# A query whose voxel size differs from the plan's spacing by more than this factor (any axis) gets a warning.
+SPACING_WARNING_FACTOR = 3.0
+# CT queries: warn when the query's 1st-99th percentile range covers under this fraction of the model's window.
+CT_RANGE_OVERLAP_WARNING = 0.25
+# Label map handed to nnU-Net's preprocessor: it only needs a valid background entry (class_locations are skipped).
+PREPROCESSOR_DATASET_JSON = {"labels": {"background": 0}}
+
+
+def _fixed_ct_properties() -> dict:
+    # Mapping the window linearly onto [-1, 1] keeps HU meaning the same in every scan (a per-scan z-score would not)
+    lo, hi = FIXED_CT_WINDOW
+    return {"mean": (lo + hi) / 2, "std": (hi - lo) / 2, "percentile_00_5": lo, "percentile_99_5": hi}
+
+
+def inference_plans(joint_plans: dict, modality: str, num_channels: int) -> dict:
+    """The joint plan with one normalisation for every image of the run (see the module docstring)."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    members = joint_plans.get("iris", {}).get("members", {})
+    ct = [m for m in members.values() if m["normalization_schemes"] and set(m["normalization_schemes"]) == {CT_SCHEME}]
+    other = [m for m in members.values() if CT_SCHEME not in m["normalization_schemes"]]
+    plans = copy.deepcopy(joint_plans)
+    configuration = plans["configurations"][CONFIGURATION]
+    if modality == "CT":
+        configuration["normalization_schemes"] = [CT_SCHEME] * num_channels
+        configuration["use_mask_for_norm"] = list(ct[0]["use_mask_for_norm"]) if ct else [False] * num_channels
+        plans["foreground_intensity_properties_per_channel"] = (
+            copy.deepcopy(ct[0]["foreground_intensity_properties_per_channel"]) if ct
+            else {str(c): _fixed_ct_properties() for c in range(num_channels)})
+    else:
+        configuration["normalization_schemes"] = [OTHER_SCHEME] * num_channels
+        configuration["use_mask_for_norm"] = list(other[0]["use_mask_for_norm"]) if other else [False] * num_channels
+        plans.setdefault("foreground_intensity_properties_per_channel",
+                         {str(c): {} for c in range(num_channels)})
+    plans["configurations"] = {CONFIGURATION: configuration}
+    return plans
+
+
+def trained_on_ct_only(joint_plans: dict) -> bool:
+    members = joint_plans.get("iris", {}).get("members", {})
+    return bool(members) and all(set(m["normalization_schemes"]) == {CT_SCHEME} for m in members.values())
+
+
+class InferencePreprocessor(IrisPreprocessor):
+    """Iris's preprocessor without the foreground sampling (a training-only cost: 10k locations per class)."""
+
+    @staticmethod
+    def _sample_foreground_locations(seg, classes_or_regions, seed=1234, verbose=False, min_num_samples=10000,
+                                     min_percent_coverage=0.01):
+        return {}
+
+
+class RunPreprocessing:
+    """Preprocess images (and labels) of one run with its specialised plan: transpose, crop, normalise, resample."""
+
+    def __init__(self, plans: dict):
+        self.plans = plans
+        self.plans_manager = PlansManager(plans)
+        self.configuration_manager: ConfigurationManager = self.plans_manager.get_configuration(CONFIGURATION)
+        self._preprocessor = InferencePreprocessor(verbose=False)
+
+    def __call__(self, data: np.ndarray, seg: np.ndarray | None, properties: dict,
+                 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
+        """(C,Z,Y,X) image [+ (1,Z,Y,X) label] -> preprocessed image, label with -1 (outside the crop) mapped to 0."""
+        out, out_seg, properties = self._preprocessor.run_case_npy(
+            data, seg, properties, self.plans_manager, self.configuration_manager, PREPROCESSOR_DATASET_JSON)
+        if seg is None:
+            return out, None, properties
+        out_seg = out_seg[0]
+        out_seg[out_seg < 0] = 0
+        return out, out_seg, properties
+
+    def input_warnings(self, data: np.ndarray, properties: dict, modality: str) -> list[str]:
+        """Spacing or intensity range far from what the model was planned for (empty when fine)."""
+        warnings = []
+        target = np.array(self.configuration_manager.spacing, dtype=float)
+        spacing = np.array([properties["spacing"][i] for i in self.plans_manager.transpose_forward], dtype=float)
+        ratio = spacing / target
+        if np.any(ratio > SPACING_WARNING_FACTOR) or np.any(ratio < 1 / SPACING_WARNING_FACTOR):
+            warnings.append(f"voxel size {tuple(round(float(s), 3) for s in spacing)} mm is far from the model's "
+                            f"{tuple(round(float(s), 3) for s in target)} mm; it is resampled, so small structures "
+                            f"may be lost or the result coarse")
+        sample = data[:, ::2, ::2, ::2]
+        if modality == "CT":
+            for c in range(data.shape[0]):
+                props = self.plans_manager.foreground_intensity_properties_per_channel[str(c)]
+                lo, hi = float(props["percentile_00_5"]), float(props["percentile_99_5"])
+                q_lo, q_hi = np.percentile(sample[c], [1, 99])
+                covered = max(0.0, min(hi, q_hi) - max(lo, q_lo)) / max(hi - lo, 1e-6)
+                if covered < CT_RANGE_OVERLAP_WARNING:
+                    warnings.append(f"channel {c}: intensities {q_lo:.0f}..{q_hi:.0f} (1st-99th percentile) are "
+                                    f"mostly outside the model's CT window {lo:.0f}..{hi:.0f}; is this a CT in HU?")
+        for c in range(data.shape[0]):
+            if float(sample[c].max()) == float(sample[c].min()):
+                warnings.append(f"channel {c}: constant intensity {float(sample[c].min()):g}; nothing to segment")
+        return warnings

@@ -1,0 +1,159 @@
+"""`iris_predict`: segment scans given reference image + label pairs (or a task file), each in its own geometry."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tqdm import tqdm
+
+from iris_nnu.device import resolve_device
+from iris_nnu.errors import IrisInputError, cli_entry
+from iris_nnu.inference.cli import HelpFormatter
+from iris_nnu.inference.images import find_queries
+from iris_nnu.inference.model_folder import DEFAULT_CHECKPOINT
+from iris_nnu.inference.plans import MODALITIES, trained_on_ct_only
+from iris_nnu.inference.predictor import (
+    DEFAULT_TUNE_LR,
+    DEFAULT_TUNE_STEPS,
+    MIN_STEP_SIZE,
+    STRATEGIES,
+    IrisPredictor,
+)
+from iris_nnu.inference.references import parse_reference
+
+PROGRAM = "iris_predict"
+
+
+def report(message: str) -> None:
+    """A line on stderr that does not break the progress bar."""
+    tqdm.write(f"{PROGRAM}: {message}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROGRAM,
+        description="Segment 3D scans with an Iris model given reference scans and their labels (or a task file "
+                    "saved from them). Every non-zero label value of the references is a class; the output carries "
+                    "the same values, in each query's own geometry. The task is encoded once per run.",
+        formatter_class=HelpFormatter)
+    p.add_argument("-i", metavar="INPUT", default=None,
+                   help="query image file, folder of images (nnU-Net {case}_0000 naming or plain names; .nii.gz .nii "
+                        ".mha .mhd .nrrd .nhdr .gipl) or DICOM series folder(s); required unless only --save_task")
+    p.add_argument("-o", metavar="OUTPUT", default=None,
+                   help="output folder: one segmentation per query named by case (DICOM queries: .nii.gz)")
+    task = p.add_mutually_exclusive_group(required=True)
+    task.add_argument("-r", nargs="+", metavar="REF",
+                      help="references: IMAGE:LABEL pairs, or folders in nnU-Net raw layout (imagesTr/ + labelsTr/) "
+                           "whose pairs are all used")
+    task.add_argument("--task", metavar="FILE", help="segment with a task file written by --save_task (no reference "
+                                                      "images needed)")
+    p.add_argument("-m", metavar="MODEL_FOLDER", default=None,
+                   help="iris_train model folder ($nnUNet_results/DatasetXXX_Name/IrisTrainer__IrisPlans__3d_fullres); "
+                        "default: the bundled model (none ships yet)")
+    p.add_argument("-f", default="0", metavar="FOLD", help="fold of the model (fold_F folder)")
+    p.add_argument("-chk", default=DEFAULT_CHECKPOINT, metavar="CHECKPOINT", help="checkpoint file in the fold folder")
+    p.add_argument("--classes", nargs="+", type=int, metavar="L",
+                   help="segment only these label values (default: every non-zero value of the references / task)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="ensemble",
+                   help="oneshot: one reference; ensemble: per class, average the embeddings of the references "
+                        "holding it (one reference = one-shot); retrieval: per class, use the reference(s) most "
+                        "similar to the query's own predicted structure; tune: optimise the task embedding on the "
+                        "references, the network frozen")
+    p.add_argument("--save_task", metavar="FILE",
+                   help="write the encoded task (the references' embeddings; with tune, the tuned embedding) for "
+                        "--task; a task file shares a segmentation task without sharing patients")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation, for models that allow it "
+                   "(iris_train models allow none: they learn with query and reference mirrored together)")
+    p.add_argument("-step_size", type=float, default=0.5,
+                   help=f"sliding-window step as a fraction of the patch ({MIN_STEP_SIZE} to 1)")
+    p.add_argument("-device", choices=("cpu", "cuda", "mps"), default="cpu", help="device to run on")
+    p.add_argument("--save_probabilities", action="store_true",
+                   help="also write {case}.npz (probabilities: per-class sigmoid maps, float16, in the query's "
+                        "geometry; classes: their label values) and {case}.pkl (nnU-Net's properties)")
+    p.add_argument("--modality", choices=MODALITIES, default="other",
+                   help="normalisation of queries and references: CT = nnU-Net's CT clipping and z-score with the "
+                        "model's CT statistics (else the [-990, 500] HU window); other = per-image 2nd/98th "
+                        "percentile clip and z-score (MR, PET, ...)")
+    p.add_argument("--tune_steps", type=int, default=DEFAULT_TUNE_STEPS, help="optimisation steps of --strategy tune")
+    p.add_argument("--tune_lr", type=float, default=DEFAULT_TUNE_LR, help="Adam learning rate of --strategy tune")
+    p.add_argument("--retrieval_top_k", type=int, default=1,
+                   help="references kept per class by --strategy retrieval (averaged)")
+    p.add_argument("--classes_per_pass", type=int, default=None,
+                   help="classes decoded together in one forward pass per window; more classes go in several "
+                        "passes (bounds memory). Default: as many as fit 1 GB of class maps (usually all)")
+    return p
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    if (args.i is None) != (args.o is None):
+        raise IrisInputError("-i INPUT and -o OUTPUT go together")
+    if args.i is None and not args.save_task:
+        raise IrisInputError("nothing to do: give -i INPUT -o OUTPUT, or --save_task FILE to only encode the task")
+    if args.o is not None and os.path.exists(args.o) and not os.path.isdir(args.o):
+        raise IrisInputError(f"{args.o}: OUTPUT exists and is not a folder")
+    if not MIN_STEP_SIZE <= args.step_size <= 1:
+        raise IrisInputError(f"-step_size must be in [{MIN_STEP_SIZE}, 1], got {args.step_size}")
+    if args.classes and min(args.classes) <= 0:
+        raise IrisInputError(f"--classes: label values are positive (0 is background), got {min(args.classes)}")
+    if args.tune_steps < 0 or args.tune_lr <= 0:
+        raise IrisInputError(f"--tune_steps must be >= 0 and --tune_lr > 0, got {args.tune_steps}, {args.tune_lr}")
+    if args.retrieval_top_k < 1:
+        raise IrisInputError(f"--retrieval_top_k must be at least 1, got {args.retrieval_top_k}")
+    if args.classes_per_pass is not None and args.classes_per_pass < 1:
+        raise IrisInputError(f"--classes_per_pass must be at least 1, got {args.classes_per_pass}")
+    if args.strategy == "tune" and args.task:
+        raise IrisInputError("--strategy tune optimises the task on the reference images: give them with -r "
+                             "(a task file holds no images)")
+    if args.save_task:
+        folder = os.path.dirname(os.path.abspath(args.save_task))
+        if not os.path.isdir(folder):
+            raise IrisInputError(f"--save_task {args.save_task}: folder {folder} does not exist")
+
+
+@cli_entry(PROGRAM)
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_arguments(args)
+    predictor = IrisPredictor(tile_step_size=args.step_size, use_mirroring=not args.disable_tta,
+                              device=resolve_device(args.device), modality=args.modality,
+                              classes_per_pass=args.classes_per_pass)
+    predictor.initialize_from_model_folder(args.m, args.f, args.chk)
+    if args.modality == "other" and trained_on_ct_only(predictor.joint_plans):
+        report("warning: the model was trained on CT only; pass --modality CT for CT scans")
+    queries, problems = find_queries(args.i, predictor.num_channels) if args.i else ([], [])
+
+    references = None
+    if args.r:
+        cases = [case for spec in args.r for case in parse_reference(spec, predictor.num_channels)]
+        references = predictor.encode_references(cases, args.classes)
+        for label, values in references.lost.items():
+            report(f"warning: {label}: label value(s) {' '.join(map(str, values))} vanish at the model's spacing")
+        pool = references.pool
+        print(f"{PROGRAM}: task encoded from {len(references.names)} reference(s), classes "
+              f"{' '.join(map(str, pool.classes))}")
+    else:
+        pool = predictor.load_task(args.task, args.classes)
+    task, losses = predictor.task_for_strategy(pool, args.strategy, references, args.tune_steps, args.tune_lr)
+    if losses:
+        print(f"{PROGRAM}: tuned the task embedding for {args.tune_steps} steps: reference loss "
+              f"{losses[0]:.4f} -> {losses[-1]:.4f}")
+    if args.save_task:
+        (task if args.strategy == "tune" else pool).save(args.save_task)
+        print(f"{PROGRAM}: task written to {args.save_task}")
+    if args.i is None:
+        return 0
+
+    failures = problems + predictor.predict_queries(
+        queries, args.o, task, pool if args.strategy == "retrieval" else None, args.retrieval_top_k,
+        args.save_probabilities, progress=True, report=report,
+        reference_names=references.names if references else None)
+    total = len(queries) + len(problems)
+    print(f"{PROGRAM}: {total - len(failures)} of {total} queries segmented into {args.o}")
+    if failures:
+        raise IrisInputError(f"{len(failures)} of {total} queries failed: {'; '.join(failures)}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,405 @@
+"""IrisPredictor: reference-conditioned segmentation on nnU-Net's predictor.
+
+What stays nnU-Net's: preprocessing (transpose, crop to non-zero, normalise, resample), the sliding window with
+Gaussian weights and optional mirroring TTA, and the resampling/crop/transpose reversal of the export. What is
+Iris's: the network also takes a task (the encoded references), only the query is flipped for TTA, and the
+output is K independent sigmoid maps decided per voxel (see export.py).
+
+Strategies (Iris, "Inference strategies"):
+- oneshot: one reference; ensemble: per class, the mean of the references' embeddings where the class is present;
+- retrieval: segment with the ensemble, encode the query's own predicted structures, keep per class the
+  reference(s) whose embedding is most similar (cosine), segment again;
+- tune: the network frozen, only the task embedding is optimised on the references (Dice + BCE, as in training).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import save_pickle
+from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from tqdm import tqdm
+
+from iris_nnu.errors import IrisInputError
+from iris_nnu.inference.export import (
+    Winner,
+    indices_to_values,
+    resample_to_cropped_shape,
+    revert_crop_and_transpose,
+)
+from iris_nnu.inference.images import Query, read_images, reader_writer_for, write_atomic, write_segmentation
+from iris_nnu.inference.model_folder import DEFAULT_CHECKPOINT, TRAINER_NAME, load_model_folder
+from iris_nnu.inference.plans import RunPreprocessing, inference_plans
+from iris_nnu.inference.references import Crop, ReferenceCase, prepare_reference, remap_crops, structure_crops
+from iris_nnu.model import IrisNetwork, TaskEmbedding, TaskMismatchError
+from iris_nnu.trainers.loss import MaskedDiceBCELoss
+
+STRATEGIES = ("oneshot", "ensemble", "retrieval", "tune")
+# nnU-Net accumulates Gaussian-weighted logits in fp16; clamping keeps the sums finite (sigmoid(16) = 1 - 1e-7,
+# beyond fp16's resolution of probabilities anyway) for every step size >= MIN_STEP_SIZE (<= 125 windows a voxel).
+LOGIT_LIMIT = 16.0
+MIN_STEP_SIZE = 0.2
+# Class maps of one pass (fp16, preprocessed space) and export chunks stay under this; beyond it classes go in
+# several passes. A pass decodes all its classes in ONE forward per window.
+DEFAULT_MAP_MEMORY_GB = 1.0
+DEFAULT_TUNE_STEPS = 20
+DEFAULT_TUNE_LR = 1e-2  # Adam on the tokens; the paper gives no value: a few steps should move them noticeably
+
+
+@dataclass
+class EncodedReferences:
+    """The references of a run: their embeddings (pool, B = references) and their crops (for tuning)."""
+
+    pool: TaskEmbedding
+    names: list[str]
+    crops: list[list[Crop]]  # per reference; labels index pool.classes (i = pool.classes[i - 1])
+    lost: dict[str, list[int]] = field(default_factory=dict)  # reference -> values lost by resampling
+
+
+@dataclass
+class CaseResult:
+    """A segmented query: label values in the query's own geometry, and what the run learned about it."""
+
+    segmentation: np.ndarray
+    properties: dict
+    reader_writer: BaseReaderWriter
+    classes: list[int]
+    probabilities: np.ndarray | None = None  # (K, ...) float16, per class, same geometry
+    warnings: list[str] = field(default_factory=list)
+    retrieved: dict[int, list[int]] | None = None  # retrieval: class value -> indices of the chosen references
+
+
+class _TaskOutputs:
+    """Stands in for nnU-Net's LabelManager inside its sliding window, which only asks how many maps to
+    accumulate: one sigmoid map per class of the current task."""
+
+    def __init__(self, predictor: IrisPredictor):
+        self._predictor = predictor
+
+    @property
+    def num_segmentation_heads(self) -> int:
+        return self._predictor._task.num_classes
+
+
+def cosine_similarity(a: TaskEmbedding, a_index: tuple[int, int], b: TaskEmbedding, b_index: tuple[int, int]) -> float:
+    """Cosine similarity of two classes' full embeddings (all scales, foreground and context tokens)."""
+    va = torch.cat([t[a_index].flatten().float() for t in a.tokens])
+    vb = torch.cat([t[b_index].flatten().float() for t in b.tokens]).to(va.device)
+    return float(torch.nn.functional.cosine_similarity(va, vb, dim=0))
+
+
+def select_references(pool: TaskEmbedding, query: TaskEmbedding, top_k: int = 1,
+                      ) -> tuple[TaskEmbedding, dict[int, list[int]]]:
+    """Object-level retrieval: per class the query predicted, keep the `top_k` pool references most similar to
+    the query's own embedding; other classes keep every reference. Returns the averaged task and the picks."""
+    keep = pool.present.clone()
+    picks: dict[int, list[int]] = {}
+    for k, value in enumerate(pool.classes):
+        if value not in query.classes:
+            continue
+        q = query.classes.index(value)
+        candidates = [b for b in range(pool.batch_size) if bool(pool.present[b, k])]
+        scores = [cosine_similarity(query, (0, q), pool, (b, k)) for b in candidates]
+        chosen = [candidates[i] for i in np.argsort(scores)[::-1][:top_k]]
+        keep[:, k] = False
+        keep[chosen, k] = True
+        picks[value] = sorted(chosen)
+    return TaskEmbedding(pool.tokens, pool.classes, keep, pool.model_id).mean(), picks
+
+
+class IrisPredictor(nnUNetPredictor):
+    """Segment queries given references (or a task file) with an Iris model; see the module docstring."""
+
+    def __init__(self, tile_step_size: float = 0.5, use_mirroring: bool = True,
+                 device: torch.device | str = "cpu", modality: str = "other", classes_per_pass: int | None = None,
+                 map_memory_gb: float = DEFAULT_MAP_MEMORY_GB, verbose: bool = False, allow_tqdm: bool = False):
+        if not MIN_STEP_SIZE <= tile_step_size <= 1:
+            raise ValueError(f"step size must be in [{MIN_STEP_SIZE}, 1], got {tile_step_size}")
+        if classes_per_pass is not None and classes_per_pass < 1:
+            raise ValueError(f"classes_per_pass must be at least 1, got {classes_per_pass}")
+        device = torch.device(device)
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a notice for every non-CUDA device
+            super().__init__(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                             perform_everything_on_device=device.type == "cuda", device=device, verbose=verbose,
+                             verbose_preprocessing=False, allow_tqdm=allow_tqdm)
+        self.modality = modality
+        self.classes_per_pass = classes_per_pass
+        self.map_memory_bytes = map_memory_gb * 1024**3
+        self._task: TaskEmbedding | None = None
+        self.preprocessing: RunPreprocessing | None = None
+
+    # ------------------------------------------------------------------------------------ set-up
+    def initialize_from_model_folder(self, folder: str | None, fold: int | str = 0,
+                                     checkpoint_name: str = DEFAULT_CHECKPOINT) -> None:
+        """Load an iris_train model folder (nnU-Net's own loader imports trainers, which needs torchvision)."""
+        model = load_model_folder(folder, fold, checkpoint_name)
+        self.initialize(model.network, model.plans, model.dataset_json, model.inference_allowed_mirroring_axes)
+
+    def initialize(self, network: IrisNetwork, plans: dict, dataset_json: dict,
+                   inference_allowed_mirroring_axes: tuple[int, ...] | None = (0, 1, 2)) -> None:
+        """Use this network with its joint plan and dataset.json (e.g. from a trainer)."""
+        num_channels = len(dataset_json["channel_names"])
+        self.preprocessing = RunPreprocessing(inference_plans(plans, self.modality, num_channels))
+        self.manual_initialization(network.to(self.device).eval(), self.preprocessing.plans_manager,
+                                   self.preprocessing.configuration_manager, None, dataset_json, TRAINER_NAME,
+                                   inference_allowed_mirroring_axes)
+        self.label_manager = _TaskOutputs(self)
+        self.joint_plans = plans
+        self.num_channels = num_channels
+        self.patch_size = tuple(int(p) for p in self.configuration_manager.patch_size)
+
+    @property
+    def reader_writer_class(self) -> type[BaseReaderWriter]:
+        return self.plans_manager.image_reader_writer_class
+
+    # ------------------------------------------------------------------------------------ tasks
+    def encode_crops(self, crops: Sequence[Crop], classes: Sequence[int]) -> TaskEmbedding:
+        """One embedding (B = 1) from crops of one image; crop labels index `classes` (i = classes[i - 1])."""
+        parts = []
+        with torch.no_grad():
+            for crop in crops:
+                image = torch.from_numpy(crop.image)[None].to(self.device)
+                masks = torch.from_numpy(np.stack([crop.labels == i for i in crop.encode]))[None]
+                parts.append(self.network.encode_task(image, masks.to(self.device, torch.float32),
+                                                      classes=[classes[i - 1] for i in crop.encode]))
+        return TaskEmbedding.concatenate(parts).mean()
+
+    def encode_references(self, references: Sequence[ReferenceCase], classes: Sequence[int] | None = None,
+                          ) -> EncodedReferences:
+        """Check, preprocess, crop and encode the references once; `classes` (label values) picks a subset."""
+        if not references:
+            raise IrisInputError("no references given")
+        wanted = sorted(set(int(c) for c in classes)) if classes else None
+        prepared = [prepare_reference(case, self.preprocessing, self.reader_writer_class, self.patch_size, wanted)
+                    for case in references]
+        used = [p for p in prepared if p.values]
+        found = sorted(set().union(*(p.values for p in used))) if used else []
+        if wanted:
+            missing = [c for c in wanted if c not in found]
+            if missing:
+                held = sorted(set().union(*(p.held for p in prepared)))
+                vanished = [c for c in missing if c in held]
+                raise IrisInputError(f"--classes {' '.join(map(str, missing))}: absent from the references "
+                                     f"({', '.join(p.case.label for p in prepared)}), which hold "
+                                     f"{' '.join(map(str, held))}" + (
+                                         f"; {' '.join(map(str, vanished))} vanish at the model's spacing"
+                                         if vanished else ""))
+        run_classes = wanted or found
+        crops = [remap_crops(p, run_classes) for p in used]
+        tasks = [self.encode_crops(c, run_classes) for c in crops]
+        return EncodedReferences(TaskEmbedding.concatenate(tasks), [p.case.name for p in used], crops,
+                                 {p.case.label: p.lost for p in prepared if p.lost})
+
+    def load_task(self, path: str, classes: Sequence[int] | None = None) -> TaskEmbedding:
+        """A task file written by save_task / --save_task, checked to come from this model."""
+        if not os.path.isfile(path):
+            raise IrisInputError(f"{path}: task file not found")
+        try:
+            task = TaskEmbedding.load(path, model=self.network)
+        except TaskMismatchError as e:
+            raise IrisInputError(f"{path}: task file from another model ({e}); encode it again with -r") from None
+        except Exception as e:  # noqa: BLE001 - a corrupt or foreign file is one line naming it
+            raise IrisInputError(f"{path}: not a task file ({type(e).__name__}: {str(e)[:160]})") from None
+        if classes:
+            missing = [int(c) for c in classes if int(c) not in task.classes]
+            if missing:
+                raise IrisInputError(f"--classes {' '.join(map(str, missing))}: absent from the task file {path}, "
+                                     f"which holds {' '.join(map(str, task.classes))}")
+            task = task.select(sorted(set(int(c) for c in classes)))
+        return task
+
+    def task_for_strategy(self, pool: TaskEmbedding, strategy: str, references: EncodedReferences | None = None,
+                          tune_steps: int = DEFAULT_TUNE_STEPS, tune_lr: float = DEFAULT_TUNE_LR,
+                          ) -> tuple[TaskEmbedding, list[float]]:
+        """The task the queries start from (B = 1) and, for tune, the reference loss at each step (first: untuned)."""
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if strategy == "oneshot" and pool.batch_size != 1:
+            raise IrisInputError(f"--strategy oneshot uses one reference, {pool.batch_size} given (use --strategy "
+                                 f"ensemble to average them, or retrieval to pick per class)")
+        task = pool.mean()
+        if strategy != "tune":
+            return task, []
+        if references is None:
+            raise IrisInputError("--strategy tune optimises the task on the reference images: give them with -r "
+                                 "(a task file holds no images)")
+        return self.tune(task, references, tune_steps, tune_lr)
+
+    def tune(self, task: TaskEmbedding, references: EncodedReferences, steps: int = DEFAULT_TUNE_STEPS,
+             lr: float = DEFAULT_TUNE_LR) -> tuple[TaskEmbedding, list[float]]:
+        """In-context tuning: the network frozen, Adam on the task tokens, loss on the reference crops."""
+        if steps < 0 or lr <= 0:
+            raise ValueError(f"tune needs steps >= 0 and lr > 0, got {steps}, {lr}")
+        items = []
+        for r, crops in enumerate(references.crops):
+            valid = references.pool.present[r].to(self.device)[None]  # a reference says nothing of its absent classes
+            for crop in crops:
+                target = np.stack([crop.labels == i for i in range(1, task.num_classes + 1)])
+                items.append((torch.from_numpy(crop.image)[None].to(self.device),
+                              torch.from_numpy(target)[None].to(self.device, torch.float32), valid))
+        params = [torch.nn.Parameter(t.detach().clone().to(self.device)) for t in task.tokens]
+        optimizer = torch.optim.Adam(params, lr=lr)
+        loss_fn = MaskedDiceBCELoss()
+        frozen = [(p, p.requires_grad) for p in self.network.parameters()]
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        losses = []
+        try:
+            for step in range(steps + 1):
+                optimizer.zero_grad(set_to_none=True)
+                total = 0.0
+                with torch.set_grad_enabled(step < steps):
+                    for image, target, valid in items:
+                        current = TaskEmbedding(params, task.classes, task.present, task.model_id)
+                        loss = loss_fn(self.network(image, current), target, valid) / len(items)
+                        if step < steps:
+                            loss.backward()
+                        total += loss.item()
+                losses.append(total)
+                if step < steps:
+                    optimizer.step()
+        finally:
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+        return TaskEmbedding([p.detach() for p in params], task.classes, task.present, task.model_id), losses
+
+    # ------------------------------------------------------------------------------------ sliding window
+    @torch.inference_mode()
+    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's TTA with the task as second input; only the query is flipped."""
+        if self._task is None:
+            raise RuntimeError("IrisPredictor needs a task: segment with predict_case / segment_preprocessed, not "
+                               "with nnU-Net's task-free entry points")
+        axes = self.allowed_mirroring_axes if self.use_mirroring else None
+        prediction = self.network(x, self._task)
+        if axes:
+            flips = [tuple(a + 2 for a in combo) for n in range(1, len(axes) + 1)
+                     for combo in itertools.combinations(axes, n)]
+            for dims in flips:
+                prediction += torch.flip(self.network(torch.flip(x, dims), self._task), dims)
+            prediction /= len(flips) + 1
+        return prediction.clamp_(-LOGIT_LIMIT, LOGIT_LIMIT)
+
+    def classes_in_one_pass(self, preprocessed_shape: Sequence[int]) -> int:
+        if self.classes_per_pass:
+            return self.classes_per_pass
+        voxels = float(np.prod([max(s, p) for s, p in zip(preprocessed_shape, self.patch_size)]))
+        return max(1, int(self.map_memory_bytes // (2 * voxels)))
+
+    def segment_preprocessed(self, data: np.ndarray, properties: dict, task: TaskEmbedding, export: bool = True,
+                             probabilities: bool = False, preprocessed_labels: bool = False,
+                             ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """Class indices in the original geometry, per-class probabilities (float16) there, class indices in
+        preprocessed space; each only when asked. Classes go in passes of `classes_in_one_pass`."""
+        if task.batch_size != 1:
+            task = task.mean()
+        k_total = task.num_classes
+        per_pass = self.classes_in_one_pass(data.shape[1:])
+        cropped_shape = tuple(properties["shape_after_cropping_and_before_resampling"])
+        per_export = max(1, int(self.map_memory_bytes // (8 * np.prod(data.shape[1:]) + 4 * np.prod(cropped_shape))))
+        original = Winner(cropped_shape) if export else None
+        preprocessed = Winner(data.shape[1:]) if preprocessed_labels else None
+        probs = np.zeros((k_total, *cropped_shape), dtype=np.float16) if probabilities else None
+        image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+        try:
+            for start in range(0, k_total, per_pass):
+                self._task = task.select(task.classes[start:start + per_pass]).to(self.device)
+                logits = self.predict_sliding_window_return_logits(image).cpu()
+                if preprocessed is not None:
+                    preprocessed.update(logits, start)
+                if original is not None:
+                    for sub in range(0, logits.shape[0], per_export):
+                        resampled = resample_to_cropped_shape(logits[sub:sub + per_export], self.plans_manager,
+                                                              self.configuration_manager, properties)
+                        original.update(resampled, start + sub)
+                        if probs is not None:
+                            probs[start + sub:start + sub + resampled.shape[0]] = 1 / (1 + np.exp(-resampled))
+                        del resampled
+                del logits
+        finally:
+            self._task = None
+        return (revert_crop_and_transpose(original.index, properties, self.plans_manager) if original else None,
+                revert_crop_and_transpose(probs, properties, self.plans_manager) if probs is not None else None,
+                preprocessed.index if preprocessed else None)
+
+    # ------------------------------------------------------------------------------------ queries
+    def retrieve(self, data: np.ndarray, properties: dict, task: TaskEmbedding, pool: TaskEmbedding,
+                 top_k: int = 1) -> tuple[TaskEmbedding, dict[int, list[int]]]:
+        """Segment with `task`, encode the query's predicted structures, pick per class the closest references."""
+        _, _, labels = self.segment_preprocessed(data, properties, task, export=False, preprocessed_labels=True)
+        present = [int(i) for i in np.unique(labels) if i != 0]
+        if not present:
+            return task, {}
+        crops = structure_crops(data, labels.astype(np.int16), present, self.patch_size)
+        return select_references(pool, self.encode_crops(crops, task.classes), top_k)
+
+    def predict_case(self, images: Sequence[str], task: TaskEmbedding, pool: TaskEmbedding | None = None,
+                     retrieval_top_k: int = 1, save_probabilities: bool = False) -> CaseResult:
+        """Segment one query (channel files or a DICOM folder); with `pool`, by retrieval from it."""
+        reader_writer = reader_writer_for(images[0], self.reader_writer_class)
+        data, properties = read_images(list(images), reader_writer)
+        warnings = self.preprocessing.input_warnings(data, properties, self.modality)
+        data, _, properties = self.preprocessing(data, None, properties)
+        retrieved = None
+        if pool is not None:
+            task, retrieved = self.retrieve(data, properties, task, pool, retrieval_top_k)
+        indices, probabilities, _ = self.segment_preprocessed(data, properties, task,
+                                                              probabilities=save_probabilities)
+        return CaseResult(indices_to_values(indices, task.classes), properties, reader_writer, list(task.classes),
+                          probabilities, warnings, retrieved)
+
+    def predict_queries(self, queries: Sequence[Query], output_folder: str, task: TaskEmbedding,
+                        pool: TaskEmbedding | None = None, retrieval_top_k: int = 1,
+                        save_probabilities: bool = False, progress: bool = True,
+                        report: Callable[[str], None] = print, reference_names: Sequence[str] | None = None,
+                        ) -> list[str]:
+        """Segment every query into output_folder/{case}{ending}; returns one line per query that failed.
+
+        A failing query (unreadable, not 3D, ...) does not stop the others; nothing of it is written."""
+        os.makedirs(output_folder, exist_ok=True)
+        failures = []
+        for query in tqdm(queries, desc="iris_predict", unit="query", disable=not progress):
+            target = os.path.join(output_folder, query.name)
+            if os.path.abspath(target + query.output_ending) in {os.path.abspath(p) for p in query.images}:
+                failures.append(f"{query.images[0]}: its output would overwrite it; choose another OUTPUT folder")
+                continue
+            try:
+                result = self.predict_case(query.images, task, pool, retrieval_top_k, save_probabilities)
+                for warning in result.warnings:
+                    report(f"warning: {query.images[0]}: {warning}")
+                if result.retrieved:
+                    def name(i: int) -> str:
+                        return reference_names[i] if reference_names else f"#{i}"
+                    picks = "; ".join(f"{value}: {', '.join(name(i) for i in refs)}"
+                                      for value, refs in result.retrieved.items())
+                    report(f"{query.name}: retrieval picked, per class, {picks}")
+                self._write(result, target, query.output_ending, save_probabilities)
+            except IrisInputError as e:
+                failures.append(str(e))
+            except Exception as e:  # noqa: BLE001 - one bad query must not stop the batch; reported at the end
+                failures.append(f"{query.images[0]}: failed ({type(e).__name__}: {str(e).strip()[:200]})")
+        return failures
+
+    @staticmethod
+    def _write(result: CaseResult, target: str, ending: str, save_probabilities: bool) -> None:
+        """Probabilities first, the segmentation last (its presence marks a finished case); all or nothing."""
+        written = []
+        try:
+            if save_probabilities:
+                write_atomic(target + ".npz", lambda tmp: np.savez_compressed(
+                    tmp, probabilities=result.probabilities, classes=np.array(result.classes)))
+                written.append(target + ".npz")
+                write_atomic(target + ".pkl", lambda tmp: save_pickle(result.properties, tmp))
+                written.append(target + ".pkl")
+            write_segmentation(result.segmentation, target + ending, result.properties, result.reader_writer)
+        except BaseException:
+            for path in written:
+                os.remove(path)
+            raise

@@ -1,0 +1,498 @@
+"""iris_predict / IrisPredictor on a tiny random-weight model: geometry, values, strategies, task files, bad input."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from synthetic import blob_volume, write_volume
+
+from iris_nnu.inference import IrisPredictor, parse_reference, select_references, write_model_folder
+from iris_nnu.inference.export import Winner
+from iris_nnu.inference.images import find_queries
+from iris_nnu.inference.plans import inference_plans
+from iris_nnu.inference.predict import main
+from iris_nnu.model import TaskEmbedding, build_network
+from iris_nnu.preprocessing.planner import MemberSummary, plan_collection
+
+VALUES = (17, 53, 2035)  # arbitrary label values: the output must carry them
+TINY = dict(features_per_stage=[4, 8, 16, 32, 64], blocks_per_stage=1, num_query_tokens=3, attention_heads=2)
+SPACING = (1.1, 0.9, 1.0)  # x, y, z: resampled to the model's 1 mm
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+def tiny_plans(modality: str = "MR") -> tuple[dict, dict]:
+    """A real joint plan (iris planner) for a synthetic member, shrunk to a tiny network and a 32^3 patch."""
+    fingerprint = {"spacings": [[1.0, 1.0, 1.0]] * 3, "shapes_after_crop": [[26, 30, 30]] * 3,
+                   "foreground_intensity_properties_per_channel": {"0": {
+                       "mean": 100.0, "std": 50.0, "median": 100.0, "min": -1000.0, "max": 600.0,
+                       "percentile_00_5": -200.0, "percentile_99_5": 400.0}},
+                   "median_relative_size_after_cropping": 0.9}
+    dataset_json = {"channel_names": {"0": modality}, "labels": {"background": 0, "a": 1, "b": 2, "c": 3},
+                    "numTraining": 3, "file_ending": ".nii.gz"}
+    plans = plan_collection([MemberSummary("Dataset001_Synth", dataset_json, fingerprint)], target_spacing=1.0,
+                            memory_gb=0.5)
+    configuration = plans["configurations"]["3d_fullres"]
+    configuration["patch_size"] = [32, 32, 32]
+    configuration["architecture"]["arch_kwargs"].update(TINY)
+    return plans, dataset_json
+
+
+def build_model_folder(folder: Path, seed: int = 0, **kwargs) -> Path:
+    plans, dataset_json = tiny_plans()
+    torch.manual_seed(seed)
+    network = build_network(plans["configurations"]["3d_fullres"]["architecture"], input_channels=1)
+    for module in network.modules():  # 10x the init scale of linears: random logits far from 0, decisive outputs
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.2)
+    write_model_folder(str(folder), plans, dataset_json, network, **kwargs)
+    return folder
+
+
+def make_case(image_path: Path, label_path: Path | None, seed: int, shape=(26, 30, 30), spacing=SPACING,
+              origin=(3.0, -4.0, 5.0), values=VALUES, direction=None) -> np.ndarray:
+    """An MR-like volume with len(values) structures labelled with `values`; returns the label array."""
+    image, label = blob_volume(shape, np.random.default_rng(seed), "MR", len(values))
+    label = np.array([0, *values], dtype=np.uint16)[label]
+    for array, path in ((image, image_path), (label, label_path)):
+        if path is None:
+            continue
+        write_volume(array, spacing, str(path), origin=origin)
+        if direction is not None:
+            img = sitk.ReadImage(str(path))
+            img.SetDirection(direction)
+            sitk.WriteImage(img, str(path))
+    return label
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A model folder, three reference pairs and two queries (one .nii.gz, one rotated .mha)."""
+    root = tmp_path_factory.mktemp("predict")
+    model = build_model_folder(root / "model", checkpoint_names=("checkpoint_final.pth", "checkpoint_best.pth"))
+    refs = root / "refs"
+    refs.mkdir()
+    for i in range(3):
+        make_case(refs / f"ref{i}.nii.gz", refs / f"ref{i}_seg.nii.gz", seed=10 + i)
+    queries = root / "queries"
+    queries.mkdir()
+    make_case(queries / "caseA_0000.nii.gz", None, seed=20)
+    rotated = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+    make_case(queries / "scanB.mha", None, seed=21, shape=(24, 28, 30), spacing=(0.8, 1.2, 1.1),
+              origin=(-10.0, 2.0, 7.5), direction=rotated)
+    return {"root": root, "model": str(model), "refs": refs, "queries": queries,
+            "ref": [f"{refs}/ref{i}.nii.gz:{refs}/ref{i}_seg.nii.gz" for i in range(3)]}
+
+
+@pytest.fixture(scope="module")
+def predictor(world) -> IrisPredictor:
+    p = IrisPredictor(use_mirroring=False)
+    p.initialize_from_model_folder(world["model"])
+    return p
+
+
+def run(world, *argv: str) -> None:
+    main(["-m", world["model"], "--disable_tta", *argv])
+
+
+def read(path) -> tuple[np.ndarray, sitk.Image]:
+    image = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(image), image
+
+
+def expect_error(capsys, world, *argv: str, model: bool = True) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main([*(["-m", world["model"]] if model else []), "--disable_tta", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.replace("\r", "\n").splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("iris_predict: error: "), err
+    assert err.strip().splitlines()[-1].endswith(errors[0]), err
+    return errors[0]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".") or "partial" in p.name]
+
+
+# ------------------------------------------------------------------------------- geometry and values
+def test_outputs_in_each_query_geometry_with_reference_values(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    main(["-m", world["model"], "-i", str(world["queries"]), "-o", str(out), "-r", world["ref"][0]])  # TTA on
+    assert "2 of 2 queries segmented" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["caseA.nii.gz", "scanB.mha"]
+    for query, output in (("caseA_0000.nii.gz", "caseA.nii.gz"), ("scanB.mha", "scanB.mha")):
+        seg, seg_image = read(out / output)
+        _, query_image = read(world["queries"] / query)
+        assert seg_image.GetSize() == query_image.GetSize()
+        np.testing.assert_allclose(seg_image.GetSpacing(), query_image.GetSpacing(), rtol=1e-5)
+        np.testing.assert_allclose(seg_image.GetOrigin(), query_image.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(seg_image.GetDirection(), query_image.GetDirection(), atol=1e-6)
+        assert set(np.unique(seg).tolist()) <= {0, *VALUES}
+        assert len(set(np.unique(seg).tolist()) - {0}) >= 1
+        assert seg[0, 0, 0] == 0  # outside the body: the crop to non-zero is undone with background
+    assert not leftovers(out)
+
+
+def test_classes_subset_and_probabilities(world, tmp_path, predictor):
+    out = tmp_path / "out"
+    query = world["queries"] / "caseA_0000.nii.gz"
+    run(world, "-i", str(query), "-o", str(out), "-r", world["ref"][0], "--classes", "2035", "17",
+        "--save_probabilities")
+    seg, _ = read(out / "caseA.nii.gz")
+    assert set(np.unique(seg).tolist()) <= {0, 17, 2035}
+    npz = np.load(out / "caseA.npz")
+    probabilities, classes = npz["probabilities"], npz["classes"].tolist()
+    assert classes == [17, 2035] and probabilities.shape == (2, *seg.shape)
+    assert probabilities.min() >= 0 and probabilities.max() <= 1 and (out / "caseA.pkl").is_file()
+    # the label map is the per-voxel winner above 0.5; compared where fp16 probabilities are not near-ties
+    p = probabilities.astype(np.float32)
+    expected = np.where(p.max(0) > 0.5, np.array(classes)[np.argmax(p, 0)], 0)
+    decisive = (np.abs(p.max(0) - 0.5) > 2e-3) & ((p.min(0) < 0.5) | (np.abs(p[0] - p[1]) > 2e-3))
+    assert decisive.mean() > 0.5 and np.array_equal(expected[decisive], seg[decisive])
+
+
+def test_dicom_series_query_and_raw_folder_reference(world, tmp_path):
+    image, _ = read(world["queries"] / "caseA_0000.nii.gz")
+    source = sitk.ReadImage(str(world["queries"] / "caseA_0000.nii.gz"))
+    series = tmp_path / "dicom" / "patient7"
+    series.mkdir(parents=True)
+    volume = sitk.Cast(sitk.GetImageFromArray(np.round(image).astype(np.int16)), sitk.sitkInt16)
+    volume.CopyInformation(source)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for z in range(volume.GetDepth()):
+        slice_ = volume[:, :, z]
+        for tag, value in (("0008|0060", "MR"), ("0020|000d", "1.2.3.4"), ("0020|000e", "1.2.3.4.5"),
+                           ("0020|0013", str(z + 1)), ("0018|0050", str(volume.GetSpacing()[2])),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                           ("0020|0032", "\\".join(map(str, volume.TransformIndexToPhysicalPoint((0, 0, z)))))):
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(series / f"{z:03d}.dcm"))
+        writer.Execute(slice_)
+    raw = tmp_path / "Dataset009_Refs"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    for i in range(2):
+        os.link(world["refs"] / f"ref{i}.nii.gz", raw / "imagesTr" / f"r{i}_0000.nii.gz")
+        os.link(world["refs"] / f"ref{i}_seg.nii.gz", raw / "labelsTr" / f"r{i}.nii.gz")
+    out = tmp_path / "out"
+    run(world, "-i", str(tmp_path / "dicom"), "-o", str(out), "-r", str(raw))
+    seg, seg_image = read(out / "patient7.nii.gz")
+    assert seg_image.GetSize() == source.GetSize()
+    np.testing.assert_allclose(seg_image.GetSpacing(), source.GetSpacing(), rtol=1e-4)
+    np.testing.assert_allclose(seg_image.GetOrigin(), source.GetOrigin(), atol=1e-3)
+    assert set(np.unique(seg).tolist()) <= {0, *VALUES}
+
+
+# ------------------------------------------------------------------------------------- strategies
+def test_ensemble_of_two_identical_references_equals_oneshot(world, tmp_path):
+    query = str(world["queries"] / "caseA_0000.nii.gz")
+    run(world, "-i", query, "-o", str(tmp_path / "one"), "-r", world["ref"][0], "--strategy", "oneshot",
+        "--save_probabilities")
+    run(world, "-i", query, "-o", str(tmp_path / "two"), "-r", world["ref"][0], world["ref"][0],
+        "--save_probabilities")
+    np.testing.assert_array_equal(read(tmp_path / "one" / "caseA.nii.gz")[0],
+                                  read(tmp_path / "two" / "caseA.nii.gz")[0])
+    np.testing.assert_array_equal(np.load(tmp_path / "one" / "caseA.npz")["probabilities"],
+                                  np.load(tmp_path / "two" / "caseA.npz")["probabilities"])
+
+
+def test_ensemble_of_different_references_differs_and_handles_partial_classes(world, tmp_path, predictor):
+    # reference 3 holds only class 53: the ensemble averages 53 over refs 0 and 3, the others come from ref 0
+    make_case(tmp_path / "partial.nii.gz", tmp_path / "partial_seg.nii.gz", seed=30, values=(53,))
+    partial = f"{tmp_path}/partial.nii.gz:{tmp_path}/partial_seg.nii.gz"
+    refs = parse_reference(world["ref"][0], 1) + parse_reference(partial, 1)
+    encoded = predictor.encode_references(refs)
+    assert encoded.pool.classes == list(VALUES) and encoded.pool.present.tolist() == [[True, True, True],
+                                                                                       [False, True, False]]
+    one = predictor.encode_references(refs[:1]).pool.mean()
+    both = encoded.pool.mean()
+    for a, b in zip(one.tokens, both.tokens):
+        torch.testing.assert_close(a[:, [0, 2]], b[:, [0, 2]])
+        assert not torch.allclose(a[:, 1], b[:, 1])
+    query = [str(world["queries"] / "caseA_0000.nii.gz")]
+    r1 = predictor.predict_case(query, one, save_probabilities=True)
+    r2 = predictor.predict_case(query, both, save_probabilities=True)
+    assert not np.array_equal(r1.probabilities[1], r2.probabilities[1])
+
+
+def test_task_file_reuse_gives_identical_output(world, tmp_path, capsys):
+    query = str(world["queries"] / "scanB.mha")
+    task = tmp_path / "task.pt"
+    run(world, "-i", query, "-o", str(tmp_path / "a"), "-r", *world["ref"][:2], "--save_task", str(task))
+    run(world, "-i", query, "-o", str(tmp_path / "b"), "--task", str(task))
+    np.testing.assert_array_equal(read(tmp_path / "a" / "scanB.mha")[0], read(tmp_path / "b" / "scanB.mha")[0])
+    # encoding only (no queries), then a class subset from the task file
+    only = tmp_path / "only.pt"
+    run(world, "-r", *world["ref"][:2], "--save_task", str(only))
+    assert only.is_file() and "task written" in capsys.readouterr().out
+    run(world, "-i", query, "-o", str(tmp_path / "c"), "--task", str(only), "--classes", "53")
+    assert set(np.unique(read(tmp_path / "c" / "scanB.mha")[0]).tolist()) <= {0, 53}
+
+
+def test_retrieval_selects_the_most_similar_reference():
+    g = torch.Generator().manual_seed(0)
+    pool = TaskEmbedding([torch.randn(3, 2, 4, 8, generator=g), torch.randn(3, 2, 4, 4, generator=g)], [17, 53],
+                         torch.tensor([[True, True], [True, True], [True, False]]), "m")
+    # the query's own structure 17 looks like reference 2, its 53 like reference 0
+    query = TaskEmbedding([torch.stack([pool.tokens[i][2 - 2 * k, k] + 0.01 for k in range(2)])[None]
+                           for i in range(2)], [17, 53], torch.ones(1, 2, dtype=torch.bool), "m")
+    task, picks = select_references(pool, query)
+    assert picks == {17: [2], 53: [0]}
+    for t, p in zip(task.tokens, pool.tokens):
+        torch.testing.assert_close(t[0, 0], p[2, 0])
+        torch.testing.assert_close(t[0, 1], p[0, 1])
+    _, picks = select_references(pool, query, top_k=2)
+    assert picks[53] == [0, 1]  # reference 2 lacks class 53: never a candidate
+    # a class the query did not predict keeps every reference holding it
+    _, picks = select_references(pool, query.select([53]))
+    assert picks == {53: [0]}
+
+
+def test_retrieval_end_to_end(world, tmp_path, predictor, capsys):
+    refs = [c for spec in world["ref"] for c in parse_reference(spec, 1)]
+    pool = predictor.encode_references(refs).pool
+    query = [str(world["queries"] / "caseA_0000.nii.gz")]
+    result = predictor.predict_case(query, pool.mean(), pool=pool)
+    assert set(result.retrieved) <= set(VALUES) and result.retrieved
+    assert all(len(v) == 1 for v in result.retrieved.values())
+    # the output is the segmentation with the picked references
+    keep = torch.zeros_like(pool.present)
+    for k, value in enumerate(pool.classes):
+        keep[result.retrieved.get(value, [b for b in range(3) if pool.present[b, k]]), k] = True
+    chosen = TaskEmbedding(pool.tokens, pool.classes, keep, pool.model_id).mean()
+    np.testing.assert_array_equal(result.segmentation, predictor.predict_case(query, chosen).segmentation)
+    # CLI: the picks are reported by reference name, --retrieval_top_k of them per class
+    run(world, "-i", query[0], "-o", str(tmp_path / "r"), "-r", *world["ref"], "--strategy", "retrieval",
+        "--retrieval_top_k", "2", "-f", "0", "-chk", "checkpoint_best.pth", "-device", "cpu")
+    picked = capsys.readouterr().err.split("retrieval picked, per class, ")[1].splitlines()[0]
+    assert all(len(part.split(":")[1].split(",")) == 2 and "ref" in part for part in picked.split(";"))
+    assert (tmp_path / "r" / "caseA.nii.gz").is_file()
+
+
+def test_tune_changes_the_embedding_and_lowers_the_reference_loss(world, tmp_path, predictor):
+    refs = [c for spec in world["ref"][:2] for c in parse_reference(spec, 1)]
+    encoded = predictor.encode_references(refs)
+    task, losses = predictor.task_for_strategy(encoded.pool, "tune", encoded, tune_steps=3, tune_lr=0.05)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert all(not torch.equal(a, b) for a, b in zip(task.tokens, encoded.pool.mean().tokens))
+    assert all(p.requires_grad for p in predictor.network.parameters())  # unfrozen afterwards
+    # CLI: the tuned task is what --save_task writes; reusing it gives the same output
+    query = str(world["queries"] / "caseA_0000.nii.gz")
+    run(world, "-i", query, "-o", str(tmp_path / "t"), "-r", world["ref"][0], "--strategy", "tune",
+        "--tune_steps", "1", "--tune_lr", "0.05", "--save_task", str(tmp_path / "tuned.pt"))
+    run(world, "-i", query, "-o", str(tmp_path / "u"), "--task", str(tmp_path / "tuned.pt"))
+    np.testing.assert_array_equal(read(tmp_path / "t" / "caseA.nii.gz")[0], read(tmp_path / "u" / "caseA.nii.gz")[0])
+
+
+def test_many_classes_in_several_passes(world, tmp_path, predictor):
+    values = (3, 9, 40, 41, 300)
+    label = make_case(tmp_path / "r.nii.gz", tmp_path / "r_seg.nii.gz", seed=40, values=values)
+    refs = parse_reference(f"{tmp_path}/r.nii.gz:{tmp_path}/r_seg.nii.gz", 1)
+    pool = predictor.encode_references(refs).pool
+    assert pool.classes == sorted(set(np.unique(label).tolist()) - {0}) and pool.num_classes >= 4
+    assert predictor.classes_in_one_pass((40, 40, 40)) >= 5  # one pass by default
+    tight = IrisPredictor(use_mirroring=False, map_memory_gb=2 * 40**3 * 2 / 1024**3)
+    tight.initialize_from_model_folder(world["model"])
+    assert tight.classes_in_one_pass((40, 40, 40)) == 2
+    query = [str(world["queries"] / "caseA_0000.nii.gz")]
+    result = tight.predict_case(query, pool.mean(), save_probabilities=True)
+    assert set(np.unique(result.segmentation).tolist()) <= {0, *values}
+    assert result.probabilities.shape[0] == pool.num_classes
+    run(world, "-i", query[0], "-o", str(tmp_path / "o"), "-r", f"{tmp_path}/r.nii.gz:{tmp_path}/r_seg.nii.gz",
+        "--classes_per_pass", "1", "-step_size", "1")
+    assert set(np.unique(read(tmp_path / "o" / "caseA.nii.gz")[0]).tolist()) <= {0, *values}
+
+
+def test_winner_over_class_chunks_is_the_best_class_above_half():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (7, 5, 6, 4)).astype(np.float32)
+    winner = Winner(logits.shape[1:])
+    for start in range(0, 7, 3):
+        winner.update(logits[start:start + 3], start)
+    expected = np.where(logits.max(0) > 0, logits.argmax(0) + 1, 0)
+    np.testing.assert_array_equal(winner.index, expected)
+
+
+def test_export_resampling_equals_nnunets():
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from iris_nnu.inference.export import resample_to_cropped_shape
+
+    manager = PlansManager(tiny_plans()[0])
+    configuration = manager.get_configuration("3d_fullres")
+    logits = torch.randn(3, 30, 32, 33, generator=torch.Generator().manual_seed(0)).half()
+    # near-isotropic: the fast trilinear path; 5 mm slices: nnU-Net's separate-z path itself
+    for spacing, shape in (((1.2, 1.0, 0.9), (25, 32, 37)), ((5.0, 1.0, 1.0), (6, 32, 33))):
+        properties = {"spacing": list(spacing), "shape_after_cropping_and_before_resampling": shape}
+        ours = resample_to_cropped_shape(logits, manager, configuration, properties)
+        theirs = configuration.resampling_fn_probabilities(logits.float().numpy(), shape, configuration.spacing,
+                                                           list(spacing))
+        assert ours.shape == (3, *shape) and np.abs(ours - theirs).max() < 1e-4
+
+
+def test_ct_modality_uses_the_ct_member_or_the_fixed_window():
+    plans, _ = tiny_plans("CT")
+    plans["iris"]["members"]["Dataset001_Synth"]["normalization_schemes"] = ["CTNormalization"]
+    ct = inference_plans(plans, "CT", 1)
+    assert ct["configurations"]["3d_fullres"]["normalization_schemes"] == ["CTNormalization"]
+    assert ct["foreground_intensity_properties_per_channel"]["0"]["percentile_99_5"] == 400.0
+    mr_plans, _ = tiny_plans("MR")
+    fixed = inference_plans(mr_plans, "CT", 1)["foreground_intensity_properties_per_channel"]["0"]
+    assert (fixed["percentile_00_5"], fixed["percentile_99_5"]) == (-990.0, 500.0)
+    other = inference_plans(plans, "other", 1)["configurations"]["3d_fullres"]
+    assert other["normalization_schemes"] == ["PercentileZScoreNormalization"]
+
+
+def test_ct_modality_end_to_end_and_far_spacing_warning(world, tmp_path, capsys):
+    image, label = blob_volume((26, 30, 30), np.random.default_rng(50), "CT", 2)
+    write_volume(image, (1.0, 1.0, 1.0), str(tmp_path / "ct.nii.gz"))
+    write_volume(np.array([0, 5, 6], np.uint8)[label], (1.0, 1.0, 1.0), str(tmp_path / "ct_seg.nii.gz"))
+    write_volume(image[::4], (1.0, 1.0, 4.0), str(tmp_path / "thick.nii.gz"))  # 4 mm slices vs the model's 1 mm
+    write_volume(image / 1000 + 5, (1.0, 1.0, 1.0), str(tmp_path / "nothu.nii.gz"))  # not Hounsfield units
+    queries = tmp_path / "q"
+    queries.mkdir()
+    for name in ("thick", "nothu"):
+        os.replace(tmp_path / f"{name}.nii.gz", queries / f"{name}.nii.gz")
+    run(world, "-i", str(queries), "-o", str(tmp_path / "o"), "-r", f"{tmp_path}/ct.nii.gz:{tmp_path}/ct_seg.nii.gz",
+        "--modality", "CT")
+    err = capsys.readouterr().err
+    assert "thick.nii.gz" in err and "far from the model's" in err
+    assert "nothu.nii.gz" in err and "outside the model's CT window" in err
+    for name in ("thick", "nothu"):
+        seg, seg_image = read(tmp_path / "o" / f"{name}.nii.gz")
+        assert seg_image.GetSize() == sitk.ReadImage(str(queries / f"{name}.nii.gz")).GetSize()
+        assert set(np.unique(seg).tolist()) <= {0, 5, 6}
+
+
+def test_find_queries_groups_channels():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        for name in ("a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz", "c.nii.gz", "notes.txt"):
+            Path(d, name).write_bytes(b"")
+        queries, problems = find_queries(d, 2)
+        assert [(q.name, [Path(f).name for f in q.images]) for q in queries] == [
+            ("a", ["a_0000.nii.gz", "a_0001.nii.gz"])]
+        assert len(problems) == 2 and any("b_0000.nii.gz" in p for p in problems)
+        queries, problems = find_queries(d, 1)
+        assert [q.name for q in queries] == ["b", "c"] and "a_0000.nii.gz" in problems[0]
+        Path(d, "c.mha").write_bytes(b"")  # two files, one case name
+        queries, problems = find_queries(d, 1)
+        assert [q.name for q in queries] == ["b", "c"] and any("case name c is also used" in p for p in problems)
+
+
+# -------------------------------------------------------------------------------------- bad input
+def test_reference_geometry_mismatch(world, tmp_path, capsys):
+    make_case(tmp_path / "img.nii.gz", None, seed=1)
+    make_case(tmp_path / "lab.nii.gz", None, seed=1, shape=(26, 30, 28))
+    msg = expect_error(capsys, world, "-i", str(world["queries"]), "-o", str(tmp_path / "o"),
+                       "-r", f"{tmp_path}/img.nii.gz:{tmp_path}/lab.nii.gz")
+    assert "img.nii.gz" in msg and "lab.nii.gz" in msg and "size" in msg
+    make_case(tmp_path / "lab2.nii.gz", None, seed=1, spacing=(1.0, 1.0, 1.0))
+    msg = expect_error(capsys, world, "-i", str(world["queries"]), "-o", str(tmp_path / "o"),
+                       "-r", f"{tmp_path}/img.nii.gz:{tmp_path}/lab2.nii.gz")
+    assert "spacing/origin/direction differ" in msg
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_empty_reference_label_and_absent_class(world, tmp_path, capsys):
+    make_case(tmp_path / "img.nii.gz", None, seed=1)
+    write_volume(np.zeros((26, 30, 30), np.uint8), SPACING, str(tmp_path / "empty.nii.gz"), origin=(3.0, -4.0, 5.0))
+    msg = expect_error(capsys, world, "-i", str(world["queries"]), "-o", str(tmp_path / "o"),
+                       "-r", f"{tmp_path}/img.nii.gz:{tmp_path}/empty.nii.gz")
+    assert "empty.nii.gz" in msg and "empty reference label" in msg
+    msg = expect_error(capsys, world, "-i", str(world["queries"]), "-o", str(tmp_path / "o"), "-r", world["ref"][0],
+                       "--classes", "17", "99")
+    assert "--classes 99" in msg and "17 53 2035" in msg
+    msg = expect_error(capsys, world, "-r", world["ref"][0], "--classes", "0", "--save_task", str(tmp_path / "t.pt"))
+    assert "0 is background" in msg
+
+
+def test_missing_corrupt_and_unreadable_references(world, tmp_path, capsys):
+    o = ["-i", str(world["queries"]), "-o", str(tmp_path / "o")]
+    msg = expect_error(capsys, world, *o, "-r", f"{tmp_path}/nope.nii.gz:{world['refs']}/ref0_seg.nii.gz")
+    assert "nope.nii.gz: file not found" in msg
+    (tmp_path / "bad.nii.gz").write_bytes(b"not an image at all")
+    msg = expect_error(capsys, world, *o, "-r", f"{world['refs']}/ref0.nii.gz:{tmp_path}/bad.nii.gz")
+    assert "bad.nii.gz: unreadable image" in msg
+    msg = expect_error(capsys, world, *o, "-r", str(world["refs"] / "ref0.nii.gz"))
+    assert "IMAGE:LABEL" in msg
+    msg = expect_error(capsys, world, *o, "-r", str(tmp_path))
+    assert "imagesTr" in msg
+
+
+def test_bad_queries_are_reported_and_good_ones_still_segmented(world, tmp_path, capsys):
+    queries = tmp_path / "q"
+    queries.mkdir()
+    make_case(queries / "good.nii.gz", None, seed=3)
+    (queries / "corrupt.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    write_volume(np.ones((36, 40), np.float32), (1.0, 1.0), str(queries / "flat.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((2, 8, 8, 8), np.float32), isVector=False),
+                    str(queries / "fourd.nii.gz"))
+    out = tmp_path / "out"
+    msg = expect_error(capsys, world, "-i", str(queries), "-o", str(out), "-r", world["ref"][0])
+    assert "3 of 4 queries failed" in msg
+    assert "corrupt.nii.gz: unreadable image" in msg
+    assert "flat.nii.gz: 2D image" in msg and "fourd.nii.gz: 4D image" in msg
+    assert sorted(p.name for p in out.iterdir()) == ["good.nii.gz"]  # nothing half-written
+    msg = expect_error(capsys, world, "-i", str(tmp_path / "missing"), "-o", str(out), "-r", world["ref"][0])
+    assert "missing: input not found" in msg
+    before = (queries / "good.nii.gz").read_bytes()
+    msg = expect_error(capsys, world, "-i", str(queries / "good.nii.gz"), "-o", str(queries), "-r", world["ref"][0])
+    assert "good.nii.gz: its output would overwrite it" in msg and (queries / "good.nii.gz").read_bytes() == before
+
+
+def test_task_file_from_another_model_or_not_a_task(world, tmp_path, capsys):
+    other = build_model_folder(tmp_path / "other", seed=1)
+    main(["-m", str(other), "-r", world["ref"][0], "--save_task", str(tmp_path / "other.pt")])
+    msg = expect_error(capsys, world, "-i", str(world["queries"]), "-o", str(tmp_path / "o"),
+                       "--task", str(tmp_path / "other.pt"))
+    assert "other.pt: task file from another model" in msg
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert "junk.pt: not a task file" in expect_error(capsys, world, "-i", str(world["queries"]), "-o",
+                                                      str(tmp_path / "o"), "--task", str(tmp_path / "junk.pt"))
+    assert "task file not found" in expect_error(capsys, world, "-i", str(world["queries"]), "-o",
+                                                 str(tmp_path / "o"), "--task", str(tmp_path / "none.pt"))
+    msg = expect_error(capsys, world, "-i", str(world["queries"]), "-o", str(tmp_path / "o"),
+                       "--task", str(tmp_path / "other.pt"), "--strategy", "tune")
+    assert "tune" in msg and "-r" in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_folder_problems(world, tmp_path, capsys):
+    io = ["-i", str(world["queries"]), "-o", str(tmp_path / "o"), "-r", world["ref"][0]]
+    msg = expect_error(capsys, world, *io, model=False)
+    assert "no default model" in msg and "-m" in msg
+    msg = expect_error(capsys, world, *io, "-f", "3")
+    assert "fold_3" in msg and "fold_0" in msg
+    msg = expect_error(capsys, world, *io, "-chk", "checkpoint_latest.pth")
+    assert "checkpoint_latest.pth: not found" in msg and "checkpoint_best.pth, checkpoint_final.pth" in msg
+    assert "model folder not found" in expect_error(capsys, world, *io, "-m", str(tmp_path / "nomodel"))
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("-i", "-o", "-r", "--task", "-m", "-f", "-chk", "--classes", "--strategy", "--save_task",
+                 "--disable_tta", "-step_size", "-device", "--save_probabilities", "--modality", "--tune_steps",
+                 "--tune_lr", "--retrieval_top_k", "--classes_per_pass"):
+        assert f"  {flag} " in out or f"  {flag}\n" in out, flag
+
+
+def test_option_problems(world, tmp_path, capsys):
+    io = ["-i", str(world["queries"]), "-o", str(tmp_path / "o")]
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in expect_error(capsys, world, *io, "-r", world["ref"][0], "-device", "cuda")
+    msg = expect_error(capsys, world, *io, "-r", *world["ref"][:2], "--strategy", "oneshot")
+    assert "oneshot uses one reference, 2 given" in msg
+    assert "-step_size" in expect_error(capsys, world, *io, "-r", world["ref"][0], "-step_size", "0.05")
+    assert "nothing to do" in expect_error(capsys, world, "-r", world["ref"][0])
+    assert not (tmp_path / "o").exists()
