@@ -262,4 +262,4 @@ def test_unsupported_options(collection_env, capsys):
     assert "unknown trainer" in expect_error(capsys, "900", "0", "-tr", "NoSuchTrainer")
     assert "file not found" in expect_error(capsys, "900", "0", "--pretrained_weights", "/no/such.pth")
     if not torch.cuda.is_available():
-        assert "no CUDA device" in expect_error(capsys, "900", "0", "-device", "cuda")
+        assert "CUDA is not available" in expect_error(capsys, "900", "0", "-device", "cuda")

@@ -8,6 +8,7 @@ import os
 import torch
 from nnunetv2.run.run_training import maybe_load_checkpoint
 
+from iris_nnu.device import resolve_device
 from iris_nnu.errors import IrisInputError, cli_entry, require_env_folder
 from iris_nnu.preprocessing.collection import load_collection
 from iris_nnu.preprocessing.planner import CONFIGURATION, PLANS_IDENTIFIER
@@ -38,16 +39,6 @@ def resolve_trainer(name: str) -> type[IrisTrainer]:
 
 def _subclasses(cls: type) -> list[type]:
     return [s for c in cls.__subclasses__() for s in [c, *_subclasses(c)]]
-
-
-def pick_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise IrisInputError("-device cuda: no CUDA device is available (use -device cpu)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise IrisInputError("-device mps: MPS is not available (use -device cpu)")
-    return torch.device(name)
 
 
 def parse_fold(text: str) -> int | str:
@@ -109,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{os.path.join(collection.folder, 'splits_final.json')} "
                              f"({len(collection.splits)} folds)")
     trainer_class = resolve_trainer(args.tr)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     plans = dict(collection.plans, continue_training=args.c or args.val)
     trainer = trainer_class(plans, CONFIGURATION, args.fold, collection.dataset_json, device)
 
