@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Iterable
@@ -197,5 +196,3 @@ def find_unreadable_file(dataset: RawDataset) -> str | None:
                 return path
     return None
 
-
-DATASET_NAME_PATTERN = re.compile(r"^Dataset(\d{3})_([A-Za-z0-9_\-]+)$")

@@ -8,7 +8,6 @@ Writes fold_F/validation/{member}/{case}{ending} + summary.json (nnU-Net's forma
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
