@@ -17,6 +17,7 @@ from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
 from iris_nnu.errors import IrisInputError
+from iris_nnu.files import write_atomic
 from iris_nnu.preprocessing.raw_dataset import GEOMETRY_TOLERANCE
 
 SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".gipl")
@@ -196,18 +197,10 @@ def output_ending(first_image: str) -> str:
     return OUTPUT_ENDINGS.get(ending, ending)
 
 
-def temporary_name(path: str) -> str:
-    """A hidden name beside `path` that keeps its ending (writers pick the format from it)."""
-    ending = file_ending(path) or os.path.splitext(path)[1]
-    base = os.path.basename(path)[: -len(ending)] if ending else os.path.basename(path)
-    return os.path.join(os.path.dirname(path), f".{base}.partial{os.getpid()}{ending}")
-
-
 def write_segmentation(segmentation: np.ndarray, path: str, properties: dict,
                        reader_writer: BaseReaderWriter) -> None:
     """Write atomically with the reader/writer that read the query (so its geometry comes back)."""
-    tmp = temporary_name(path)
-    try:
+    def write(tmp: str) -> None:
         if segmentation.max(initial=0) > np.iinfo(np.uint16).max and isinstance(reader_writer, SimpleITKIO):
             # SimpleITKIO.write_seg casts to uint16, which would wrap label values above 65535
             image = sitk.GetImageFromArray(segmentation.astype(np.uint32))
@@ -218,21 +211,8 @@ def write_segmentation(segmentation: np.ndarray, path: str, properties: dict,
             sitk.WriteImage(image, tmp, True)
         else:
             reader_writer.write_seg(segmentation, tmp, properties)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
-
-def write_atomic(path: str, write) -> None:
-    """Call write(tmp_path) then rename into place; nothing is left behind on failure."""
-    tmp = temporary_name(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, write)
 
 
 # --------------------------------------------------------------------------------------------- queries

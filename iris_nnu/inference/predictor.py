@@ -34,7 +34,8 @@ from iris_nnu.inference.export import (
     resample_to_cropped_shape,
     revert_crop_and_transpose,
 )
-from iris_nnu.inference.images import Query, read_images, reader_writer_for, write_atomic, write_segmentation
+from iris_nnu.files import write_atomic
+from iris_nnu.inference.images import Query, read_images, reader_writer_for, write_segmentation
 from iris_nnu.inference.model_folder import DEFAULT_CHECKPOINT, TRAINER_NAME, load_model_folder
 from iris_nnu.inference.plans import RunPreprocessing, inference_plans
 from iris_nnu.inference.references import Crop, ReferenceCase, prepare_reference, remap_crops, structure_crops

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor
+
+from iris_nnu.files import write_atomic
 
 if TYPE_CHECKING:
     from .network import IrisNetwork
@@ -100,15 +101,9 @@ class TaskEmbedding:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp file in the same folder, then os.replace)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         state = {"format": FORMAT_VERSION, "tokens": [t.detach().cpu() for t in self.tokens],
                  "classes": list(self.classes), "present": self.present.cpu(), "model_id": self.model_id}
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomic(path, lambda tmp: torch.save(state, tmp))
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: IrisNetwork | None = None) -> TaskEmbedding:

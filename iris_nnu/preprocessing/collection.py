@@ -15,7 +15,7 @@ from nnunetv2.utilities.crossval_split import generate_crossval_split
 
 from iris_nnu.errors import IrisInputError, require_env_folder
 from iris_nnu.preprocessing.planner import CONFIGURATION, PLANS_IDENTIFIER
-from iris_nnu.preprocessing.preprocessor import write_json_atomic
+from iris_nnu.files import write_json_atomic
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -55,9 +55,6 @@ class Collection:
             if m.name == name:
                 return m
         raise KeyError(name)
-
-    def split_key(self, member: Member, case: str) -> str:
-        return case if len(self.members) == 1 else f"{member.name}/{case}"
 
     def resolve_key(self, key: str) -> tuple[Member, str]:
         """A split key -> (member, case)."""

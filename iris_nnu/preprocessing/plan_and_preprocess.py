@@ -12,6 +12,7 @@ from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor impo
 from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
 from iris_nnu.errors import IrisInputError, cli_entry, require_env_folder
+from iris_nnu.files import write_atomic, write_json_atomic
 from iris_nnu.preprocessing.collection import (
     MANIFEST_FILE,
     check_collection_id_free,
@@ -25,7 +26,7 @@ from iris_nnu.preprocessing.planner import (
     plan_collection,
     plans_for_member,
 )
-from iris_nnu.preprocessing.preprocessor import SIGNATURE_SUFFIX, preprocess_member, write_json_atomic
+from iris_nnu.preprocessing.preprocessor import SIGNATURE_SUFFIX, preprocess_member
 from iris_nnu.preprocessing.raw_dataset import RawDataset, check_raw_dataset, find_unreadable_file, load_raw_dataset
 
 DEFAULT_COLLECTION_ID = 900
@@ -56,8 +57,7 @@ def copy_ground_truth(dataset: RawDataset, member_folder: str) -> None:
     for case, files in dataset.cases.items():
         dst = os.path.join(gt, case + dataset.dataset_json["file_ending"])
         if not os.path.isfile(dst) or os.path.getsize(dst) != os.path.getsize(files["label"]):
-            shutil.copyfile(files["label"], dst + ".tmp")
-            os.replace(dst + ".tmp", dst)
+            write_atomic(dst, lambda tmp: shutil.copyfile(files["label"], tmp))
 
 
 def clean_previous(datasets: list[RawDataset], collection_folder: str) -> None:

@@ -18,6 +18,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, co
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from tqdm import tqdm
 
+from iris_nnu.files import write_json_atomic
 from iris_nnu.preprocessing.normalization import get_normalizer
 from iris_nnu.preprocessing.planner import CONFIGURATION
 
@@ -50,13 +51,6 @@ def case_files(folder: str, case: str) -> list[str]:
 
 def is_case_complete(folder: str, case: str) -> bool:
     return all(os.path.isfile(f) for f in case_files(folder, case))
-
-
-def write_json_atomic(obj: dict | list, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def preprocess_case(output_folder: str, case: str, images: list[str], label: str, plans: dict,

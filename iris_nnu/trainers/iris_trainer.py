@@ -26,6 +26,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import autocast, nn
 from torch._dynamo import OptimizedModule
 
+from iris_nnu.files import write_atomic
 from iris_nnu.model import IrisNetwork, TaskEmbedding, build_network
 from iris_nnu.preprocessing.collection import Collection, load_collection
 from iris_nnu.trainers.episodes import EpisodicDataLoader, MemberEpisodes
@@ -303,9 +304,7 @@ class IrisTrainer(nnUNetTrainer):
                               "memory_bank_alpha": self.memory_bank_alpha,
                               "max_classes_per_episode": self.max_classes_per_episode},
         }
-        tmp = f"{filename}.tmp"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, filename)
+        write_atomic(filename, lambda tmp: torch.save(checkpoint, tmp))
 
     def load_checkpoint(self, filename_or_checkpoint: str) -> None:
         super().load_checkpoint(filename_or_checkpoint)
