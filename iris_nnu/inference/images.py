@@ -18,7 +18,7 @@ from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
 from iris_nnu.errors import IrisInputError
 from iris_nnu.files import write_atomic
-from iris_nnu.preprocessing.raw_dataset import GEOMETRY_TOLERANCE
+from iris_nnu.preprocessing.raw_dataset import Geometry, error_text, geometry_of
 
 SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".gipl")
 # Two-file formats are written as their one-file siblings, so a finished output is renamed into place in one step.
@@ -61,37 +61,6 @@ def dicom_series_files(folder: str) -> list[str] | None:
         return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, ids[0]))
 
 
-def _error_text(e: Exception) -> str:
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else type(e).__name__)[:200]
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Size, spacing, origin and direction of a 3D image (SimpleITK's x, y, z order)."""
-
-    size: tuple[int, ...]
-    spacing: tuple[float, ...]
-    origin: tuple[float, ...]
-    direction: tuple[float, ...]
-
-    def difference(self, other: Geometry) -> str | None:
-        """What differs from `other` ('size (...) vs (...)', 'spacing/origin/direction'), None when they agree."""
-        if self.size != other.size:
-            return f"size {self.size} vs {other.size}"
-        scale = max(float(np.abs(other.spacing).max()), 1.0)
-        if (not np.allclose(self.spacing, other.spacing, rtol=GEOMETRY_TOLERANCE)
-                or not np.allclose(self.origin, other.origin, atol=GEOMETRY_TOLERANCE * scale * 10)
-                or not np.allclose(self.direction, other.direction, atol=GEOMETRY_TOLERANCE)):
-            return "spacing/origin/direction differ"
-        return None
-
-
-def _geometry_of(obj: sitk.ImageFileReader | sitk.Image) -> Geometry:
-    return Geometry(tuple(int(s) for s in obj.GetSize()), tuple(obj.GetSpacing()), tuple(obj.GetOrigin()),
-                    tuple(obj.GetDirection()))
-
-
 def _check_3d(path: str, dimension: int, components: int) -> None:
     if dimension != 3:
         raise IrisInputError(f"{path}: {dimension}D image; iris_predict needs 3D volumes")
@@ -103,7 +72,7 @@ def read_geometry(path: str) -> Geometry:
     """Header of an image file or DICOM series folder, checked to be a readable 3D scalar image."""
     if os.path.isdir(path):
         image = read_dicom_series(path)
-        return _geometry_of(image)
+        return geometry_of(image)
     if not os.path.isfile(path):
         raise IrisInputError(f"{path}: file not found")
     if file_ending(path) is None:
@@ -115,9 +84,9 @@ def read_geometry(path: str) -> Geometry:
         with _quiet_itk():
             reader.ReadImageInformation()
     except RuntimeError as e:
-        raise IrisInputError(f"{path}: unreadable image ({_error_text(e)})") from None
+        raise IrisInputError(f"{path}: unreadable image ({error_text(e)})") from None
     _check_3d(path, reader.GetDimension(), reader.GetNumberOfComponents())
-    return _geometry_of(reader)
+    return geometry_of(reader)
 
 
 def read_dicom_series(folder: str) -> sitk.Image:
@@ -130,7 +99,7 @@ def read_dicom_series(folder: str) -> sitk.Image:
         with _quiet_itk():
             image = reader.Execute()
     except RuntimeError as e:
-        raise IrisInputError(f"{folder}: unreadable DICOM series ({_error_text(e)})") from None
+        raise IrisInputError(f"{folder}: unreadable DICOM series ({error_text(e)})") from None
     _check_3d(folder, image.GetDimension(), image.GetNumberOfComponentsPerPixel())
     return image
 
@@ -168,7 +137,7 @@ def read_images(paths: list[str], reader_writer: BaseReaderWriter) -> tuple[np.n
         try:
             data, properties = reader_writer.read_images(paths)
         except Exception as e:  # noqa: BLE001 - a reader's error on a corrupt file becomes one line naming it
-            raise IrisInputError(f"{paths[0]}: unreadable image ({_error_text(e)})") from None
+            raise IrisInputError(f"{paths[0]}: unreadable image ({error_text(e)})") from None
     for c, path in enumerate(paths):
         if not np.all(np.isfinite(data[c])):
             raise IrisInputError(f"{path}: contains NaN or infinite values")
@@ -182,7 +151,7 @@ def read_label(path: str, reader_writer: BaseReaderWriter) -> np.ndarray:
     try:
         seg, _ = reader_writer.read_seg(path)
     except Exception as e:  # noqa: BLE001
-        raise IrisInputError(f"{path}: unreadable image ({_error_text(e)})") from None
+        raise IrisInputError(f"{path}: unreadable image ({error_text(e)})") from None
     if not np.all(np.isfinite(seg)) or not np.all(seg == np.round(seg)):
         raise IrisInputError(f"{path}: label values must be integers")
     if seg.min() < 0:

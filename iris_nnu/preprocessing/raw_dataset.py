@@ -104,16 +104,43 @@ def load_raw_dataset(dataset_id: int) -> RawDataset:
     return RawDataset(dataset_id, name, folder, dataset_json, dict(sorted(cases.items())))
 
 
+def error_text(e: Exception) -> str:
+    """The last non-empty line of an exception (ITK puts the reason there), at most 200 characters."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:200]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Size, spacing, origin and direction of a 3D image (SimpleITK's x, y, z order)."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    def difference(self, other: Geometry) -> str | None:
+        """What differs from `other` ('size (...) vs (...)', 'spacing/origin/direction'), None when they agree."""
+        if self.size != other.size:
+            return f"size {self.size} vs {other.size}"
+        scale = max(float(np.abs(other.spacing).max()), 1.0)
+        if (not np.allclose(self.spacing, other.spacing, rtol=GEOMETRY_TOLERANCE)
+                or not np.allclose(self.origin, other.origin, atol=GEOMETRY_TOLERANCE * scale * 10)
+                or not np.allclose(self.direction, other.direction, atol=GEOMETRY_TOLERANCE)):
+            return "spacing/origin/direction differ"
+        return None
+
+
+def geometry_of(obj: sitk.ImageFileReader | sitk.Image) -> Geometry:
+    return Geometry(tuple(int(s) for s in obj.GetSize()), tuple(obj.GetSpacing()), tuple(obj.GetOrigin()),
+                    tuple(obj.GetDirection()))
+
+
 def _read_header(path: str) -> sitk.ImageFileReader:
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     reader.ReadImageInformation()
     return reader
-
-
-def _geometry(reader: sitk.ImageFileReader) -> tuple[np.ndarray, ...]:
-    return (np.array(reader.GetSize()), np.array(reader.GetSpacing()), np.array(reader.GetOrigin()),
-            np.array(reader.GetDirection()))
 
 
 def check_case(case: str, images: list[str], label: str, num_channels: int, label_values: Iterable[int] | None,
@@ -133,27 +160,23 @@ def check_case(case: str, images: list[str], label: str, num_channels: int, labe
         try:
             reader = _read_header(path)
         except RuntimeError as e:
-            return f"{path}: unreadable image ({str(e).strip().splitlines()[-1][:200]})"
+            return f"{path}: unreadable image ({error_text(e)})"
         if reader.GetDimension() != 3:
             return f"{path}: {reader.GetDimension()}D image, iris-nnu needs 3D volumes"
         if reader.GetNumberOfComponents() != 1:
             return f"{path}: {reader.GetNumberOfComponents()} components per voxel, expected 1"
-        geometries.append((path, _geometry(reader)))
-    ref_path, (size, spacing, origin, direction) = geometries[-1]
-    for path, (s, sp, o, d) in geometries[:-1]:
-        if not np.array_equal(s, size):
-            return f"{path}: size {tuple(s)} differs from its label {ref_path} {tuple(size)}"
-        scale = max(float(np.abs(spacing).max()), 1.0)
-        if (not np.allclose(sp, spacing, rtol=GEOMETRY_TOLERANCE)
-                or not np.allclose(o, origin, atol=GEOMETRY_TOLERANCE * scale * 10)
-                or not np.allclose(d, direction, atol=GEOMETRY_TOLERANCE)):
-            return f"{path}: spacing/origin/direction differ from its label {ref_path}"
+        geometries.append((path, geometry_of(reader)))
+    ref_path, ref = geometries[-1]
+    for path, geometry in geometries[:-1]:
+        problem = geometry.difference(ref)
+        if problem:
+            return f"{path}: {problem} from its label {ref_path}"
     if label_values is not None:
         try:
             seg = sitk.GetArrayFromImage(sitk.ReadImage(label))
             images_data = [sitk.GetArrayFromImage(sitk.ReadImage(p)) for p in images]
         except RuntimeError as e:
-            return f"{label}: unreadable image ({str(e).strip().splitlines()[-1][:200]})"
+            return f"{label}: unreadable image ({error_text(e)})"
         found = np.unique(seg)
         unexpected = sorted(set(found.tolist()) - set(label_values))
         if unexpected:
