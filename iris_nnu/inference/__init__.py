@@ -1,7 +1,13 @@
 """Reference-conditioned inference: `IrisPredictor` (Python API), `iris_predict` and `iris_evaluate`."""
 from .images import Query, find_queries
 from .model_folder import IrisModel, load_model_folder, write_model_folder
-from .predictor import STRATEGIES, CaseResult, EncodedReferences, IrisPredictor, select_references
+from .predictor import (
+           STRATEGIES,
+           CaseResult,
+           EncodedReferences,
+           IrisPredictor,
+           select_references,
+)
 from .references import ReferenceCase, parse_reference
 
 __all__ = ["IrisPredictor", "CaseResult", "EncodedReferences", "ReferenceCase", "Query", "IrisModel", "STRATEGIES",

@@ -17,10 +17,15 @@ from nnunetv2.evaluation.evaluate_predictions import compute_metrics, save_summa
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
+from iris_nnu.cli import HelpFormatter
 from iris_nnu.errors import IrisInputError, cli_entry
-from iris_nnu.inference.cli import HelpFormatter
 from iris_nnu.files import write_atomic
-from iris_nnu.inference.images import file_ending, read_geometry, read_label, strip_ending
+from iris_nnu.inference.images import (
+    file_ending,
+    read_geometry,
+    read_label,
+    strip_ending,
+)
 
 PROGRAM = "iris_evaluate"
 

@@ -16,8 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
-from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from nnunetv2.preprocessing.resampling.default_resampling import (
+    determine_do_sep_z_and_axis,
+)
+from nnunetv2.utilities.plans_handling.plans_handler import (
+    ConfigurationManager,
+    PlansManager,
+)
 
 
 class Winner:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from nnunetv2.utilities.plans_handling.plans_handler import (
+    ConfigurationManager,
+    PlansManager,
+)
 
 from iris_nnu.preprocessing.planner import CONFIGURATION
 from iris_nnu.preprocessing.preprocessor import IrisPreprocessor

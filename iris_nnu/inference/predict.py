@@ -7,9 +7,9 @@ import sys
 
 from tqdm import tqdm
 
+from iris_nnu.cli import HelpFormatter
 from iris_nnu.device import resolve_device
 from iris_nnu.errors import IrisInputError, cli_entry
-from iris_nnu.inference.cli import HelpFormatter
 from iris_nnu.inference.images import find_queries
 from iris_nnu.inference.model_folder import DEFAULT_CHECKPOINT
 from iris_nnu.inference.plans import MODALITIES, trained_on_ct_only

@@ -28,17 +28,32 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from tqdm import tqdm
 
 from iris_nnu.errors import IrisInputError
+from iris_nnu.files import write_atomic
 from iris_nnu.inference.export import (
     Winner,
     indices_to_values,
     resample_to_cropped_shape,
     revert_crop_and_transpose,
 )
-from iris_nnu.files import write_atomic
-from iris_nnu.inference.images import Query, read_images, reader_writer_for, write_segmentation
-from iris_nnu.inference.model_folder import DEFAULT_CHECKPOINT, TRAINER_NAME, load_model_folder
+from iris_nnu.inference.images import (
+    Query,
+    read_images,
+    reader_writer_for,
+    write_segmentation,
+)
+from iris_nnu.inference.model_folder import (
+    DEFAULT_CHECKPOINT,
+    TRAINER_NAME,
+    load_model_folder,
+)
 from iris_nnu.inference.plans import RunPreprocessing, inference_plans
-from iris_nnu.inference.references import Crop, ReferenceCase, prepare_reference, remap_crops, structure_crops
+from iris_nnu.inference.references import (
+    Crop,
+    ReferenceCase,
+    prepare_reference,
+    remap_crops,
+    structure_crops,
+)
 from iris_nnu.model import IrisNetwork, TaskEmbedding, TaskMismatchError
 from iris_nnu.trainers.loss import MaskedDiceBCELoss
 

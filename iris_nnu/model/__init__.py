@@ -1,5 +1,5 @@
 """The Iris network: task encoding from references and all-classes-in-one-pass query decoding."""
-from .memory import estimate_memory_bytes, count_parameters
+from .memory import count_parameters, estimate_memory_bytes
 from .network import IrisNetwork, build_network
 from .task import TaskEmbedding, TaskMismatchError
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 
 from iris_nnu.errors import IrisInputError, require_env_folder
-from iris_nnu.preprocessing.planner import CONFIGURATION, PLANS_IDENTIFIER
 from iris_nnu.files import write_json_atomic
+from iris_nnu.preprocessing.planner import CONFIGURATION, PLANS_IDENTIFIER
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1

@@ -8,9 +8,14 @@ import re
 import shutil
 
 from batchgenerators.utilities.file_and_folder_operations import load_json
-from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
-from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import (
+    DatasetFingerprintExtractor,
+)
+from nnunetv2.imageio.reader_writer_registry import (
+    determine_reader_writer_from_dataset_json,
+)
 
+from iris_nnu.cli import HelpFormatter
 from iris_nnu.errors import IrisInputError, cli_entry, require_env_folder
 from iris_nnu.files import write_atomic, write_json_atomic
 from iris_nnu.preprocessing.collection import (
@@ -27,7 +32,12 @@ from iris_nnu.preprocessing.planner import (
     plans_for_member,
 )
 from iris_nnu.preprocessing.preprocessor import SIGNATURE_SUFFIX, preprocess_member
-from iris_nnu.preprocessing.raw_dataset import RawDataset, check_raw_dataset, find_unreadable_file, load_raw_dataset
+from iris_nnu.preprocessing.raw_dataset import (
+    RawDataset,
+    check_raw_dataset,
+    find_unreadable_file,
+    load_raw_dataset,
+)
 
 DEFAULT_COLLECTION_ID = 900
 
@@ -92,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(common isotropic spacing, patch and network sized to a memory budget, normalisation per "
                     "modality), preprocess every dataset with it and register them as one collection in "
                     "nnUNet_preprocessed, ready for `iris_train COLLECTION FOLD`. Re-running skips finished work.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("-d", nargs="+", type=int, required=True, metavar="ID",
                    help="dataset ids in nnUNet_raw (DatasetXXX_Name folders)")
     p.add_argument("--collection_id", type=int, default=None,

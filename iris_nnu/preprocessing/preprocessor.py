@@ -13,9 +13,17 @@ import shutil
 from multiprocessing import get_context
 
 import numpy as np
-from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
-from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, comp_blosc2_params
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from nnunetv2.preprocessing.preprocessors.default_preprocessor import (
+    DefaultPreprocessor,
+)
+from nnunetv2.training.dataloading.nnunet_dataset import (
+    comp_blosc2_params,
+    nnUNetDatasetBlosc2,
+)
+from nnunetv2.utilities.plans_handling.plans_handler import (
+    ConfigurationManager,
+    PlansManager,
+)
 from tqdm import tqdm
 
 from iris_nnu.files import write_json_atomic

@@ -8,6 +8,7 @@ import os
 import torch
 from nnunetv2.run.run_training import maybe_load_checkpoint
 
+from iris_nnu.cli import HelpFormatter
 from iris_nnu.device import resolve_device
 from iris_nnu.errors import IrisInputError, cli_entry, require_env_folder
 from iris_nnu.preprocessing.collection import load_collection
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Each iteration draws an episode from one member: query patches and reference patches of "
                     "other cases, 1..K classes at random. Output: a normal nnU-Net model folder "
                     "nnUNet_results/DatasetXXX_Name/IrisTrainer__IrisPlans__3d_fullres/fold_F.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("dataset", help="collection id (e.g. 900) or name (Dataset900_Name or Name)")
     p.add_argument("fold", type=parse_fold, help="fold of splits_final.json (0-4), or 'all'")
     p.add_argument("-device", choices=["cpu", "cuda", "mps"], default=None,

@@ -17,11 +17,11 @@ from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from tqdm import tqdm
 
+from iris_nnu.files import write_json_atomic
 from iris_nnu.inference.export import indices_to_values
 from iris_nnu.inference.images import write_segmentation
 from iris_nnu.inference.predictor import IrisPredictor
 from iris_nnu.inference.references import structure_crops
-from iris_nnu.files import write_json_atomic
 
 
 def choose_reference(dataset: nnUNetDatasetBlosc2, cases: list[str], labels: list[int]) -> str:

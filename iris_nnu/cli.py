@@ -1,4 +1,4 @@
-"""Shared bits of the inference command lines."""
+"""What every iris command line shares."""
 from __future__ import annotations
 
 import argparse
