@@ -148,6 +148,24 @@ def test_memory_budget_sizes_patch_and_network():
     assert small["iris"]["estimated_training_memory_gb"] <= 0.5 or cs["patch_size"] == [64, 64, 64]
 
 
+def test_fixed_patch_size_adapts_only_width_and_batch(capsys):
+    fingerprint = {"spacings": [[1.0, 1.0, 1.0]] * 3, "shapes_after_crop": [[200, 200, 200]] * 3,
+                   "foreground_intensity_properties_per_channel": {"0": {}},
+                   "median_relative_size_after_cropping": 1.0}
+    member = MemberSummary("Dataset001_Big", {"channel_names": {"0": "MR"}, "labels": {"background": 0, "a": 1}},
+                           fingerprint)
+    small = plan_collection([member], memory_gb=0.3, patch_size=[32, 48, 32])["configurations"]["3d_fullres"]
+    large = plan_collection([member], memory_gb=4, patch_size=[32, 48, 32])["configurations"]["3d_fullres"]
+    assert small["patch_size"] == large["patch_size"] == [32, 48, 32]
+    assert (large["architecture"]["arch_kwargs"]["features_per_stage"][0]
+            > small["architecture"]["arch_kwargs"]["features_per_stage"][0])
+    with pytest.raises(ValueError, match="multiple of 16"):
+        plan_collection([member], patch_size=[32, 40, 32])
+    with pytest.raises(SystemExit):
+        run_cli("-d", "1", "--patch_size", "32", "32")  # argparse: three values
+    assert "--patch_size" in capsys.readouterr().err
+
+
 def test_percentile_zscore_normalization():
     from iris_nnu.preprocessing.normalization import PercentileZScoreNormalization
 

@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target_spacing", type=parse_spacing, default=None, metavar="auto|MM",
                    help="isotropic spacing in mm for all members; auto: median over members of the cube root of "
                         "the median voxel volume (default: auto)")
+    p.add_argument("--patch_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="training patch in voxels at the target spacing, multiples of 16; the memory budget then "
+                        "sets only width and batch (default: the largest member's median shape, capped at 128 and "
+                        "shrunk to fit the budget)")
     p.add_argument("--memory_gb", type=float, default=None,
                    help="memory budget for one training step; default: 85%% of the visible GPU's memory, else a "
                         "2 GB CPU budget")
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     reader = determine_reader_writer_from_dataset_json(datasets[0].dataset_json,
                                                       next(iter(datasets[0].cases.values()))["images"][0])
     try:
-        plans = plan_collection(summaries, args.target_spacing, args.memory_gb, reader.__name__)
+        plans = plan_collection(summaries, args.target_spacing, args.memory_gb, reader.__name__, args.patch_size)
     except ValueError as e:
         raise IrisInputError(str(e)) from None
     configuration = plans["configurations"][CONFIGURATION]

@@ -103,10 +103,13 @@ def architecture_entry(base_width: int, input_channels: int = 1) -> dict:
 
 
 def fit_network_and_patch(target_patch: list[int], memory_bytes: float, num_classes: int, input_channels: int,
-                          ) -> tuple[int, list[int], int, int]:
-    """Rule 3: (base width, patch, batch, estimated bytes) for the budget; smallest choice if nothing fits."""
+                          fixed_patch: bool = False) -> tuple[int, list[int], int, int]:
+    """Rule 3: (base width, patch, batch, estimated bytes) for the budget; smallest choice if nothing fits.
+
+    With `fixed_patch` only the width and batch adapt to the budget.
+    """
     divisor = 2 ** (NUM_STAGES - 1)
-    floor = [min(t, MIN_PATCH) for t in target_patch]
+    floor = list(target_patch) if fixed_patch else [min(t, MIN_PATCH) for t in target_patch]
 
     def estimate(base: int, patch: list[int], batch: int) -> int:
         return estimate_memory_bytes(architecture_entry(base)["arch_kwargs"], patch, batch, num_classes,
@@ -134,8 +137,12 @@ def normalization_for_member(member: MemberSummary) -> tuple[list[str], list[boo
 
 
 def plan_collection(members: list[MemberSummary], target_spacing: float | None = None,
-                    memory_gb: float | None = None, image_reader_writer: str = "SimpleITKIO") -> dict:
-    """The joint plan: configuration shared by all members, plus per-member normalisation in `iris.members`."""
+                    memory_gb: float | None = None, image_reader_writer: str = "SimpleITKIO",
+                    patch_size: list[int] | None = None) -> dict:
+    """The joint plan: configuration shared by all members, plus per-member normalisation in `iris.members`.
+
+    `patch_size` (multiples of 16) replaces the automatic patch, e.g. a small one for CPU training.
+    """
     channels = {m.num_channels for m in members}
     if len(channels) != 1:
         detail = ", ".join(f"{m.name}: {m.num_channels}" for m in members)
@@ -145,10 +152,15 @@ def plan_collection(members: list[MemberSummary], target_spacing: float | None =
     memory_gb = float(memory_gb) if memory_gb else default_memory_gb()
     divisor = 2 ** (NUM_STAGES - 1)
     largest = np.max([shape_at_spacing(m, spacing) for m in members], axis=0)
-    target_patch = [int(min(MAX_PATCH, max(divisor, math.ceil(s / divisor) * divisor))) for s in largest]
+    if patch_size is not None:
+        if len(patch_size) != 3 or any(p < divisor or p % divisor for p in patch_size):
+            raise ValueError(f"patch size {patch_size}: give 3 edge lengths, each a positive multiple of {divisor}")
+        target_patch = [int(p) for p in patch_size]
+    else:
+        target_patch = [int(min(MAX_PATCH, max(divisor, math.ceil(s / divisor) * divisor))) for s in largest]
     num_classes = min(MAX_CLASSES_PER_EPISODE, max(m.num_foreground_labels for m in members))
     base, patch, batch, estimate = fit_network_and_patch(target_patch, memory_gb * 1024**3, num_classes,
-                                                         input_channels)
+                                                         input_channels, fixed_patch=patch_size is not None)
     member_entries = {}
     for m in members:
         schemes, use_mask = normalization_for_member(m)
