@@ -12,11 +12,15 @@ from dataclasses import dataclass
 import torch
 
 from iris_nnu.errors import IrisInputError
+from iris_nnu.files import write_atomic, write_json_atomic
 from iris_nnu.model import IrisNetwork, build_network
 from iris_nnu.preprocessing.planner import CONFIGURATION
 
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 TRAINER_NAME = "IrisTrainer"
+# The model shipped inside the package (see its MODEL_CARD.md); used when no model folder is given.
+DEFAULT_MODEL_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "default_model")
+HELD_OUT_FILE = "held_out.json"
 
 
 @dataclass
@@ -65,8 +69,11 @@ def load_model_folder(folder: str | None, fold: int | str = 0, checkpoint_name: 
                       ) -> IrisModel:
     """Load plans, dataset.json and the fold's checkpoint; every problem is one line naming the file."""
     if folder is None:
-        raise IrisInputError("no default model is bundled with iris-nnu yet: pass -m MODEL_FOLDER (an iris_train "
-                             "output folder, e.g. $nnUNet_results/DatasetXXX_Name/IrisTrainer__IrisPlans__3d_fullres)")
+        if not os.path.isfile(os.path.join(DEFAULT_MODEL_FOLDER, fold_folder_name(fold), checkpoint_name)):
+            raise IrisInputError(f"{DEFAULT_MODEL_FOLDER}: the bundled default model has no "
+                                 f"{fold_folder_name(fold)}/{checkpoint_name}; pass -m MODEL_FOLDER (an iris_train "
+                                 f"output folder, e.g. $nnUNet_results/DatasetXXX_Name/IrisTrainer__IrisPlans__3d_fullres)")
+        folder = DEFAULT_MODEL_FOLDER
     folder = os.path.normpath(folder)
     if not os.path.isdir(folder):
         raise IrisInputError(f"{folder}: model folder not found")
@@ -103,6 +110,41 @@ def load_model_folder(folder: str | None, fold: int | str = 0, checkpoint_name: 
     axes = checkpoint.get("inference_allowed_mirroring_axes")
     return IrisModel(folder, str(fold), checkpoint_name, plans, dataset_json, network.eval(),
                      tuple(int(a) for a in axes) if axes is not None else None)
+
+
+def read_held_out(folder: str | None) -> dict[str, list[str]]:
+    """Cases per dataset that the model never trained on (its fold's validation cases), from held_out.json."""
+    path = os.path.join(folder or DEFAULT_MODEL_FOLDER, HELD_OUT_FILE)
+    held_out = _read_json(path)
+    if not isinstance(held_out, dict) or not all(isinstance(v, list) for v in held_out.values()):
+        raise IrisInputError(f"{path}: expected {{dataset name: [case, ...]}}")
+    return held_out
+
+
+def pack_model_folder(source: str, destination: str, fold: int | str = 0, checkpoint_name: str = DEFAULT_CHECKPOINT,
+                      held_out: dict[str, list[str]] | None = None, half: bool = True) -> str:
+    """Copy a model folder for shipping: JSON files and inference-only weights (fp16 with `half`), nothing else.
+
+    The optimiser state, memory bank and logs (most of a training checkpoint's size) are dropped; the network
+    loads fp16 weights back into float32 parameters. Returns the packed checkpoint's path.
+    """
+    model = load_model_folder(source, fold, checkpoint_name)
+    checkpoint = torch.load(os.path.join(source, fold_folder_name(fold), checkpoint_name), map_location="cpu",
+                            weights_only=False)
+    weights = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.network.state_dict().items()}
+    fold_dir = os.path.join(destination, fold_folder_name(fold))
+    os.makedirs(fold_dir, exist_ok=True)
+    for name in ("plans.json", "dataset.json", "manifest.json"):
+        with open(os.path.join(source, name)) as f:
+            write_json_atomic(json.load(f), os.path.join(destination, name))
+    if held_out is not None:
+        write_json_atomic(held_out, os.path.join(destination, HELD_OUT_FILE))
+    packed = {"network_weights": weights, "trainer_name": checkpoint.get("trainer_name", TRAINER_NAME),
+              "current_epoch": checkpoint.get("current_epoch"),
+              "inference_allowed_mirroring_axes": checkpoint.get("inference_allowed_mirroring_axes")}
+    target = os.path.join(fold_dir, checkpoint_name)
+    write_atomic(target, lambda tmp: torch.save(packed, tmp))
+    return target
 
 
 def write_model_folder(folder: str, plans: dict, dataset_json: dict, network: IrisNetwork, fold: int | str = 0,

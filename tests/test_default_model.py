@@ -1,0 +1,90 @@
+"""The bundled default model: packing, loading without -m, held-out cases, and the `iris_demo` command."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from test_predict import build_model_folder, make_case
+
+from iris_nnu import demo
+from iris_nnu.errors import IrisInputError
+from iris_nnu.inference.model_folder import (
+    DEFAULT_MODEL_FOLDER,
+    load_model_folder,
+    pack_model_folder,
+    read_held_out,
+)
+from iris_nnu.inference.predict import main as predict_main
+
+
+def test_bundled_model_loads_without_a_folder_and_is_small():
+    checkpoint = Path(DEFAULT_MODEL_FOLDER) / "fold_0" / "checkpoint_final.pth"
+    assert checkpoint.stat().st_size < 50e6
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert {v.dtype for v in saved["network_weights"].values() if v.is_floating_point()} == {torch.float16}
+    model = load_model_folder(None)
+    assert model.folder == os.path.normpath(DEFAULT_MODEL_FOLDER)
+    assert all(p.dtype == torch.float32 for p in model.network.parameters())
+    held_out = read_held_out(None)
+    assert set(held_out) == {m["name"] for m in json.loads((Path(DEFAULT_MODEL_FOLDER) / "manifest.json")
+                                                            .read_text())["members"]}
+    assert all(held_out.values())
+    assert (Path(DEFAULT_MODEL_FOLDER) / "MODEL_CARD.md").is_file()
+
+
+def test_pack_keeps_outputs_and_records_held_out(tmp_path: Path):
+    source = build_model_folder(tmp_path / "model")
+    held_out = {"Dataset001_Synth": ["case_003", "case_007"]}
+    target = pack_model_folder(str(source), str(tmp_path / "packed"), held_out=held_out)
+    assert os.path.getsize(target) < os.path.getsize(source / "fold_0" / "checkpoint_final.pth")
+    original, packed = load_model_folder(str(source)).network, load_model_folder(str(tmp_path / "packed")).network
+    torch.manual_seed(0)
+    reference, masks, query = torch.randn(1, 1, 32, 32, 32), torch.rand(1, 2, 32, 32, 32) > 0.8, \
+        torch.randn(1, 1, 32, 32, 32)
+    with torch.inference_mode():
+        a = original(query, original.encode_task(reference, masks.float()))
+        b = packed(query, packed.encode_task(reference, masks.float()))
+    assert torch.allclose(a, b, atol=0.05 * a.abs().max().item())
+    assert not torch.equal(a, b)  # fp16 rounding happened: the packed weights are really half precision
+    assert read_held_out(str(tmp_path / "packed")) == held_out
+    with pytest.raises(IrisInputError, match="held_out.json: not found"):
+        read_held_out(str(source))
+
+
+def test_predict_without_model_folder_uses_the_bundled_model(tmp_path: Path):
+    make_case(tmp_path / "ref.nii.gz", tmp_path / "ref_seg.nii.gz", seed=1, shape=(40, 44, 36), spacing=(1, 1, 1))
+    make_case(tmp_path / "query.nii.gz", None, seed=2, shape=(40, 44, 36), spacing=(1.2, 1.0, 1.0))
+    assert predict_main(["-i", str(tmp_path / "query.nii.gz"), "-o", str(tmp_path / "out"),
+                         "-r", f"{tmp_path / 'ref.nii.gz'}:{tmp_path / 'ref_seg.nii.gz'}"]) == 0
+    out = sitk.ReadImage(str(tmp_path / "out" / "query.nii.gz"))
+    query = sitk.ReadImage(str(tmp_path / "query.nii.gz"))
+    assert out.GetSize() == query.GetSize() and np.allclose(out.GetSpacing(), query.GetSpacing())
+    assert set(np.unique(sitk.GetArrayFromImage(out))) <= {0, 17, 53, 2035}
+
+
+def test_demo_refuses_a_folder_without_the_datasets(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--data", str(tmp_path), "-o", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("iris_demo: error:") and str(tmp_path) in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.realdata
+def test_demo_segments_a_held_out_hippocampus(shared_data: Path, tmp_path: Path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    os.symlink(shared_data / "Dataset001_Hippocampus", data / "Dataset001_Hippocampus")
+    assert demo.main(["--data", str(data), "-o", str(tmp_path / "out")]) == 0
+    case = read_held_out(None)["Dataset001_Hippocampus"][0]
+    out = tmp_path / "out" / "Dataset001_Hippocampus"
+    assert (out / f"{case}.nii.gz").is_file() and (out / f"{case}.png").stat().st_size > 10_000
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["foreground_mean"]["Dice"] > 0.2  # the bundled model: 0.31 on this case; untrained: ~0
+    assert f"{case}: mean Dice" in capsys.readouterr().out
