@@ -1,0 +1,352 @@
+"""Accuracy and speed of Iris inference strategies against registration baselines, on held-out real cases.
+
+Methods, on the same queries and references (reference #1 is the first of --n_references cases picked with --seed
+from the model's training cases of each dataset, i.e. imagesTr minus the held-out cases):
+  iris oneshot      reference #1                      iris ensemble-5   the 5 references averaged per class
+  iris retrieval-5  per class, the closest reference  iris tune         reference #1, its task embedding tuned
+  registration      reference #1 registered to the query (SimpleITK: affine, then B-spline, Mattes MI), label warped
+  multi-atlas-5     the 5 references registered, per-voxel majority vote
+Queries: the first --queries held-out cases (never trained on) per dataset, from --held_out (default
+<model folder>/held_out.json: {"Dataset001_Hippocampus": ["hippocampus_026", ...], ...}).
+Dice per class on the query's own grid against labelsTr; NaN (left out of means) where the class is absent from
+both. "mean Dice" averages the per-class means over queries.
+Seconds per query, wall clock: Iris = read + preprocess + predict + export (the label file written), the task
+encoded beforehand ("encode s", once per method; tune's optimisation is part of it); registration = the
+registration(s) + warping + vote. Multi-atlas reuses the single-atlas registration of reference #1 (same inputs and
+seed) and counts its time.
+
+Run: python benchmarks/accuracy.py -m MODEL_FOLDER [-chk CHECKPOINT] [--datasets 1 2] [--queries 10] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from iris_nnu.errors import IrisInputError, cli_entry  # noqa: E402
+from iris_nnu.files import write_json_atomic  # noqa: E402
+from iris_nnu.inference import IrisPredictor, load_model_folder, parse_reference  # noqa: E402
+from iris_nnu.inference.images import write_segmentation  # noqa: E402
+from iris_nnu.inference.model_folder import DEFAULT_CHECKPOINT, HELD_OUT_FILE  # noqa: E402
+from iris_nnu.inference.predictor import DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS  # noqa: E402
+
+PROGRAM = "benchmarks/accuracy.py"
+# subcortical grey-matter structures, recognised by label name (FreeSurfer / Mindboggle naming)
+SUBCORTICAL = ("Thalamus", "Caudate", "Putamen", "Pallidum", "Hippocampus", "Amygdala", "Accumbens", "VentralDC")
+MAX_CLASS_COLUMNS = 4  # datasets with at most this many classes get one table column per class
+# Registration. ITK's v4 metrics fill a dense Jacobian per sample, so a B-spline step costs samples x parameters:
+# the samples are capped (the fraction holds for small grids) and the mesh is coarse.
+SAMPLING = 0.15  # fraction of the registration grid's voxels sampled by Mattes MI (random, seeded)
+MAX_SAMPLES = {"affine": 100_000, "bspline": 20_000}
+BSPLINE_MESH = 3  # intervals per axis: 6 control points per axis with cubic B-splines
+BSPLINE_ITERATIONS = 50  # L-BFGS-B iterations per resolution level
+MIN_GRID_VOXELS = 32  # the registration grid keeps at least this many voxels along the shortest axis
+
+
+# ------------------------------------------------------------------------------------------- registration
+def _registration_grid(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """Float32, 0.5-99.5th percentiles scaled to [0, 1], smoothed and resampled to isotropic `spacing_mm` (no finer
+    than the image, no coarser than MIN_GRID_VOXELS along its shortest extent)."""
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    lo, hi = np.percentile(array, (0.5, 99.5))
+    out = sitk.GetImageFromArray(np.clip((array - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32))
+    out.CopyInformation(image)
+    spacing = min(spacing_mm, min(n * s for n, s in zip(image.GetSize(), image.GetSpacing())) / MIN_GRID_VOXELS)
+    if spacing <= min(image.GetSpacing()) * 1.01:
+        return out
+    size = [max(1, round(n * s / spacing)) for n, s in zip(image.GetSize(), image.GetSpacing())]
+    return sitk.Resample(sitk.SmoothingRecursiveGaussian(out, spacing / 2), size, sitk.Transform(), sitk.sitkLinear,
+                         image.GetOrigin(), [spacing] * 3, image.GetDirection(), 0.0, sitk.sitkFloat32)
+
+
+def _method(grid: sitk.Image, stage: str, shrinks: list[int], seed: int) -> sitk.ImageRegistrationMethod:
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    fraction = min(SAMPLING, MAX_SAMPLES[stage] / np.prod(grid.GetSize()))
+    method.SetMetricSamplingPercentage(fraction, seed + 1)  # SimpleITK reads seed 0 as "seed from the clock"
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetShrinkFactorsPerLevel(shrinks)
+    method.SetSmoothingSigmasPerLevel([f // 2 for f in shrinks])  # voxels: 4 -> 2, 2 -> 1, 1 -> 0
+    method.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(False)
+    return method
+
+
+def register_label(fixed_image: sitk.Image, moving_image: sitk.Image, moving_label: sitk.Image, spacing_mm: float,
+                   seed: int) -> sitk.Image:
+    """Register moving to fixed (affine from image moments, then B-spline; Mattes MI, multi-resolution, seeded
+    sampling) on a `spacing_mm` grid; return moving_label warped onto fixed_image's full grid (nearest neighbour)."""
+    fixed, moving = _registration_grid(fixed_image, spacing_mm), _registration_grid(moving_image, spacing_mm)
+    shrinks = [f for f in (4, 2, 1) if min(fixed.GetSize()) / f >= 16] or [1]
+    affine = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
+                                               sitk.CenteredTransformInitializerFilter.MOMENTS)
+    method = _method(fixed, "affine", shrinks, seed)
+    method.SetOptimizerAsGradientDescent(learningRate=1.0, numberOfIterations=100, convergenceMinimumValue=1e-6,
+                                         convergenceWindowSize=10, estimateLearningRate=method.EachIteration)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetInitialTransform(affine, inPlace=True)
+    method.Execute(fixed, moving)
+    bspline = sitk.BSplineTransformInitializer(fixed, [BSPLINE_MESH] * 3, 3)
+    method = _method(fixed, "bspline", shrinks[-2:], seed)
+    method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=BSPLINE_ITERATIONS,
+                                maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=2 * BSPLINE_ITERATIONS,
+                                costFunctionConvergenceFactor=1e7)
+    method.SetMovingInitialTransform(affine)
+    method.SetInitialTransform(bspline, inPlace=True)
+    method.Execute(fixed, moving)
+    transform = sitk.CompositeTransform([affine, bspline])  # applied last-first: fixed -> B-spline -> affine -> moving
+    return sitk.Resample(moving_label, fixed_image, transform, sitk.sitkNearestNeighbor, 0.0,
+                         moving_label.GetPixelID())
+
+
+def majority_vote(labels: list[np.ndarray]) -> np.ndarray:
+    """Per voxel, the label most maps agree on; a tie goes to the lowest tied label value (background if tied)."""
+    stack = np.stack(labels)
+    votes = sum((stack == stack[j]).astype(np.int32) for j in range(len(labels)))  # votes for each map's own label
+    winner = (votes * 2**20 - stack.astype(np.int32)).argmax(0)  # most votes, then the lowest value
+    return np.take_along_axis(stack, winner[None], 0)[0]
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def dice_per_class(gt: np.ndarray, pred: np.ndarray, classes: list[int]) -> dict[int, float]:
+    """Dice = 2TP / (2TP + FP + FN) per class (NaN if absent from both): nnU-Net's compute_tp_fp_fn_tn counts, from
+    one confusion matrix (85 classes on a 256x256x160 brain: one pass instead of 85)."""
+    if gt.shape != pred.shape:
+        raise RuntimeError(f"prediction shape {pred.shape} differs from ground truth {gt.shape}")
+    n = int(max(gt.max(), pred.max(), max(classes))) + 1
+    confusion = np.bincount(gt.astype(np.int64).ravel() * n + pred.astype(np.int64).ravel(), minlength=n * n)
+    confusion = confusion.reshape(n, n)
+    tp = np.diag(confusion)
+    fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
+    return {c: float(2 * tp[c] / (2 * tp[c] + fp[c] + fn[c])) if tp[c] + fp[c] + fn[c] else float("nan")
+            for c in classes}
+
+
+def nanmean(values: list[float]) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # mean of nothing: NaN
+        return float(np.nanmean(values)) if len(values) else float("nan")
+
+
+# ------------------------------------------------------------------------------------------- cases
+def find_dataset(data: Path, key: str) -> Path:
+    """A dataset folder by id ('1', '001') or name ('Dataset001_Hippocampus', 'Hippocampus')."""
+    folders = sorted(p for p in data.glob("Dataset[0-9][0-9][0-9]_*") if p.is_dir())
+    for p in folders:
+        if key in (p.name, p.name.split("_", 1)[1]) or (key.isdigit() and int(key) == int(p.name[7:10])):
+            return p
+    raise IrisInputError(f"--datasets {key}: no such dataset in {data} ({', '.join(p.name for p in folders)})")
+
+
+def pick_cases(folder: Path, held_out: list[str], queries: int, references: int, seed: int,
+               ) -> tuple[list[str], list[str]]:
+    """The first `queries` held-out cases, and `references` training cases picked with `seed`."""
+    cases = sorted(f.name[:-len(".nii.gz")] for f in (folder / "labelsTr").glob("*.nii.gz"))
+    missing = [c for c in held_out if c not in cases]
+    if missing:
+        raise IrisInputError(f"held-out case(s) {', '.join(missing[:5])} not in {folder}/labelsTr")
+    training = [c for c in cases if c not in set(held_out)]
+    if len(training) < references:
+        raise IrisInputError(f"{folder.name}: {len(training)} training cases, {references} references asked")
+    picked = np.random.default_rng(seed).choice(len(training), references, replace=False)
+    return held_out[:queries], [training[i] for i in picked]
+
+
+def image_file(folder: Path, case: str) -> str:
+    return str(folder / "imagesTr" / f"{case}_0000.nii.gz")
+
+
+def label_file(folder: Path, case: str) -> str:
+    return str(folder / "labelsTr" / f"{case}.nii.gz")
+
+
+# ------------------------------------------------------------------------------------------- the run
+def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path, held_out: list[str]) -> dict:
+    """Every method on every query of one dataset: Dice per class and seconds per query."""
+    queries, refs = pick_cases(folder, held_out, args.queries, args.n_references, args.seed)
+    names = {int(v): k for k, v in json.loads((folder / "dataset.json").read_text())["labels"].items()}
+    classes = sorted(v for v in names if v != 0)
+    n = args.n_references
+    cases = [case for r in refs for case in parse_reference(f"{image_file(folder, r)}:{label_file(folder, r)}", 1)]
+    methods: dict[str, dict] = {}
+    iris = {"iris oneshot": ("oneshot", 1), f"iris ensemble-{n}": ("ensemble", n),
+            f"iris retrieval-{n}": ("retrieval", n), "iris tune": ("tune", 1)}
+    for name, (strategy, k) in iris.items():
+        if strategy in args.methods:
+            start = time.perf_counter()  # mirrors iris_predict: encode, task for the strategy, pool for retrieval
+            encoded = predictor.encode_references(cases[:k])
+            task, losses = predictor.task_for_strategy(encoded.pool, strategy, encoded, args.tune_steps, args.tune_lr)
+            methods[name] = {"encode_s": time.perf_counter() - start, "tune_losses": losses, "lost": encoded.lost,
+                             "task": task, "pool": encoded.pool if strategy == "retrieval" else None, "per_query": {}}
+            print(f"[{folder.name}] {name}: task encoded in {methods[name]['encode_s']:.1f} s", file=sys.stderr)
+    for option, name in (("registration", "registration"), ("multi-atlas", f"multi-atlas-{n}")):
+        if option in args.methods:
+            methods[name] = {"encode_s": 0.0, "per_query": {}}
+    atlases = [(sitk.ReadImage(image_file(folder, r)), sitk.ReadImage(label_file(folder, r))) for r in refs]
+    with tempfile.TemporaryDirectory(prefix="iris_accuracy_") as tmp:
+        for qi, case in enumerate(queries, 1):
+            gt = sitk.GetArrayFromImage(sitk.ReadImage(label_file(folder, case)))
+            fixed = sitk.ReadImage(image_file(folder, case))
+            registered: dict[int, tuple[np.ndarray, float]] = {}  # reference index -> warped label, seconds
+
+            def register(i: int) -> tuple[np.ndarray, float]:
+                if i not in registered:
+                    start = time.perf_counter()
+                    warped = register_label(fixed, *atlases[i], args.registration_spacing, args.seed)
+                    registered[i] = sitk.GetArrayFromImage(warped), time.perf_counter() - start
+                return registered[i]
+
+            for name, m in methods.items():
+                start = time.perf_counter()
+                if name.startswith("iris"):
+                    result = predictor.predict_case([image_file(folder, case)], m["task"], m["pool"], 1)
+                    write_segmentation(result.segmentation, os.path.join(tmp, f"{case}.nii.gz"), result.properties,
+                                       result.reader_writer)
+                    pred, seconds = result.segmentation, time.perf_counter() - start
+                elif name == "registration":
+                    pred, seconds = register(0)
+                else:
+                    warped = [register(i) for i in range(n)]
+                    vote_start = time.perf_counter()
+                    pred = majority_vote([w for w, _ in warped])
+                    seconds = sum(s for _, s in warped) + time.perf_counter() - vote_start
+                dice = dice_per_class(gt, pred, classes)
+                m["per_query"][case] = {"seconds": seconds, "dice": dice}
+                print(f"[{folder.name}] query {qi}/{len(queries)} {case} {name}: mean Dice "
+                      f"{nanmean(list(dice.values())):.3f}, {seconds:.1f} s", file=sys.stderr)
+    subcortical = [c for c in classes if any(s in names[c] for s in SUBCORTICAL)]
+    for m in methods.values():
+        for key in ("task", "pool"):
+            m.pop(key, None)
+        per_class = {c: nanmean([q["dice"][c] for q in m["per_query"].values()]) for c in classes}
+        m.update(dice_per_class=per_class, mean_dice=nanmean(list(per_class.values())),
+                 s_per_query=float(np.mean([q["seconds"] for q in m["per_query"].values()])))
+        if subcortical and len(classes) > MAX_CLASS_COLUMNS:
+            m["mean_dice_subcortical"] = nanmean([per_class[c] for c in subcortical])
+    ratio = (methods["registration"]["s_per_query"] / methods["iris oneshot"]["s_per_query"]
+             if {"registration", "iris oneshot"} <= set(methods) else None)
+    return {"queries": queries, "references": refs, "class_names": {c: names[c] for c in classes},
+            "subcortical_classes": subcortical, "methods": methods, "registration_over_oneshot": ratio}
+
+
+def markdown_table(results: dict) -> str:
+    """Rows: methods; per dataset: mean Dice, per-class or subcortical Dice, s/query, encode s."""
+    head, columns = ["method"], []
+    for ds, r in results.items():
+        short = ds.split("_", 1)[1]
+        columns.append((f"{short} mean Dice", ds, lambda m: m["mean_dice"]))
+        if len(r["class_names"]) <= MAX_CLASS_COLUMNS:
+            for c, label in r["class_names"].items():
+                columns.append((f"{short} {label}", ds, lambda m, c=c: m["dice_per_class"][c]))
+        elif r["subcortical_classes"]:
+            columns.append((f"{short} subcortical ({len(r['subcortical_classes'])})", ds,
+                            lambda m: m["mean_dice_subcortical"]))
+        columns.append((f"{short} s/query", ds, lambda m: m["s_per_query"]))
+        columns.append((f"{short} encode s", ds, lambda m: m["encode_s"]))
+    head += [c[0] for c in columns]
+    rows = []
+    for method in dict.fromkeys(m for r in results.values() for m in r["methods"]):
+        row = [method]
+        for title, ds, get in columns:
+            m = results[ds]["methods"].get(method)
+            row.append("-" if m is None else f"{get(m):.{2 if title.endswith((' s', '/query')) else 3}f}")
+        rows.append(row)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def json_ready(obj: object) -> object:
+    """NaN -> null, numpy scalars -> Python numbers, int keys -> strings."""
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return None if np.isnan(obj) else float(obj)
+    return obj.item() if isinstance(obj, np.generic) else obj
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_data = os.environ.get("IRIS_DATA") or str(Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    p.add_argument("--data", default=default_data, help="folder of nnU-Net raw datasets (default: $IRIS_DATA or "
+                                                        "../shared/data beside the repository)")
+    p.add_argument("-m", metavar="MODEL_FOLDER", default=None,
+                   help="iris_train model folder (default: the bundled model)")
+    p.add_argument("-f", default="0", metavar="FOLD", help="fold of the model")
+    p.add_argument("-chk", default=DEFAULT_CHECKPOINT, metavar="CHECKPOINT", help="checkpoint file in the fold folder")
+    p.add_argument("--held_out", metavar="FILE", help="JSON {dataset: [held-out cases]} (default: MODEL_FOLDER/"
+                                                      "held_out.json); queries come from it, references never do")
+    p.add_argument("--datasets", nargs="+", default=["1", "2"], help="datasets by id or name")
+    p.add_argument("--queries", type=int, default=10, help="at most this many held-out queries per dataset")
+    p.add_argument("--n_references", type=int, default=5, help="references of the ensemble, retrieval, multi-atlas")
+    p.add_argument("--methods", nargs="+", default=["oneshot", "ensemble", "retrieval", "tune", "registration",
+                                                    "multi-atlas"],
+                   choices=["oneshot", "ensemble", "retrieval", "tune", "registration", "multi-atlas"])
+    p.add_argument("--seed", type=int, default=0, help="picks the references; seeds the registration sampling")
+    p.add_argument("--registration_spacing", type=float, default=2.0, metavar="MM",
+                   help="grid of the registration optimisation (the label is warped at the query's full resolution)")
+    p.add_argument("--tune_steps", type=int, default=DEFAULT_TUNE_STEPS)
+    p.add_argument("--tune_lr", type=float, default=DEFAULT_TUNE_LR)
+    p.add_argument("--threads", type=int, default=2, help="torch and SimpleITK threads")
+    p.add_argument("-device", choices=("cpu", "cuda"), default="cpu", help="device of Iris (registration: CPU)")
+    p.add_argument("--output", default="accuracy_results.json", help="JSON of all figures")
+    return p
+
+
+@cli_entry(PROGRAM)
+def main() -> int:
+    args = build_parser().parse_args()
+    if args.queries < 1 or args.n_references < 1 or args.threads < 1:
+        raise IrisInputError("--queries, --n_references and --threads must be at least 1")
+    data = Path(args.data)
+    if not data.is_dir():
+        raise IrisInputError(f"{data}: data folder not found (give --data or set $IRIS_DATA)")
+    folders = [find_dataset(data, key) for key in args.datasets]
+    torch.set_num_threads(args.threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    model = load_model_folder(args.m, args.f, args.chk)
+    held_out_file = args.held_out or os.path.join(model.folder, HELD_OUT_FILE)
+    if not os.path.isfile(held_out_file):
+        raise IrisInputError(f"{held_out_file}: held-out cases not found (give --held_out FILE)")
+    held_out = json.loads(Path(held_out_file).read_text())
+    for folder in folders:
+        if not held_out.get(folder.name):
+            raise IrisInputError(f"{held_out_file}: no held-out cases of {folder.name}")
+    predictor = IrisPredictor(use_mirroring=True, device=args.device)  # as iris_predict's defaults
+    predictor.initialize(model.network, model.plans, model.dataset_json, model.inference_allowed_mirroring_axes)
+
+    results = {f.name: run_dataset(args, predictor, f, held_out[f.name]) for f in folders}
+    command = shlex.join(["python", *sys.argv])
+    hardware = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                f"SimpleITK {sitk.Version.VersionString()}, {args.threads} threads, Iris on {args.device}")
+    print(f"\n{command}\n{hardware}\nmodel {model.folder} fold {args.f} {args.chk}\n")
+    print(markdown_table(results))
+    for ds, r in results.items():
+        print(f"\n{ds}: queries {', '.join(r['queries'])}; references {', '.join(r['references'])}")
+        if r["registration_over_oneshot"] is not None:
+            print(f"{ds}: registration s/query / iris oneshot s/query = {r['registration_over_oneshot']:.1f}x")
+    settings = {k: v for k, v in vars(args).items()}
+    write_json_atomic(json_ready({"command": command, "hardware": hardware, "model": model.folder,
+                                  "settings": settings, "registration": {
+                                      "sampling": SAMPLING, "max_samples": MAX_SAMPLES, "bspline_mesh": BSPLINE_MESH,
+                                      "bspline_iterations": BSPLINE_ITERATIONS, "min_grid_voxels": MIN_GRID_VOXELS},
+                                  "datasets": results}), args.output)
+    print(f"\nall figures written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The registration baselines of benchmarks/accuracy.py: label propagation and majority vote."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+spec = importlib.util.spec_from_file_location(
+    "accuracy_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py")
+accuracy = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(accuracy)
+
+
+def ellipsoid_pair(shift: tuple[int, int, int]) -> tuple[sitk.Image, sitk.Image]:
+    """An MR-like volume with two touching ellipsoids (labels 1, 2), moved by `shift` voxels."""
+    z, y, x = np.mgrid[:40, :48, :44].astype(np.float32)
+    cz, cy, cx = 20 + shift[2], 24 + shift[1], 22 + shift[0]
+    inside = ((z - cz) / 10) ** 2 + ((y - cy) / 14) ** 2 + ((x - cx) / 9) ** 2 < 1
+    label = np.where(inside, np.where(y < cy, 1, 2), 0).astype(np.uint8)
+    image = np.random.default_rng(0).normal(0, 5, label.shape).astype(np.float32) + 100 * (label == 1) \
+        + 60 * (label == 2) + 20
+    images = [sitk.GetImageFromArray(a) for a in (image, label)]
+    for im in images:
+        im.SetSpacing((1.0, 1.0, 1.0))
+    return images[0], images[1]
+
+
+def test_registration_propagates_a_moved_label():
+    fixed_image, fixed_label = ellipsoid_pair((0, 0, 0))
+    moving_image, moving_label = ellipsoid_pair((4, -3, 2))
+    gt = sitk.GetArrayFromImage(fixed_label)
+    before = accuracy.dice_per_class(gt, sitk.GetArrayFromImage(moving_label), [1, 2])
+    warped = accuracy.register_label(fixed_image, moving_image, moving_label, 2.0, seed=0)
+    assert warped.GetSize() == fixed_image.GetSize()
+    after = accuracy.dice_per_class(gt, sitk.GetArrayFromImage(warped), [1, 2])
+    assert min(after.values()) > 0.8 > max(before.values())
+    again = accuracy.register_label(fixed_image, moving_image, moving_label, 2.0, seed=0)
+    assert np.array_equal(sitk.GetArrayFromImage(again), sitk.GetArrayFromImage(warped))  # seeded: reproducible
+
+
+def test_majority_vote_and_ties():
+    maps = [np.array([1, 2, 0, 3]), np.array([1, 2, 3, 2]), np.array([2, 0, 3, 1])]
+    assert accuracy.majority_vote(maps).tolist() == [1, 2, 3, 1]  # last voxel: three-way tie -> lowest value
+    assert accuracy.majority_vote([np.array([0, 5]), np.array([4, 0])]).tolist() == [0, 0]
+    dice = accuracy.dice_per_class(np.array([1, 1, 0, 0]), np.array([1, 0, 1, 0]), [1, 2])
+    assert dice[1] == 0.5 and np.isnan(dice[2])
