@@ -465,10 +465,12 @@ def test_task_file_from_another_model_or_not_a_task(world, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_model_folder_problems(world, tmp_path, capsys):
+def test_model_folder_problems(world, tmp_path, capsys, monkeypatch):
     io = ["-i", str(world["queries"]), "-o", str(tmp_path / "o"), "-r", world["ref"][0]]
+    monkeypatch.setattr("iris_nnu.inference.model_folder.DEFAULT_MODEL_FOLDER", str(tmp_path / "no_bundled_model"))
     msg = expect_error(capsys, world, *io, model=False)
-    assert "no default model" in msg and "-m" in msg
+    assert "bundled default model has no fold_0/checkpoint_final.pth" in msg and "-m" in msg
+    monkeypatch.undo()
     msg = expect_error(capsys, world, *io, "-f", "3")
     assert "fold_3" in msg and "fold_0" in msg
     msg = expect_error(capsys, world, *io, "-chk", "checkpoint_latest.pth")
