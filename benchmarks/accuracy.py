@@ -20,7 +20,6 @@ Run: python benchmarks/accuracy.py -m MODEL_FOLDER [-chk CHECKPOINT] [--datasets
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -37,9 +36,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from iris_nnu.errors import IrisInputError, cli_entry  # noqa: E402
 from iris_nnu.files import write_json_atomic  # noqa: E402
-from iris_nnu.inference import IrisPredictor, load_model_folder, parse_reference  # noqa: E402
+from iris_nnu.demo import label_names, raw_case_files, training_cases  # noqa: E402
+from iris_nnu.inference import IrisPredictor, parse_reference  # noqa: E402
 from iris_nnu.inference.images import write_segmentation  # noqa: E402
-from iris_nnu.inference.model_folder import DEFAULT_CHECKPOINT, HELD_OUT_FILE  # noqa: E402
+from iris_nnu.inference.model_folder import (  # noqa: E402
+    DEFAULT_CHECKPOINT,
+    DEFAULT_MODEL_FOLDER,
+    HELD_OUT_FILE,
+    read_held_out,
+)
 from iris_nnu.inference.predictor import DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS  # noqa: E402
 
 PROGRAM = "benchmarks/accuracy.py"
@@ -153,11 +158,10 @@ def find_dataset(data: Path, key: str) -> Path:
 def pick_cases(folder: Path, held_out: list[str], queries: int, references: int, seed: int,
                ) -> tuple[list[str], list[str]]:
     """The first `queries` held-out cases, and `references` training cases picked with `seed`."""
-    cases = sorted(f.name[:-len(".nii.gz")] for f in (folder / "labelsTr").glob("*.nii.gz"))
-    missing = [c for c in held_out if c not in cases]
+    training = training_cases(str(folder), held_out)
+    missing = [c for c in held_out if not (folder / "labelsTr" / f"{c}.nii.gz").is_file()]
     if missing:
         raise IrisInputError(f"held-out case(s) {', '.join(missing[:5])} not in {folder}/labelsTr")
-    training = [c for c in cases if c not in set(held_out)]
     if len(training) < references:
         raise IrisInputError(f"{folder.name}: {len(training)} training cases, {references} references asked")
     picked = np.random.default_rng(seed).choice(len(training), references, replace=False)
@@ -165,19 +169,19 @@ def pick_cases(folder: Path, held_out: list[str], queries: int, references: int,
 
 
 def image_file(folder: Path, case: str) -> str:
-    return str(folder / "imagesTr" / f"{case}_0000.nii.gz")
+    return raw_case_files(str(folder), case)[0]
 
 
 def label_file(folder: Path, case: str) -> str:
-    return str(folder / "labelsTr" / f"{case}.nii.gz")
+    return raw_case_files(str(folder), case)[1]
 
 
 # ------------------------------------------------------------------------------------------- the run
 def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path, held_out: list[str]) -> dict:
     """Every method on every query of one dataset: Dice per class and seconds per query."""
     queries, refs = pick_cases(folder, held_out, args.queries, args.n_references, args.seed)
-    names = {int(v): k for k, v in json.loads((folder / "dataset.json").read_text())["labels"].items()}
-    classes = sorted(v for v in names if v != 0)
+    names = label_names(str(folder))
+    classes = sorted(names)
     n = args.n_references
     cases = [case for r in refs for case in parse_reference(f"{image_file(folder, r)}:{label_file(folder, r)}", 1)]
     methods: dict[str, dict] = {}
@@ -317,29 +321,27 @@ def main() -> int:
     folders = [find_dataset(data, key) for key in args.datasets]
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    model = load_model_folder(args.m, args.f, args.chk)
-    held_out_file = args.held_out or os.path.join(model.folder, HELD_OUT_FILE)
-    if not os.path.isfile(held_out_file):
-        raise IrisInputError(f"{held_out_file}: held-out cases not found (give --held_out FILE)")
-    held_out = json.loads(Path(held_out_file).read_text())
+    model_folder = os.path.normpath(args.m or DEFAULT_MODEL_FOLDER)
+    predictor = IrisPredictor(use_mirroring=True, device=args.device)  # as iris_predict's defaults
+    predictor.initialize_from_model_folder(args.m, args.f, args.chk)
+    held_out_file = args.held_out or os.path.join(model_folder, HELD_OUT_FILE)
+    held_out = read_held_out(model_folder, args.held_out)
     for folder in folders:
         if not held_out.get(folder.name):
             raise IrisInputError(f"{held_out_file}: no held-out cases of {folder.name}")
-    predictor = IrisPredictor(use_mirroring=True, device=args.device)  # as iris_predict's defaults
-    predictor.initialize(model.network, model.plans, model.dataset_json, model.inference_allowed_mirroring_axes)
 
     results = {f.name: run_dataset(args, predictor, f, held_out[f.name]) for f in folders}
     command = shlex.join(["python", *sys.argv])
     hardware = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                 f"SimpleITK {sitk.Version.VersionString()}, {args.threads} threads, Iris on {args.device}")
-    print(f"\n{command}\n{hardware}\nmodel {model.folder} fold {args.f} {args.chk}\n")
+    print(f"\n{command}\n{hardware}\nmodel {model_folder} fold {args.f} {args.chk}\n")
     print(markdown_table(results))
     for ds, r in results.items():
         print(f"\n{ds}: queries {', '.join(r['queries'])}; references {', '.join(r['references'])}")
         if r["registration_over_oneshot"] is not None:
             print(f"{ds}: registration s/query / iris oneshot s/query = {r['registration_over_oneshot']:.1f}x")
     settings = {k: v for k, v in vars(args).items()}
-    write_json_atomic(json_ready({"command": command, "hardware": hardware, "model": model.folder,
+    write_json_atomic(json_ready({"command": command, "hardware": hardware, "model": model_folder,
                                   "settings": settings, "registration": {
                                       "sampling": SAMPLING, "max_samples": MAX_SAMPLES, "bspline_mesh": BSPLINE_MESH,
                                       "bspline_iterations": BSPLINE_ITERATIONS, "min_grid_voxels": MIN_GRID_VOXELS},

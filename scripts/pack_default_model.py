@@ -27,10 +27,7 @@ def main() -> None:
     args = p.parse_args()
     held_out = load_collection(args.collection).fold_cases(args.f, "val")
     target = pack_model_folder(args.model_folder, args.o, args.f, args.chk, held_out, half=not args.fp32)
-    final = os.path.join(os.path.dirname(target), DEFAULT_CHECKPOINT)
-    if target != final:
-        os.replace(target, final)
-    print(f"packed {final} ({os.path.getsize(final) / 1e6:.1f} MB); held out: "
+    print(f"packed {target} ({os.path.getsize(target) / 1e6:.1f} MB); held out: "
           + ", ".join(f"{k} {len(v)}" for k, v in held_out.items()))
 
 

@@ -112,9 +112,13 @@ def load_model_folder(folder: str | None, fold: int | str = 0, checkpoint_name: 
                      tuple(int(a) for a in axes) if axes is not None else None)
 
 
-def read_held_out(folder: str | None) -> dict[str, list[str]]:
-    """Cases per dataset that the model never trained on (its fold's validation cases), from held_out.json."""
-    path = os.path.join(folder or DEFAULT_MODEL_FOLDER, HELD_OUT_FILE)
+def read_held_out(folder: str | None, file: str | None = None) -> dict[str, list[str]]:
+    """Cases per dataset that the model never trained on (its fold's validation cases): `file`, else the model
+    folder's held_out.json (the bundled model's for None)."""
+    path = file or os.path.join(folder or DEFAULT_MODEL_FOLDER, HELD_OUT_FILE)
+    if not os.path.isfile(path):
+        raise IrisInputError(f"{path}: not found; it lists the cases the model never trained on, "
+                             f"{{dataset name: [case, ...]}}")
     held_out = _read_json(path)
     if not isinstance(held_out, dict) or not all(isinstance(v, list) for v in held_out.values()):
         raise IrisInputError(f"{path}: expected {{dataset name: [case, ...]}}")
@@ -123,44 +127,37 @@ def read_held_out(folder: str | None) -> dict[str, list[str]]:
 
 def pack_model_folder(source: str, destination: str, fold: int | str = 0, checkpoint_name: str = DEFAULT_CHECKPOINT,
                       held_out: dict[str, list[str]] | None = None, half: bool = True) -> str:
-    """Copy a model folder for shipping: JSON files and inference-only weights (fp16 with `half`), nothing else.
+    """Copy a model folder for shipping: JSON files and inference-only weights (fp16 with `half`) as
+    fold_F/checkpoint_final.pth, nothing else; returns that path.
 
     The optimiser state, memory bank and logs (most of a training checkpoint's size) are dropped; the network
-    loads fp16 weights back into float32 parameters. Returns the packed checkpoint's path.
+    loads fp16 weights back into float32 parameters.
     """
     model = load_model_folder(source, fold, checkpoint_name)
-    checkpoint = torch.load(os.path.join(source, fold_folder_name(fold), checkpoint_name), map_location="cpu",
-                            weights_only=False)
-    weights = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.network.state_dict().items()}
-    fold_dir = os.path.join(destination, fold_folder_name(fold))
-    os.makedirs(fold_dir, exist_ok=True)
-    for name in ("plans.json", "dataset.json", "manifest.json"):
-        with open(os.path.join(source, name)) as f:
-            write_json_atomic(json.load(f), os.path.join(destination, name))
-    if held_out is not None:
-        write_json_atomic(held_out, os.path.join(destination, HELD_OUT_FILE))
-    packed = {"network_weights": weights, "trainer_name": checkpoint.get("trainer_name", TRAINER_NAME),
-              "current_epoch": checkpoint.get("current_epoch"),
-              "inference_allowed_mirroring_axes": checkpoint.get("inference_allowed_mirroring_axes")}
-    target = os.path.join(fold_dir, checkpoint_name)
-    write_atomic(target, lambda tmp: torch.save(packed, tmp))
-    return target
+    manifest = _read_json(os.path.join(source, "manifest.json"))
+    write_model_folder(destination, model.plans, model.dataset_json, model.network, fold, manifest,
+                       model.inference_allowed_mirroring_axes, half=half, held_out=held_out)
+    return os.path.join(destination, fold_folder_name(fold), DEFAULT_CHECKPOINT)
 
 
 def write_model_folder(folder: str, plans: dict, dataset_json: dict, network: IrisNetwork, fold: int | str = 0,
                        manifest: dict | None = None, mirror_axes: tuple[int, ...] | None = (0, 1, 2),
-                       checkpoint_names: tuple[str, ...] = (DEFAULT_CHECKPOINT,)) -> str:
-    """Write a model folder as iris_train lays it out (for tests, benchmarks, imported weights). Returns it."""
+                       checkpoint_names: tuple[str, ...] = (DEFAULT_CHECKPOINT,), half: bool = False,
+                       held_out: dict[str, list[str]] | None = None) -> str:
+    """Write a model folder as iris_train lays it out (for tests, benchmarks, packed or imported weights).
+
+    `half` stores floating-point weights as fp16; `held_out` is written as held_out.json. Returns the folder."""
     fold_dir = os.path.join(folder, fold_folder_name(fold))
     os.makedirs(fold_dir, exist_ok=True)
-    for name, obj in (("plans.json", plans), ("dataset.json", dataset_json),
-                      ("manifest.json", manifest or {"format": 1, "members": []})):
-        with open(os.path.join(folder, name), "w") as f:
-            json.dump(obj, f, indent=2)
-    checkpoint = {"network_weights": network.state_dict(), "trainer_name": TRAINER_NAME, "current_epoch": 0,
+    files = [("plans.json", plans), ("dataset.json", dataset_json),
+             ("manifest.json", manifest or {"format": 1, "members": []})]
+    for name, obj in files + ([(HELD_OUT_FILE, held_out)] if held_out is not None else []):
+        write_json_atomic(obj, os.path.join(folder, name))
+    weights = {k: (v.half() if half and v.is_floating_point() else v) for k, v in network.state_dict().items()}
+    checkpoint = {"network_weights": weights, "trainer_name": TRAINER_NAME, "current_epoch": 0,
                   "init_args": {"plans": plans, "configuration": CONFIGURATION, "fold": fold,
                                 "dataset_json": dataset_json},
                   "inference_allowed_mirroring_axes": mirror_axes}
     for name in checkpoint_names:
-        torch.save(checkpoint, os.path.join(fold_dir, name))
+        write_atomic(os.path.join(fold_dir, name), lambda tmp: torch.save(checkpoint, tmp))
     return folder
