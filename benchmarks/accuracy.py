@@ -5,6 +5,8 @@ from the model's training cases of each dataset, i.e. imagesTr minus the held-ou
   iris oneshot      reference #1                      iris ensemble-5   the 5 references averaged per class
   iris retrieval-5  per class, the closest reference  iris tune         reference #1, its task embedding tuned
   registration      reference #1 registered to the query (SimpleITK: affine, then B-spline, Mattes MI), label warped
+  ants syn          reference #1 registered with ANTs SyN (antspyx, optional: `pip install antspyx`), label warped
+  iris oneshot 1/pass  as oneshot, one class per forward pass (all classes in one pass should do as well)
   multi-atlas-5     the 5 references registered, per-voxel majority vote
 Queries: the first --queries held-out cases (never trained on) per dataset, from --held_out (default
 <model folder>/held_out.json: {"Dataset001_Hippocampus": ["hippocampus_026", ...], ...}).
@@ -116,6 +118,27 @@ def register_label(fixed_image: sitk.Image, moving_image: sitk.Image, moving_lab
                          moving_label.GetPixelID())
 
 
+def register_label_ants(fixed_image: sitk.Image, moving_image: sitk.Image, moving_label: sitk.Image,
+                        seed: int) -> sitk.Image:
+    """ANTs SyN (antspyx's default `SyN`: affine then symmetric diffeomorphic, Mattes MI), label warped with
+    ANTs' genericLabel interpolation onto fixed_image's grid. Optional: pip install antspyx."""
+    import ants  # noqa: PLC0415 - optional benchmark dependency, only needed for this method
+
+    def to_ants(image: sitk.Image, dtype: str) -> ants.ANTsImage:
+        array = sitk.GetArrayFromImage(image).astype(dtype).transpose(2, 1, 0)  # sitk z,y,x -> ants x,y,z
+        direction = np.array(image.GetDirection()).reshape(3, 3)
+        return ants.from_numpy(array, origin=list(image.GetOrigin()), spacing=list(image.GetSpacing()),
+                               direction=direction)
+
+    fixed, moving = to_ants(fixed_image, "float32"), to_ants(moving_image, "float32")
+    out = ants.registration(fixed, moving, type_of_transform="SyN", random_seed=seed)
+    warped = ants.apply_transforms(fixed, to_ants(moving_label, "float32"), out["fwdtransforms"],
+                                   interpolator="genericLabel")
+    result = sitk.GetImageFromArray(np.rint(warped.numpy()).astype(np.int16).transpose(2, 1, 0))
+    result.CopyInformation(fixed_image)
+    return result
+
+
 def majority_vote(labels: list[np.ndarray]) -> np.ndarray:
     """Per voxel, the label most maps agree on; a tie goes to the lowest tied label value (background if tied)."""
     stack = np.stack(labels)
@@ -185,17 +208,18 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
     n = args.n_references
     cases = [case for r in refs for case in parse_reference(f"{image_file(folder, r)}:{label_file(folder, r)}", 1)]
     methods: dict[str, dict] = {}
-    iris = {"iris oneshot": ("oneshot", 1), f"iris ensemble-{n}": ("ensemble", n),
-            f"iris retrieval-{n}": ("retrieval", n), "iris tune": ("tune", 1)}
+    iris = {"iris oneshot": ("oneshot", 1), "iris oneshot 1/pass": ("oneshot", 1),
+            f"iris ensemble-{n}": ("ensemble", n), f"iris retrieval-{n}": ("retrieval", n), "iris tune": ("tune", 1)}
     for name, (strategy, k) in iris.items():
-        if strategy in args.methods:
+        if (strategy if not name.endswith("1/pass") else "oneshot-1-per-pass") in args.methods:
             start = time.perf_counter()  # mirrors iris_predict: encode, task for the strategy, pool for retrieval
             encoded = predictor.encode_references(cases[:k])
             task, losses = predictor.task_for_strategy(encoded.pool, strategy, encoded, args.tune_steps, args.tune_lr)
             methods[name] = {"encode_s": time.perf_counter() - start, "tune_losses": losses, "lost": encoded.lost,
                              "task": task, "pool": encoded.pool if strategy == "retrieval" else None, "per_query": {}}
             print(f"[{folder.name}] {name}: task encoded in {methods[name]['encode_s']:.1f} s", file=sys.stderr)
-    for option, name in (("registration", "registration"), ("multi-atlas", f"multi-atlas-{n}")):
+    for option, name in (("registration", "registration"), ("ants-syn", "ants syn"),
+                         ("multi-atlas", f"multi-atlas-{n}")):
         if option in args.methods:
             methods[name] = {"encode_s": 0.0, "per_query": {}}
     atlases = [(sitk.ReadImage(image_file(folder, r)), sitk.ReadImage(label_file(folder, r))) for r in refs]
@@ -215,12 +239,16 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             for name, m in methods.items():
                 start = time.perf_counter()
                 if name.startswith("iris"):
+                    predictor.classes_per_pass = 1 if name.endswith("1/pass") else None
                     result = predictor.predict_case([image_file(folder, case)], m["task"], m["pool"], 1)
                     write_segmentation(result.segmentation, os.path.join(tmp, f"{case}.nii.gz"), result.properties,
                                        result.reader_writer)
                     pred, seconds = result.segmentation, time.perf_counter() - start
                 elif name == "registration":
                     pred, seconds = register(0)
+                elif name == "ants syn":
+                    warped = register_label_ants(fixed, *atlases[0], args.seed)
+                    pred, seconds = sitk.GetArrayFromImage(warped), time.perf_counter() - start
                 else:
                     warped = [register(i) for i in range(n)]
                     vote_start = time.perf_counter()
@@ -298,7 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_references", type=int, default=5, help="references of the ensemble, retrieval, multi-atlas")
     p.add_argument("--methods", nargs="+", default=["oneshot", "ensemble", "retrieval", "tune", "registration",
                                                     "multi-atlas"],
-                   choices=["oneshot", "ensemble", "retrieval", "tune", "registration", "multi-atlas"])
+                   choices=["oneshot", "oneshot-1-per-pass", "ensemble", "retrieval", "tune", "registration",
+                            "ants-syn", "multi-atlas"],
+                   help="oneshot-1-per-pass: oneshot decoding one class per pass (the joint-decoding check); "
+                        "ants-syn: ANTs SyN from reference #1 (needs pip install antspyx)")
     p.add_argument("--seed", type=int, default=0, help="picks the references; seeds the registration sampling")
     p.add_argument("--registration_spacing", type=float, default=2.0, metavar="MM",
                    help="grid of the registration optimisation (the label is warped at the query's full resolution)")
@@ -319,6 +350,12 @@ def main() -> int:
     if not data.is_dir():
         raise IrisInputError(f"{data}: data folder not found (give --data or set $IRIS_DATA)")
     folders = [find_dataset(data, key) for key in args.datasets]
+    if "ants-syn" in args.methods:
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)  # read by ANTs when it loads
+        try:
+            import ants  # noqa: F401, PLC0415
+        except ImportError:
+            raise IrisInputError("--methods ants-syn needs antspyx (pip install antspyx)") from None
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     model_folder = os.path.normpath(args.m or DEFAULT_MODEL_FOLDER)

@@ -67,7 +67,9 @@ def test_permuting_classes_permutes_outputs(net):
         out = net(query, task)
         permuted_task = net.encode_task(image, masks[:, perm], classes=[[10, 20, 30, 40, 50][p] for p in perm])
         torch.testing.assert_close(net(query, permuted_task), out[:, perm], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(net(query, task.select([40, 10])), out[:, [3, 0]], atol=1e-4, rtol=1e-4)
+        # a subset is decoded without the other classes' tokens (self-attention over classes): nearly, not exactly,
+        # the same maps
+        torch.testing.assert_close(net(query, task.select([40, 10])), out[:, [3, 0]], atol=1e-3, rtol=1e-3)
 
 
 def test_every_parameter_gets_a_gradient():

@@ -61,7 +61,8 @@ def count_parameters(arch_kwargs: dict, input_channels: int = 1) -> int:
         total += m * d + 2 * attention(d) + mlp(d, d, MLP_RATIO * d) + 4 * 2 * d  # context queries
     total += sum(linear(f[s + 1], f[s]) for s in levels[1:])  # token carry between levels
     c_last = f[levels[-1]]
-    total += 2 * c_last + mlp(c_last, f[0], c_last)  # class head
+    c_head = c_last + sum(f[s] for s in levels)  # decoded token + the class's reference tokens of every scale
+    total += 2 * c_head + mlp(c_head, f[0], c_last)  # class head
     total += sum(linear(f[0], f[s]) for s in range(1, n)) + 1  # deep-supervision heads, logit bias
     return total
 

@@ -269,8 +269,12 @@ class IrisNetwork(nn.Module):
         self.context = nn.ModuleList(
             ContextEncoder(features[s], s, num_query_tokens, attention_heads_for(features[s], attention_heads))
             for s in self.levels)
-        c_last = features[self.levels[-1]]
-        self.class_head = nn.Sequential(nn.LayerNorm(c_last), _mlp(c_last, features[0], hidden=c_last))
+        # the per-class vector reads the class's own reference foreground tokens of every task scale beside its
+        # decoded token: from the decoded token alone, training found a shortcut (all classes got one vector and
+        # the shared image update carried the class), which merged the classes whenever several were decoded
+        # together (issue 10). The reference tokens differ per class by construction.
+        c_head = features[self.levels[-1]] + sum(features[s] for s in self.levels)
+        self.class_head = nn.Sequential(nn.LayerNorm(c_head), _mlp(c_head, features[0], hidden=features[self.levels[-1]]))
         # kept even while deep supervision is off so the state_dict does not depend on the flag
         self.ds_heads = nn.ModuleList(nn.Linear(features[0], features[s]) for s in range(1, n))
         self.logit_bias = nn.Parameter(torch.zeros(1))
@@ -358,7 +362,8 @@ class IrisNetwork(nn.Module):
         tokens = {s: t.to(query.device, query.dtype).expand(b, -1, -1, -1).reshape(b, k * m1, -1)
                   for s, t in zip(self.levels, task.tokens)}
         feats, t = self.decoder(self.encoder(query), tokens)
-        vec = self.class_head(t.view(b, k, m1, -1)[:, :, 0])  # per-class vector from the foreground token
+        own = [tokens[s].view(b, k, m1, -1)[:, :, 0] for s in self.levels]  # each class's reference fg tokens
+        vec = self.class_head(torch.cat([t.view(b, k, m1, -1)[:, :, 0], *own], -1))
         logits = [self._dot(vec, feats[0])]
         if self.deep_supervision:
             logits += [self._dot(head(vec), feats[s]) for s, head in enumerate(self.ds_heads, start=1)]

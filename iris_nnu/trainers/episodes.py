@@ -2,8 +2,8 @@
 
 nnU-Net's `nnUNetDataLoader` draws single patches; Iris needs pairs that share a sampled set of classes, so the
 batch assembly is ours, while patch placement (`get_bbox`), case loading and augmentation are nnU-Net's.
-One episode (= one batch) comes from one member and shares its classes: 1..K_max labels drawn at random
-(random class dropping), each turned into a binary target channel.
+One episode (= one batch) comes from one member and shares its classes: mostly K_max labels, otherwise 1..K_max,
+drawn at random (random class dropping), each turned into a binary target channel.
 """
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ from threadpoolctl import threadpool_limits
 
 # Reference perturbation (imperfect references): probability of dilating or eroding the reference masks.
 REFERENCE_MASK_PERTURBATION_P = 0.3
+# Share of episodes that draw as many of the member's classes as allowed; the others draw 1..K_max uniformly
+# (random class dropping). The query pass is shared by all classes of an episode, so more classes give more signal
+# per step; and episodes of one class reward a shortcut (the class carried by the shared image update instead of
+# the per-class vector) that merged classes decoded together (issue 10).
+FULL_EPISODE_P = 0.75
 # Attempts to find a reference case that holds at least one of the episode's classes.
 REFERENCE_ATTEMPTS = 5
 
@@ -105,7 +110,8 @@ class EpisodicDataLoader(DataLoader):
     def generate_train_batch(self) -> dict:
         member = self.members[self.rng.choice(len(self.members), p=self.member_probabilities)]
         labels = member.foreground_labels
-        k = int(self.rng.integers(1, min(self.max_classes, len(labels)) + 1))
+        k_max = min(self.max_classes, len(labels))
+        k = k_max if self.rng.random() < FULL_EPISODE_P else int(self.rng.integers(1, k_max + 1))
         classes = sorted(int(c) for c in self.rng.choice(labels, size=k, replace=False))
         queries, references, targets, masks, keys = [], [], [], [], []
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):

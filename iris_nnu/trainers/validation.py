@@ -8,6 +8,7 @@ Writes fold_F/validation/{member}/{case}{ending} + summary.json (nnU-Net's forma
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -33,20 +34,98 @@ def choose_reference(dataset: nnUNetDatasetBlosc2, cases: list[str], labels: lis
     return max(sorted(cases), key=held)
 
 
-def one_shot_validation(trainer) -> dict[str, float]:
-    """Validate trainer's fold; returns {member: mean foreground Dice}."""
+def one_shot_validation(trainer, folder_name: str = "validation", max_cases: int | None = None,
+                        classes_per_pass: int | None = None) -> dict[str, float]:
+    """Validate trainer's fold; returns {member: mean foreground Dice}.
+
+    `max_cases` limits the validation cases per member (the first by name) and `classes_per_pass` splits the
+    decoding into passes, for learning curves and the joint-vs-separate decoding check; results go to
+    fold_F/`folder_name`."""
+    with _inference_mode(trainer) as network:
+        predictor = _predictor(trainer, network, classes_per_pass)
+        reader_writer = predictor.reader_writer_class()
+        summary = {}
+        for member, dataset, task, cases in _member_tasks(trainer, predictor, max_cases):
+            ending = load_json(os.path.join(os.path.dirname(member.preprocessed_folder), "dataset.json"))["file_ending"]
+            output = os.path.join(trainer.output_folder, folder_name, member.name)
+            os.makedirs(output, exist_ok=True)
+            for case in tqdm(cases, desc=f"{folder_name} {member.name}", unit="case",
+                             disable=trainer.local_rank != 0):
+                data, _, _, properties = dataset.load_case(case)
+                index_map, _, _ = predictor.segment_preprocessed(np.asarray(data), properties, task)
+                write_segmentation(indices_to_values(index_map, task.classes), os.path.join(output, case + ending),
+                                   properties, reader_writer)
+            gt = os.path.join(os.path.dirname(member.preprocessed_folder), "gt_segmentations")
+            for stale in set(os.listdir(output)) - {case + ending for case in cases}:  # an earlier, longer run's
+                if stale.endswith(ending):
+                    os.remove(os.path.join(output, stale))
+            metrics = compute_metrics_on_folder(gt, output, os.path.join(output, "summary.json"), reader_writer,
+                                                ending, member.foreground_labels, None, num_processes=1, chill=True)
+            summary[member.name] = float(metrics["foreground_mean"]["Dice"])
+    write_json_atomic({"one_shot_mean_dice": summary,
+                       "mean_over_members": float(np.mean(list(summary.values()))) if summary else None},
+                      os.path.join(trainer.output_folder, folder_name, "summary.json"))
+    return summary
+
+
+def reference_following(trainer, max_cases: int | None = None, max_classes: int = 4) -> dict[str, np.ndarray]:
+    """Per member, Dice[asked, truth] over its first `max_classes` classes: the model asked for ONE class of the
+    one-shot task at a time, scored against every class's ground truth (voxels pooled over the validation cases,
+    preprocessed space). A model that reads its reference has a dominant diagonal; one that segments "any
+    structure" has equal rows."""
+    out = {}
+    with _inference_mode(trainer) as network:
+        predictor = _predictor(trainer, network, None)
+        for member, dataset, task, cases in _member_tasks(trainer, predictor, max_cases):
+            classes = task.classes[:max_classes]
+            overlap, predicted, truth = (np.zeros((len(classes), len(classes))), np.zeros(len(classes)),
+                                         np.zeros(len(classes)))
+            for case in cases:
+                data, seg, _, properties = dataset.load_case(case)
+                seg = np.asarray(seg)[0]
+                masks = [seg == c for c in classes]
+                truth += [m.sum() for m in masks]
+                for i, asked in enumerate(classes):
+                    _, _, labels = predictor.segment_preprocessed(np.asarray(data), properties, task.select([asked]),
+                                                                  export=False, preprocessed_labels=True)
+                    mask = labels > 0
+                    predicted[i] += mask.sum()
+                    overlap[i] += [(mask & m).sum() for m in masks]
+            out[member.name] = 2 * overlap / np.maximum(predicted[:, None] + truth[None, :], 1)
+    return out
+
+
+@contextlib.contextmanager
+def _inference_mode(trainer):
+    """The trainer's network in eval mode without deep supervision, under no_grad; restored afterwards."""
     network = trainer.iris_network
-    predictor = IrisPredictor(tile_step_size=0.5, use_mirroring=True, device=trainer.device)
+    mode = network.training, network.deep_supervision
+    network.eval()
+    network.set_deep_supervision(False)
+    try:
+        with torch.no_grad():
+            yield network
+    finally:
+        network.train(mode[0])
+        network.set_deep_supervision(mode[1])
+
+
+def _predictor(trainer, network, classes_per_pass: int | None) -> IrisPredictor:
+    predictor = IrisPredictor(tile_step_size=0.5, use_mirroring=True, device=trainer.device,
+                              classes_per_pass=classes_per_pass)
     predictor.initialize(network, trainer.plans_manager.plans, trainer.dataset_json,
                          trainer.inference_allowed_mirroring_axes)
-    reader_writer = predictor.reader_writer_class()
+    return predictor
+
+
+def _member_tasks(trainer, predictor: IrisPredictor, max_cases: int | None):
+    """Per member with validation cases: (member, its dataset, the one-shot task from its reference, the first
+    `max_cases` validation cases by name)."""
     train_cases, val_cases = trainer.do_split()
-    summary = {}
     for member in trainer.collection.members:
         if not val_cases[member.name] or not train_cases[member.name]:
             continue
         labels = member.foreground_labels
-        ending = load_json(os.path.join(os.path.dirname(member.preprocessed_folder), "dataset.json"))["file_ending"]
         dataset = nnUNetDatasetBlosc2(member.preprocessed_folder,
                                       sorted(set(train_cases[member.name]) | set(val_cases[member.name])))
         reference = choose_reference(dataset, train_cases[member.name], labels)
@@ -55,23 +134,7 @@ def one_shot_validation(trainer) -> dict[str, float]:
         indices = np.zeros(seg.shape[1:], dtype=np.int16)
         for i, label in enumerate(labels, start=1):
             indices[seg[0] == label] = i
-        with torch.no_grad():
-            present = [i for i in range(1, len(labels) + 1) if (indices == i).any()]
-            task = predictor.encode_crops(structure_crops(np.asarray(data), indices, present, predictor.patch_size),
-                                          [labels[i - 1] for i in present])
-        output = os.path.join(trainer.output_folder, "validation", member.name)
-        os.makedirs(output, exist_ok=True)
-        for case in tqdm(val_cases[member.name], desc=f"validation {member.name}", unit="case",
-                         disable=trainer.local_rank != 0):
-            data, _, _, properties = dataset.load_case(case)
-            index_map, _, _ = predictor.segment_preprocessed(np.asarray(data), properties, task)
-            write_segmentation(indices_to_values(index_map, task.classes), os.path.join(output, case + ending),
-                               properties, reader_writer)
-        gt = os.path.join(os.path.dirname(member.preprocessed_folder), "gt_segmentations")
-        metrics = compute_metrics_on_folder(gt, output, os.path.join(output, "summary.json"), reader_writer, ending,
-                                            labels, None, num_processes=1, chill=True)
-        summary[member.name] = float(metrics["foreground_mean"]["Dice"])
-    write_json_atomic({"one_shot_mean_dice": summary,
-                       "mean_over_members": float(np.mean(list(summary.values()))) if summary else None},
-                      os.path.join(trainer.output_folder, "validation", "summary.json"))
-    return summary
+        present = [i for i in range(1, len(labels) + 1) if (indices == i).any()]
+        task = predictor.encode_crops(structure_crops(np.asarray(data), indices, present, predictor.patch_size),
+                                      [labels[i - 1] for i in present])
+        yield member, dataset, task, sorted(val_cases[member.name])[:max_cases]
