@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from conftest import link_real_dataset
 from synthetic import make_raw_dataset, write_volume
 
@@ -39,7 +40,7 @@ def two_datasets(nnunet_env):
 
 def test_joint_plan_two_modalities(two_datasets):
     pre = two_datasets["nnUNet_preprocessed"]
-    run_cli("-d", "11", "12", "-np", "1", "--memory_gb", "1")
+    run_cli("-d", "11", "12", "-np", "1", "--memory_gb", "1", "--plan_for", "gpu")
 
     collection = load_collection(900)
     assert collection.name == "Dataset900_SynthCT_SynthMR"
@@ -95,12 +96,12 @@ def test_joint_plan_two_modalities(two_datasets):
 
 
 def test_rerun_skips_finished_and_redoes_partial(two_datasets):
-    run_cli("-d", "11", "12", "-np", "1", "--memory_gb", "1")
+    run_cli("-d", "11", "12", "-np", "1", "--memory_gb", "1", "--plan_for", "gpu")
     folder = Path(load_collection(900).members[0].preprocessed_folder)
     mtimes = {f.name: f.stat().st_mtime_ns for f in folder.iterdir() if f.is_file()}
     # an interrupted case: data written, .pkl (written last) missing
     (folder / "ct_003.pkl").unlink()
-    run_cli("-d", "11", "12", "-np", "1", "--memory_gb", "1")
+    run_cli("-d", "11", "12", "-np", "1", "--memory_gb", "1", "--plan_for", "gpu")
     after = {f.name: f.stat().st_mtime_ns for f in folder.iterdir() if f.is_file()}
     assert (folder / "ct_003.pkl").is_file()
     assert after["ct_003.b2nd"] != mtimes["ct_003.b2nd"]  # redone
@@ -112,7 +113,7 @@ def test_rerun_skips_finished_and_redoes_partial(two_datasets):
 
 
 def test_changed_plan_invalidates_preprocessed_cases(two_datasets):
-    run_cli("-d", "11", "12", "-np", "1", "--memory_gb", "1")
+    run_cli("-d", "11", "12", "-np", "1", "--memory_gb", "1", "--plan_for", "gpu")
     folder = Path(load_collection(900).members[1].preprocessed_folder)
     before = load_b2nd(folder / "mr_000.b2nd").shape
     run_cli("-d", "11", "12", "-np", "1", "--memory_gb", "1", "--target_spacing", "2")
@@ -135,8 +136,8 @@ def test_memory_budget_sizes_patch_and_network():
                    "median_relative_size_after_cropping": 1.0}
     member = MemberSummary("Dataset001_Big", {"channel_names": {"0": "MR"}, "labels": {"background": 0, "a": 1}},
                            fingerprint)
-    small = plan_collection([member], memory_gb=0.5)
-    large = plan_collection([member], memory_gb=40)
+    small = plan_collection([member], memory_gb=0.5, hardware="gpu")
+    large = plan_collection([member], memory_gb=40, hardware="gpu")
     cs, cl = small["configurations"]["3d_fullres"], large["configurations"]["3d_fullres"]
     assert np.prod(cl["patch_size"]) >= np.prod(cs["patch_size"])
     assert (cl["architecture"]["arch_kwargs"]["features_per_stage"][0]
@@ -146,6 +147,31 @@ def test_memory_budget_sizes_patch_and_network():
     assert cl["patch_size"] == [128, 128, 128]  # the paper's patch caps the target
     assert large["iris"]["estimated_training_memory_gb"] <= 40
     assert small["iris"]["estimated_training_memory_gb"] <= 0.5 or cs["patch_size"] == [64, 64, 64]
+
+
+def test_cpu_plan_is_small_and_coarse_gpu_plan_is_paper_like():
+    def member(spacing: float) -> MemberSummary:
+        fingerprint = {"spacings": [[spacing] * 3] * 3, "shapes_after_crop": [[200, 200, 200]] * 3,
+                       "foreground_intensity_properties_per_channel": {"0": {}},
+                       "median_relative_size_after_cropping": 1.0}
+        return MemberSummary("Dataset001_Big", {"channel_names": {"0": "MR"},
+                                                "labels": {"background": 0, "a": 1}}, fingerprint)
+
+    cpu = plan_collection([member(1.0)], hardware="cpu")
+    c = cpu["configurations"]["3d_fullres"]
+    assert (c["spacing"], c["patch_size"], cpu["iris"]["planned_for"]) == ([1.5] * 3, [32, 32, 32], "cpu")
+    assert cpu["iris"]["memory_budget_gb"] == 0.5 and c["architecture"]["arch_kwargs"]["features_per_stage"][0] == 8
+    assert plan_collection([member(2.0)], hardware="cpu")["configurations"]["3d_fullres"]["spacing"] == [2.0] * 3
+    given = plan_collection([member(1.0)], target_spacing=1.0, patch_size=[48, 48, 48], memory_gb=1,
+                            hardware="cpu")["configurations"]["3d_fullres"]
+    assert (given["spacing"], given["patch_size"]) == ([1.0] * 3, [48, 48, 48])  # what is given is kept
+    gpu = plan_collection([member(1.0)], memory_gb=40, hardware="gpu")
+    g = gpu["configurations"]["3d_fullres"]
+    assert (g["spacing"], g["patch_size"], gpu["iris"]["planned_for"]) == ([1.0] * 3, [128] * 3, "gpu")
+    if not torch.cuda.is_available():
+        assert plan_collection([member(1.0)])["iris"]["planned_for"] == "cpu"
+        with pytest.raises(ValueError, match="memory_gb"):
+            plan_collection([member(1.0)], hardware="gpu")
 
 
 def test_fixed_patch_size_adapts_only_width_and_batch(capsys):
@@ -303,7 +329,7 @@ def test_real_hippocampus_and_oasis(nnunet_env, shared_data):
     raw = nnunet_env["nnUNet_raw"]
     link_real_dataset(shared_data, raw, "Dataset001_Hippocampus")
     link_real_dataset(shared_data, raw, "Dataset002_OASISBrain")
-    run_cli("-d", "1", "2", "-np", "2", "--target_spacing", "2")
+    run_cli("-d", "1", "2", "-np", "2", "--target_spacing", "2", "--plan_for", "gpu", "--memory_gb", "2")
     collection = load_collection(900)
     assert [m.name for m in collection.members] == ["Dataset001_Hippocampus", "Dataset002_OASISBrain"]
     assert len(collection.members[0].cases) == 200 and len(collection.members[1].cases) == 15

@@ -43,7 +43,7 @@ def collection_env(tmp_path_factory):
                          modality="CT", num_classes=2, seed=1, prefix="ct")
         make_raw_dataset(str(root / "nnUNet_raw"), 12, "SynthMR", num_cases=6, shape_zyx=(28, 28, 28),
                          modality="MR", num_classes=3, seed=2, prefix="mr")
-        plan_main(["-d", "11", "12", "-np", "1", "--memory_gb", "0.3"])
+        plan_main(["-d", "11", "12", "-np", "1", "--memory_gb", "0.3", "--plan_for", "gpu"])
         pre = root / "nnUNet_preprocessed"
         for folder in ("Dataset900_SynthCT_SynthMR", "Dataset011_SynthCT", "Dataset012_SynthMR"):
             shrink_plans(pre / folder / "IrisPlans.json")

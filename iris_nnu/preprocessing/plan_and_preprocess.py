@@ -26,6 +26,7 @@ from iris_nnu.preprocessing.collection import (
 )
 from iris_nnu.preprocessing.planner import (
     CONFIGURATION,
+    HARDWARE,
     PLANS_IDENTIFIER,
     MemberSummary,
     plan_collection,
@@ -111,16 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collection_name", default=None,
                    help="name of the collection folder (DatasetXXX_NAME); default: the dataset's own name with "
                         "one -d, else the member names joined by '_'")
+    p.add_argument("--plan_for", choices=HARDWARE, default="auto",
+                   help="hardware the plan is for, which sets the defaults below: gpu = the paper-like plan (auto "
+                        "spacing, patch up to 128, sized to the GPU's memory); cpu = a plan that learns per "
+                        "CPU-hour (spacing >= 1.5 mm, 32^3 patch, 0.5 GB); auto: gpu if torch sees one, else cpu")
     p.add_argument("--target_spacing", type=parse_spacing, default=None, metavar="auto|MM",
                    help="isotropic spacing in mm for all members; auto: median over members of the cube root of "
-                        "the median voxel volume (default: auto)")
+                        "the median voxel volume (default: auto; for a CPU plan at least 1.5)")
     p.add_argument("--patch_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="training patch in voxels at the target spacing, multiples of 16; the memory budget then "
-                        "sets only width and batch (default: the largest member's median shape, capped at 128 and "
-                        "shrunk to fit the budget)")
+                        "sets only width and batch (default for a GPU plan: the largest member's median shape, "
+                        "capped at 128 and shrunk to fit the budget; for a CPU plan: 32 32 32)")
     p.add_argument("--memory_gb", type=float, default=None,
-                   help="memory budget for one training step; default: 85%% of the visible GPU's memory, else a "
-                        "2 GB CPU budget")
+                   help="memory budget for one training step; default: 85%% of the visible GPU's memory for a GPU "
+                        "plan, 0.5 GB for a CPU plan")
     p.add_argument("-np", type=int, default=max(1, min(8, os.cpu_count() or 1)),
                    help="processes for fingerprinting, checking and preprocessing")
     p.add_argument("--verify_dataset_integrity", action="store_true",
@@ -169,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     reader = determine_reader_writer_from_dataset_json(datasets[0].dataset_json,
                                                       next(iter(datasets[0].cases.values()))["images"][0])
     try:
-        plans = plan_collection(summaries, args.target_spacing, args.memory_gb, reader.__name__, args.patch_size)
+        plans = plan_collection(summaries, args.target_spacing, args.memory_gb, reader.__name__, args.patch_size,
+                                args.plan_for)
     except ValueError as e:
         raise IrisInputError(str(e)) from None
     configuration = plans["configurations"][CONFIGURATION]
