@@ -32,7 +32,7 @@ from iris_nnu.preprocessing.collection import load_collection  # noqa: E402
 from iris_nnu.preprocessing.planner import CONFIGURATION, PLANS_IDENTIFIER  # noqa: E402
 from iris_nnu.trainers import episodes  # noqa: E402
 from iris_nnu.trainers.iris_trainer import IrisTrainer  # noqa: E402
-from iris_nnu.trainers.validation import one_shot_validation  # noqa: E402
+from iris_nnu.trainers.validation import one_shot_validation, reference_following  # noqa: E402
 
 
 class BudgetReached(Exception):
@@ -93,6 +93,10 @@ class CurveTrainer(IrisTrainer):
             row["joint"] = self._evaluate("joint", None)
             if self.per_pass:
                 row["per_pass"] = self._evaluate("per_pass", 1)
+                # asked for one class at a time, Dice with its own class minus the mean Dice with the others:
+                # near 0 for a model that ignores its reference
+                row["follows"] = {m: round(float(d.diagonal().mean() - d[~np.eye(len(d), dtype=bool)].mean()), 4)
+                                  for m, d in reference_following(self, self.eval_cases).items() if len(d) > 1}
         self.rows.append(row)
         print("CURVE " + json.dumps(row), flush=True)
         self._excluded += time.process_time() - paused
@@ -121,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=30.0, help="CPU-minutes of training")
     p.add_argument("--every", type=float, default=5.0, help="CPU-minutes between evaluations")
     p.add_argument("--eval_cases", type=int, default=10, help="validation cases per member at each evaluation")
-    p.add_argument("--per_pass", action="store_true", help="also decode one class per pass (joint-vs-separate check)")
+    p.add_argument("--per_pass", action="store_true", help="also decode one class per pass (joint-vs-separate "
+                   "check) and measure how far each class alone follows its reference (own minus other Dice)")
     p.add_argument("--max_classes", type=int, default=None, help="classes per episode at most (default: the plan's)")
     p.add_argument("--full_episode_p", type=float, default=None,
                    help=f"share of episodes with the most classes (default {episodes.FULL_EPISODE_P})")
@@ -157,10 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     report = json.loads(Path(args.output).read_text()) if os.path.isfile(args.output) else []
     report.append({"recipe": recipe, "rows": trainer.rows})
     write_json_atomic(report, args.output)
-    print(f"{'recipe':<24}{'CPU min':>8}{'iters':>7}  member: joint Dice (one class per pass)")
+    print(f"{'recipe':<24}{'CPU min':>8}{'iters':>7}  member: joint Dice (one class per pass) [follows]")
     for row in trainer.rows:
         cells = [f"{m.split('_', 1)[-1]}: {v['mean']:.3f}"
                  + (f" ({row['per_pass'][m]['mean']:.3f})" if "per_pass" in row else "")
+                 + (f" [{row['follows'][m]:+.3f}]" if m in row.get("follows", {}) else "")
                  for m, v in row["joint"].items()]
         print(f"{recipe['name']:<24}{row['cpu_minutes']:>8.1f}{row['iterations']:>7}  " + "; ".join(cells))
     return 0
