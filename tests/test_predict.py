@@ -72,7 +72,9 @@ def make_case(image_path: Path, label_path: Path | None, seed: int, shape=(26, 3
 def world(tmp_path_factory) -> dict:
     """A model folder, three reference pairs and two queries (one .nii.gz, one rotated .mha)."""
     root = tmp_path_factory.mktemp("predict")
-    model = build_model_folder(root / "model", checkpoint_names=("checkpoint_final.pth", "checkpoint_best.pth"))
+    # seed: random weights whose outputs hold foreground on both queries (the geometry checks need labels)
+    model = build_model_folder(root / "model", seed=2,
+                               checkpoint_names=("checkpoint_final.pth", "checkpoint_best.pth"))
     refs = root / "refs"
     refs.mkdir()
     for i in range(3):

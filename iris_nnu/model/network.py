@@ -274,7 +274,8 @@ class IrisNetwork(nn.Module):
         # the shared image update carried the class), which merged the classes whenever several were decoded
         # together (issue 10). The reference tokens differ per class by construction.
         c_head = features[self.levels[-1]] + sum(features[s] for s in self.levels)
-        self.class_head = nn.Sequential(nn.LayerNorm(c_head), _mlp(c_head, features[0], hidden=features[self.levels[-1]]))
+        self.class_head = nn.Sequential(nn.LayerNorm(c_head),
+                                        _mlp(c_head, features[0], hidden=features[self.levels[-1]]))
         # kept even while deep supervision is off so the state_dict does not depend on the flag
         self.ds_heads = nn.ModuleList(nn.Linear(features[0], features[s]) for s in range(1, n))
         self.logit_bias = nn.Parameter(torch.zeros(1))

@@ -322,10 +322,7 @@ class IrisTrainer(nnUNetTrainer):
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         from iris_nnu.trainers.validation import one_shot_validation
 
-        self.set_deep_supervision_enabled(False)
-        self.network.eval()
         start = time()
-        summary = one_shot_validation(self)
+        summary = one_shot_validation(self)  # in eval mode without deep supervision, then restores both
         self.print_to_log_file(f"one-shot validation ({time() - start:.0f} s): "
                                + json.dumps({k: round(v, 4) for k, v in summary.items()}))
-        self.set_deep_supervision_enabled(True)
