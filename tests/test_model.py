@@ -276,3 +276,15 @@ def test_memory_estimate_is_fast_arithmetic_and_monotone():
     assert estimate_memory_bytes(kw, (64, 64, 64), 4, 4) > 1.5 * base
     assert estimate_memory_bytes(kw, (64, 64, 64), 2, 4, training=False) < base
     assert estimate_memory_bytes({}, (128, 128, 128), 2, 4) > 4 * estimate_memory_bytes(kw, (64, 64, 64), 2, 4)
+
+
+def test_dependencies_point_one_way():
+    """inference/ never imports trainers/; model/ is pure torch (no nnunetv2, no pipeline stage)."""
+    import subprocess
+    import sys
+
+    check = ("import sys, iris_nnu.inference; assert 'iris_nnu.trainers' not in sys.modules; "
+             "[sys.modules.pop(m) for m in list(sys.modules) if m.startswith(('iris_nnu', 'nnunetv2'))]; "
+             "import iris_nnu.model; loaded = [m for m in sys.modules if m.startswith(('nnunetv2', "
+             "'iris_nnu.inference', 'iris_nnu.trainers', 'iris_nnu.preprocessing'))]; assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", check], check=True)

@@ -12,7 +12,7 @@ from synthetic import make_raw_dataset
 from iris_nnu.preprocessing.collection import load_collection
 from iris_nnu.preprocessing.plan_and_preprocess import main as plan_main
 from iris_nnu.trainers.iris_trainer import IrisTrainer, WarmupExponentialLR
-from iris_nnu.trainers.loss import MaskedDiceBCELoss
+from iris_nnu.model.loss import MaskedDiceBCELoss
 from iris_nnu.trainers.train import main as train_main
 from iris_nnu.trainers.validation import one_shot_validation, reference_following
 

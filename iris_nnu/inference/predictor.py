@@ -55,7 +55,7 @@ from iris_nnu.inference.references import (
     structure_crops,
 )
 from iris_nnu.model import IrisNetwork, TaskEmbedding, TaskMismatchError
-from iris_nnu.trainers.loss import MaskedDiceBCELoss
+from iris_nnu.model.loss import MaskedDiceBCELoss
 
 STRATEGIES = ("oneshot", "ensemble", "retrieval", "tune")
 # nnU-Net accumulates Gaussian-weighted logits in fp16; clamping keeps the sums finite (sigmoid(16) = 1 - 1e-7,

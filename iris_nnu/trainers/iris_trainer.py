@@ -34,10 +34,10 @@ from torch import autocast, nn
 from torch._dynamo import OptimizedModule
 
 from iris_nnu.files import write_atomic
-from iris_nnu.model import IrisNetwork, TaskEmbedding, build_network
+from iris_nnu.model import IrisNetwork, MaskedDiceBCELoss, TaskEmbedding, build_network
 from iris_nnu.preprocessing.collection import Collection, load_collection
 from iris_nnu.trainers.episodes import EpisodicDataLoader, MemberEpisodes
-from iris_nnu.trainers.loss import MaskedDiceBCELoss
+from iris_nnu.trainers.validation import one_shot_validation
 
 
 class WarmupExponentialLR:
@@ -320,8 +320,6 @@ class IrisTrainer(nnUNetTrainer):
                             for member, bank in checkpoint.get("iris_memory_bank", {}).items()}
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
-        from iris_nnu.trainers.validation import one_shot_validation
-
         start = time()
         summary = one_shot_validation(self)  # in eval mode without deep supervision, then restores both
         self.print_to_log_file(f"one-shot validation ({time() - start:.0f} s): "

@@ -1,5 +1,7 @@
 """Iris's episodic loss: soft Dice + sigmoid BCE per class, equal weights, over the valid (reference, class) pairs.
 
+It lives with the model because two stages use it: training, and in-context tuning at inference.
+
 nnU-Net's DC_and_BCE_loss has no per-(sample, class) mask; Iris needs one because a reference crop may miss a
 class of the episode, and then that class's query target says nothing about the task.
 """
