@@ -9,6 +9,7 @@ import pytest
 import torch
 from synthetic import make_raw_dataset
 
+from iris_nnu.errors import IrisInputError
 from iris_nnu.preprocessing.collection import load_collection
 from iris_nnu.preprocessing.plan_and_preprocess import main as plan_main
 from iris_nnu.trainers.iris_trainer import IrisTrainer, WarmupExponentialLR
@@ -79,6 +80,28 @@ def test_episodes_pair_cases_of_one_member(collection_env):
         # the reference crop is centred on one of the episode's classes
         assert batch["present"].any(dim=1).all()
         assert torch.equal(batch["present"], batch["reference_masks"].flatten(2).amax(2) > 0)
+
+
+def test_member_sampling_weights_from_plans_and_manifest_format(collection_env):
+    folder = collection_env / "nnUNet_preprocessed" / "Dataset900_SynthCT_SynthMR"
+    plans_file, manifest_file = folder / "IrisPlans.json", folder / "manifest.json"
+    original_plans, original_manifest = plans_file.read_text(), manifest_file.read_text()
+    try:
+        plans = json.loads(original_plans)
+        plans["iris"]["member_sampling_weights"] = {"Dataset011_SynthCT": 3.0}
+        plans_file.write_text(json.dumps(plans))
+        trainer = make_trainer(1, 1)
+        trainer.initialize()
+        train_loader, _ = trainer.get_dataloaders()
+        assert list(train_loader.data_loader.member_probabilities) == [0.75, 0.25]  # SynthMR keeps weight 1
+        manifest = json.loads(original_manifest)
+        manifest["format"] = 99
+        manifest_file.write_text(json.dumps(manifest))
+        with pytest.raises(IrisInputError, match="format 99"):
+            load_collection(900)
+    finally:
+        plans_file.write_text(original_plans)
+        manifest_file.write_text(original_manifest)
 
 
 def test_masked_loss_ignores_absent_classes():

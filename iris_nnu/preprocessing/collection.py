@@ -186,6 +186,10 @@ def load_collection(dataset: str | int, plans_identifier: str = PLANS_IDENTIFIER
             raise IrisInputError(f"{name}: cannot read {path} ({e})") from None
 
     manifest = read(manifest_file)
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != MANIFEST_FORMAT:
+        raise IrisInputError(f"{name}: {manifest_file} has format {found}, this iris-nnu reads format "
+                             f"{MANIFEST_FORMAT}: re-run iris_plan_and_preprocess")
     plans_file = os.path.join(folder, f"{plans_identifier}.json")
     if not os.path.isfile(plans_file):
         raise IrisInputError(f"{name}: plans {plans_file} not found (-p {plans_identifier})")

@@ -83,7 +83,9 @@ class IrisTrainer(nnUNetTrainer):
         self.final_lr_fraction = 0.01  # the learning rate decays exponentially to this fraction of its peak
         self.oversample_foreground_percent = 0.67
         self.max_classes_per_episode = int(self.plans_manager.plans.get("iris", {}).get("max_classes_per_episode", 8))
-        self.member_sampling_weights: dict[str, float] | None = None  # None: uniform over members
+        # {member name: weight} from the plans' "iris" entry (edit plans to set it); None: uniform over members
+        self.member_sampling_weights: dict[str, float] | None = \
+            self.plans_manager.plans.get("iris", {}).get("member_sampling_weights")
         self.memory_bank_alpha = 0.999  # the paper's EMA factor
         self.episode_seed: int | None = None  # seed of the training episodes (None: fresh randomness)
         self.save_every = 1  # an interrupted run loses at most one epoch
