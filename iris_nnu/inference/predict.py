@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "images needed)")
     p.add_argument("-m", metavar="MODEL_FOLDER", default=None,
                    help="iris_train model folder ($nnUNet_results/DatasetXXX_Name/IrisTrainer__IrisPlans__3d_fullres); "
-                        "default: the bundled model (none ships yet)")
+                        "default: the model bundled with iris-nnu (iris_nnu/default_model, a CPU-trained demonstration "
+                        "model for brain MRI; see its MODEL_CARD.md)")
     p.add_argument("-f", default="0", metavar="FOLD", help="fold of the model (fold_F folder)")
     p.add_argument("-chk", default=DEFAULT_CHECKPOINT, metavar="CHECKPOINT", help="checkpoint file in the fold folder")
     p.add_argument("--classes", nargs="+", type=int, metavar="L",
