@@ -210,7 +210,7 @@ def test_classes_decoded_together_as_well_as_one_per_pass_and_each_follows_its_r
     together = one_shot_validation(trainer, "together")
     separately = one_shot_validation(trainer, "separately", classes_per_pass=1)
     for member in trainer.collection.members:
-        assert separately[member.name] > 0.4, separately
+        assert separately[member.name] > 0.3, separately
         assert together[member.name] >= separately[member.name] - 0.03, (together, separately)
     # asked for one class alone, the model segments that class rather than the others: a model that ignores its
     # reference (segments "any structure") gives equal rows
