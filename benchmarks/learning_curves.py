@@ -31,7 +31,7 @@ from iris_nnu.files import write_json_atomic  # noqa: E402
 from iris_nnu.preprocessing.collection import load_collection  # noqa: E402
 from iris_nnu.preprocessing.planner import CONFIGURATION, PLANS_IDENTIFIER  # noqa: E402
 from iris_nnu.trainers import episodes  # noqa: E402
-from iris_nnu.trainers.iris_trainer import IrisTrainer  # noqa: E402
+from iris_nnu.trainers.iris_trainer import IrisTrainer, WarmupExponentialLR  # noqa: E402
 from iris_nnu.trainers.validation import one_shot_validation, reference_following  # noqa: E402
 
 
@@ -39,24 +39,20 @@ class BudgetReached(Exception):
     """Raised after the last checkpoint's evaluation to leave nnU-Net's epoch loop."""
 
 
-class CPUTimeSchedule:
-    """IrisTrainer's warm-up + exponential decay, driven by the fraction of the CPU budget spent."""
+class CPUTimeSchedule(WarmupExponentialLR):
+    """IrisTrainer's schedule over a nominal 80k iterations (2.5% warm-up, as the paper's 2k of 80k), indexed by
+    the share of the CPU budget spent instead of the iteration."""
 
-    def __init__(self, trainer: CurveTrainer, peak_lr: float, final_fraction: float, warmup_fraction: float = 0.025):
-        self.trainer, self.peak_lr = trainer, peak_lr
-        self.final_fraction, self.warmup_fraction = final_fraction, warmup_fraction
+    NOMINAL_ITERATIONS = 80_000
+
+    def __init__(self, trainer: CurveTrainer, optimizer: torch.optim.Optimizer):
+        super().__init__(optimizer, trainer.initial_lr, self.NOMINAL_ITERATIONS,
+                         final_fraction=trainer.final_lr_fraction)
+        self.trainer = trainer
 
     def set_iteration(self, iteration: int) -> None:
         progress = min(1.0, self.trainer.training_seconds() / self.trainer.budget_seconds)
-        if progress < self.warmup_fraction:
-            lr = self.peak_lr * max(progress / self.warmup_fraction, 1e-3)
-        else:
-            lr = self.peak_lr * self.final_fraction ** ((progress - self.warmup_fraction) / (1 - self.warmup_fraction))
-        for group in self.trainer.optimizer.param_groups:
-            group["lr"] = lr
-
-    def step(self, epoch: int | None = None) -> None:
-        """nnU-Net calls this at each epoch start; the rate is set per iteration."""
+        super().set_iteration(round(progress * (self.total - 1)))
 
 
 class CurveTrainer(IrisTrainer):
@@ -77,7 +73,7 @@ class CurveTrainer(IrisTrainer):
 
     def configure_optimizers(self):
         optimizer, _ = super().configure_optimizers()
-        self.lr_schedule = CPUTimeSchedule(self, self.initial_lr, self.final_lr_fraction)
+        self.lr_schedule = CPUTimeSchedule(self, optimizer)
         return optimizer, self.lr_schedule
 
     def on_epoch_end(self) -> None:
@@ -89,14 +85,13 @@ class CurveTrainer(IrisTrainer):
         iterations = self.current_epoch * self.num_iterations_per_epoch
         row = {"cpu_minutes": round(spent / 60, 2), "iterations": iterations,
                "train_loss": float(self.logger.get_value("train_losses", step=-1))}
-        with torch.no_grad():
-            row["joint"] = self._evaluate("joint", None)
-            if self.per_pass:
-                row["per_pass"] = self._evaluate("per_pass", 1)
-                # asked for one class at a time, Dice with its own class minus the mean Dice with the others:
-                # near 0 for a model that ignores its reference
-                row["follows"] = {m: round(float(d.diagonal().mean() - d[~np.eye(len(d), dtype=bool)].mean()), 4)
-                                  for m, d in reference_following(self, self.eval_cases).items() if len(d) > 1}
+        row["joint"] = self._evaluate("joint", None)  # the validation functions run under no_grad in eval mode
+        if self.per_pass:
+            row["per_pass"] = self._evaluate("per_pass", 1)
+            # asked for one class at a time, Dice with its own class minus the mean Dice with the others:
+            # near 0 for a model that ignores its reference
+            row["follows"] = {m: round(float(d.diagonal().mean() - d[~np.eye(len(d), dtype=bool)].mean()), 4)
+                              for m, d in reference_following(self, self.eval_cases).items() if len(d) > 1}
         self.rows.append(row)
         print("CURVE " + json.dumps(row), flush=True)
         self._excluded += time.process_time() - paused
