@@ -200,6 +200,11 @@ def label_file(folder: Path, case: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- the run
+def per_pass(method: str) -> int:
+    """Classes decoded per pass of an "iris oneshot N/pass" method."""
+    return int(method.rsplit(" ", 1)[-1].split("/")[0])
+
+
 def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path, held_out: list[str]) -> dict:
     """Every method on every query of one dataset: Dice per class and seconds per query."""
     queries, refs = pick_cases(folder, held_out, args.queries, args.n_references, args.seed)
@@ -209,9 +214,12 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
     cases = [case for r in refs for case in parse_reference(f"{image_file(folder, r)}:{label_file(folder, r)}", 1)]
     methods: dict[str, dict] = {}
     iris = {"iris oneshot": ("oneshot", 1), "iris oneshot 1/pass": ("oneshot", 1),
+            "iris oneshot 8/pass": ("oneshot", 1), "iris oneshot largest component": ("oneshot", 1),
             f"iris ensemble-{n}": ("ensemble", n), f"iris retrieval-{n}": ("retrieval", n), "iris tune": ("tune", 1)}
     for name, (strategy, k) in iris.items():
-        if (strategy if not name.endswith("1/pass") else "oneshot-1-per-pass") in args.methods:
+        option = f"oneshot-{per_pass(name)}-per-pass" if name.endswith("/pass") else \
+            "oneshot-largest-component" if name.endswith("largest component") else strategy
+        if option in args.methods:
             start = time.perf_counter()  # mirrors iris_predict: encode, task for the strategy, pool for retrieval
             encoded = predictor.encode_references(cases[:k])
             task, losses = predictor.task_for_strategy(encoded.pool, strategy, encoded, args.tune_steps, args.tune_lr)
@@ -239,7 +247,8 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             for name, m in methods.items():
                 start = time.perf_counter()
                 if name.startswith("iris"):
-                    predictor.classes_per_pass = 1 if name.endswith("1/pass") else None
+                    predictor.classes_per_pass = per_pass(name) if name.endswith("/pass") else None
+                    predictor.largest_component = name.endswith("largest component")
                     result = predictor.predict_case([image_file(folder, case)], m["task"], m["pool"], 1)
                     write_segmentation(result.segmentation, os.path.join(tmp, f"{case}.nii.gz"), result.properties,
                                        result.reader_writer)
@@ -326,9 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_references", type=int, default=5, help="references of the ensemble, retrieval, multi-atlas")
     p.add_argument("--methods", nargs="+", default=["oneshot", "ensemble", "retrieval", "tune", "registration",
                                                     "multi-atlas"],
-                   choices=["oneshot", "oneshot-1-per-pass", "ensemble", "retrieval", "tune", "registration",
-                            "ants-syn", "multi-atlas"],
-                   help="oneshot-1-per-pass: oneshot decoding one class per pass (the joint-decoding check); "
+                   choices=["oneshot", "oneshot-1-per-pass", "oneshot-8-per-pass", "oneshot-largest-component",
+                            "ensemble", "retrieval", "tune", "registration", "ants-syn", "multi-atlas"],
+                   help="oneshot-N-per-pass: oneshot decoding N classes per pass (1: the joint-decoding check; 8: "
+                        "as many as a training episode holds); oneshot-largest-component: oneshot keeping each "
+                        "class's largest connected component (iris_predict --postprocess largest_component); "
                         "ants-syn: ANTs SyN from reference #1 (needs pip install antspyx)")
     p.add_argument("--seed", type=int, default=0, help="picks the references; seeds the registration sampling")
     p.add_argument("--registration_spacing", type=float, default=2.0, metavar="MM",

@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from iris_nnu.cli import HelpFormatter
-from iris_nnu.device import resolve_device
+from iris_nnu.device import add_device_argument, resolve_device
 from iris_nnu.errors import IrisInputError, cli_entry
 from iris_nnu.files import write_json_atomic
 from iris_nnu.inference.evaluate import evaluate_folders, write_overlay
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $IRIS_DATA, else ../shared/data)")
     p.add_argument("-o", default="iris_demo_output", metavar="OUTPUT", help="output folder")
     p.add_argument("--queries", type=int, default=1, help="held-out queries per dataset")
-    p.add_argument("-device", choices=("cpu", "cuda", "mps"), default="cpu", help="device to run on")
+    add_device_argument(p)
     return p
 
 

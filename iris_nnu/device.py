@@ -1,6 +1,8 @@
 """The torch device a command runs on, from its -device flag."""
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from iris_nnu.errors import IrisInputError
@@ -16,3 +18,9 @@ def resolve_device(name: str | None) -> torch.device:
     if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise IrisInputError("-device mps: Apple MPS is not available here; use -device cpu")
     return torch.device(name)
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """The -device option every command shares (nnU-Net's name); None = cuda when available, else cpu."""
+    parser.add_argument("-device", choices=("cpu", "cuda", "mps"), default=None,
+                        help="device to run on; default: cuda if available, else cpu")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,18 @@ def link_real_dataset(shared: Path, raw: Path, name: str, num_cases: int | None 
     dataset_json["numTraining"] = len(cases)
     (dst / "dataset.json").write_text(json.dumps(dataset_json))
     return dst
+
+
+def cli_error(capsys: pytest.CaptureFixture, main: Callable[[list[str]], object], prog: str,
+              argv: Sequence[str]) -> str:
+    """Run a command's main expecting a user error: exit 2, no traceback, one `prog: error: ...` line on stderr and
+    it the last (progress bars share stderr); returns that line."""
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"{prog}: error: "), err
+    assert err.strip().splitlines()[-1].endswith(errors[0]), err
+    return errors[0]

@@ -9,15 +9,21 @@ import SimpleITK as sitk
 
 
 def blob_volume(shape_zyx: tuple[int, int, int], rng: np.random.Generator, modality: str, num_classes: int,
+                radii: tuple[float, float] = (0.18, 0.3), spread: float = 0.4, layout_seed: int | None = None,
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """An image with a body and `num_classes` ellipsoids of distinct brightness, and its label map."""
+    """An image with a body and `num_classes` ellipsoids of distinct brightness, and its label map (centres within
+    +-spread, radii in `radii`, in units of the half-size of the volume). With `layout_seed` every volume has the
+    same layout (like anatomy), up to a small shift of each structure."""
+    layout = rng if layout_seed is None else np.random.default_rng(layout_seed)
     z, y, x = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape_zyx], indexing="ij")
     body = (z / 0.9) ** 2 + (y / 0.85) ** 2 + (x / 0.85) ** 2 < 1
     label = np.zeros(shape_zyx, np.uint8)
     for k in range(1, num_classes + 1):
-        centre = rng.uniform(-0.4, 0.4, 3)
-        radii = rng.uniform(0.18, 0.3, 3)
-        inside = sum(((c - m) / r) ** 2 for c, m, r in zip((z, y, x), centre, radii)) < 1
+        centre = layout.uniform(-spread, spread, 3)
+        radius = layout.uniform(*radii, 3)
+        if layout_seed is not None:
+            centre = centre + rng.normal(0, 0.03, 3)
+        inside = sum(((c - m) / r) ** 2 for c, m, r in zip((z, y, x), centre, radius)) < 1
         label[inside & body] = k
     if modality == "CT":  # Hounsfield-like: air -1000, soft tissue ~40, structures brighter
         image = np.where(body, 40.0, -1000.0)
@@ -44,14 +50,15 @@ def write_volume(array_zyx: np.ndarray, spacing_xyz: tuple[float, float, float],
 
 def make_raw_dataset(raw_root: str, dataset_id: int, name: str, num_cases: int = 6,
                      shape_zyx: tuple[int, int, int] = (24, 32, 32), spacing_xyz=(1.0, 1.0, 1.0),
-                     modality: str = "MR", num_classes: int = 2, seed: int = 0, prefix: str = "case") -> str:
+                     modality: str = "MR", num_classes: int = 2, seed: int = 0, prefix: str = "case",
+                     **blob_options) -> str:
     """Write DatasetXXX_name with imagesTr/labelsTr/dataset.json under raw_root; returns its folder."""
     folder = os.path.join(raw_root, f"Dataset{dataset_id:03d}_{name}")
     os.makedirs(os.path.join(folder, "imagesTr"), exist_ok=True)
     os.makedirs(os.path.join(folder, "labelsTr"), exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(num_cases):
-        image, label = blob_volume(shape_zyx, rng, modality, num_classes)
+        image, label = blob_volume(shape_zyx, rng, modality, num_classes, **blob_options)
         case = f"{prefix}_{i:03d}"
         write_volume(image, spacing_xyz, os.path.join(folder, "imagesTr", f"{case}_0000.nii.gz"))
         write_volume(label, spacing_xyz, os.path.join(folder, "labelsTr", f"{case}.nii.gz"))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli_error
 from synthetic import blob_volume, write_volume
 
 from iris_nnu.inference.evaluate import main
@@ -61,13 +62,7 @@ def test_labels_output_file_and_missing_predictions(folders, capsys):
 
 
 def expect_error(capsys, *argv: str) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert err.startswith("iris_evaluate: error: ")
-    return err.strip()
+    return cli_error(capsys, main, "iris_evaluate", argv)
 
 
 def test_bad_input(folders, capsys):

@@ -1,7 +1,7 @@
 """Tests of the Iris network (iris_nnu.model) on tiny CPU configurations."""
 from __future__ import annotations
 
-import time
+from unittest import mock
 
 import pytest
 import torch
@@ -172,10 +172,9 @@ def test_model_id_is_cached_and_follows_the_weights():
     net = make_net()
     first = net.model_id()
     saved = {k: v.clone() for k, v in net.state_dict().items()}
-    t0 = time.perf_counter()
-    for _ in range(20):
-        assert net.model_id() == first
-    assert time.perf_counter() - t0 < 0.5
+    with mock.patch("hashlib.sha256", side_effect=AssertionError("weights hashed again")):
+        for _ in range(3):
+            assert net.model_id() == first  # cached: unchanged weights are not hashed again
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     image, masks = make_pair(1)
     net.train()
@@ -186,17 +185,21 @@ def test_model_id_is_cached_and_follows_the_weights():
     assert net.model_id() == first
 
 
-def test_a_small_configuration_trains_on_cpu_in_seconds():
+def test_a_small_configuration_trains_on_cpu():
+    """Its loss falls over a few steps on one batch (speed is benchmarks/model_speed.py's business)."""
+    torch.manual_seed(0)
     net = make_net(deep_supervision=True).train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     image, masks = make_pair(4, batch=2)
-    t0 = time.perf_counter()
-    for _ in range(2):
+    losses = []
+    for _ in range(6):
         opt.zero_grad()
         outs = net(image, net.encode_task(image, masks))
-        F.binary_cross_entropy_with_logits(outs[0], masks).backward()
+        loss = F.binary_cross_entropy_with_logits(outs[0], masks)
+        loss.backward()
         opt.step()
-    assert time.perf_counter() - t0 < 20  # about 1 s on an idle 2-core CPU
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
 
 
 def test_spatial_size_must_be_divisible(net):
@@ -264,13 +267,10 @@ def test_count_parameters_is_exact(kw):
     assert count_parameters(kw, 1) == sum(p.numel() for p in IrisNetwork(1, **kw).parameters())
 
 
-def test_memory_estimate_is_fast_arithmetic_and_monotone():
+def test_memory_estimate_is_arithmetic_and_monotone():
     kw = dict(features_per_stage=(16, 32, 64, 128, 256))
-    t0 = time.perf_counter()
-    base = estimate_memory_bytes(kw, (64, 64, 64), 2, 4)
-    for _ in range(1000):
-        estimate_memory_bytes(kw, (64, 64, 64), 2, 4)
-    assert time.perf_counter() - t0 < 0.5
+    with mock.patch.object(IrisNetwork, "__init__", side_effect=AssertionError("a network was built")):
+        base = estimate_memory_bytes(kw, (64, 64, 64), 2, 4)  # the planner calls it thousands of times
     assert estimate_memory_bytes(kw, (64, 64, 64), 2, 8) > base
     assert estimate_memory_bytes(kw, (96, 64, 64), 2, 4) > base
     assert estimate_memory_bytes(kw, (64, 64, 64), 4, 4) > 1.5 * base

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import link_real_dataset
+from conftest import cli_error, link_real_dataset
 from synthetic import make_raw_dataset, write_volume
 
 from iris_nnu.preprocessing.collection import load_collection
@@ -220,16 +220,7 @@ def test_auto_spacing_rule():
 # ---------------------------------------------------------------- bad input: one line, exit 2, no traceback
 
 def expect_error(capsys, *argv: str) -> str:
-    with pytest.raises(SystemExit) as exc:
-        run_cli(*argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    # progress bars share stderr; the error is one line, the last
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and errors[0].startswith("iris_plan_and_preprocess: error: "), err
-    assert err.strip().splitlines()[-1] == errors[0]
-    return errors[0]
+    return cli_error(capsys, main, "iris_plan_and_preprocess", argv)
 
 
 def test_missing_dataset(nnunet_env, capsys):

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.ndimage
 import SimpleITK as sitk
 import torch
+from conftest import cli_error
 from synthetic import blob_volume, write_volume
 
 from iris_nnu.inference import IrisPredictor, parse_reference, select_references, write_model_folder
-from iris_nnu.inference.export import Winner
+from iris_nnu.inference.export import Winner, keep_largest_components
 from iris_nnu.inference.images import find_queries
 from iris_nnu.inference.plans import inference_plans
 from iris_nnu.inference.predict import main
@@ -106,15 +108,8 @@ def read(path) -> tuple[np.ndarray, sitk.Image]:
 
 
 def expect_error(capsys, world, *argv: str, model: bool = True) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main([*(["-m", world["model"]] if model else []), "--disable_tta", *argv])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    errors = [line for line in err.replace("\r", "\n").splitlines() if "error:" in line]
-    assert len(errors) == 1 and errors[0].startswith("iris_predict: error: "), err
-    assert err.strip().splitlines()[-1].endswith(errors[0]), err
-    return errors[0]
+    model_args = ["-m", world["model"]] if model else []
+    return cli_error(capsys, main, "iris_predict", [*model_args, "--disable_tta", *argv])
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -311,6 +306,36 @@ def test_many_classes_in_several_passes(world, tmp_path, predictor):
     assert set(np.unique(read(tmp_path / "o" / "caseA.nii.gz")[0]).tolist()) <= {0, *values}
 
 
+def test_keep_largest_components_per_class():
+    segmentation = np.zeros((10, 12, 14), dtype=np.uint16)
+    segmentation[1:5, 1:5, 1:5] = 7  # class 7: a large part ...
+    segmentation[7:9, 8:10, 10:12] = 7  # ... and a small one
+    segmentation[1:3, 8:11, 9:13] = 300  # class 300: one part, touching nothing of class 7
+    segmentation[6, 1, 1] = 300  # and a single stray voxel
+    kept = keep_largest_components(segmentation, [7, 300, 5])  # 5: asked for, absent
+    expected = segmentation.copy()
+    expected[7:9, 8:10, 10:12] = 0
+    expected[6, 1, 1] = 0
+    np.testing.assert_array_equal(kept, expected)
+    assert segmentation[6, 1, 1] == 300  # the input is left as it was
+
+
+def test_postprocess_largest_component_end_to_end(world, tmp_path):
+    plain, kept = tmp_path / "plain", tmp_path / "kept"
+    for out, extra in ((plain, []), (kept, ["--postprocess", "largest_component"])):
+        run(world, "-i", str(world["queries"]), "-o", str(out), "-r", world["ref"][0], *extra)
+    removed = 0
+    for name in ("caseA.nii.gz", "scanB.mha"):
+        before, after = read(plain / name)[0], read(kept / name)[0]
+        assert np.all((after == before) | (after == 0))  # only removes voxels
+        for value in set(np.unique(before).tolist()) - {0}:
+            parts, count = scipy.ndimage.label(before == value, structure=np.ones((3, 3, 3)))  # 26-connected
+            assert scipy.ndimage.label(after == value, structure=np.ones((3, 3, 3)))[1] == 1
+            assert (after == value).sum() == np.bincount(parts.ravel())[1:].max()
+            removed += count - 1
+    assert removed > 0  # the random model's output has stray parts to remove
+
+
 def test_winner_over_class_chunks_is_the_best_class_above_half():
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 2, (7, 5, 6, 4)).astype(np.float32)
@@ -480,6 +505,24 @@ def test_model_folder_problems(world, tmp_path, capsys, monkeypatch):
     assert "model folder not found" in expect_error(capsys, world, *io, "-m", str(tmp_path / "nomodel"))
 
 
+def test_parts_and_continue_prediction(world, tmp_path, capsys):
+    """-num_parts/-part_id split the queries between processes; --continue_prediction skips finished ones."""
+    out = tmp_path / "out"
+    io = ["-i", str(world["queries"]), "-o", str(out), "-r", world["ref"][0]]
+    run(world, *io, "-num_parts", "2", "-part_id", "1")
+    assert sorted(p.name for p in out.iterdir()) == ["scanB.mha"]  # sorted names caseA, scanB: part 1 is scanB
+    run(world, *io, "-num_parts", "2", "-part_id", "0")
+    assert sorted(p.name for p in out.iterdir()) == ["caseA.nii.gz", "scanB.mha"]
+    finished = out / "scanB.mha"
+    finished.write_bytes(b"left as it is")  # stands for a finished output: it must not be rewritten
+    (out / "caseA.nii.gz").unlink()  # an interrupted run: caseA missing
+    capsys.readouterr()
+    run(world, *io, "--continue_prediction")
+    assert "1 queries already segmented" in capsys.readouterr().out
+    assert finished.read_bytes() == b"left as it is"
+    assert read(out / "caseA.nii.gz")[0].shape == read(world["queries"] / "caseA_0000.nii.gz")[0].shape
+
+
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
@@ -487,7 +530,8 @@ def test_help_explains_every_flag(capsys):
     out = capsys.readouterr().out
     for flag in ("-i", "-o", "-r", "--task", "-m", "-f", "-chk", "--classes", "--strategy", "--save_task",
                  "--disable_tta", "-step_size", "-device", "--save_probabilities", "--modality", "--tune_steps",
-                 "--tune_lr", "--retrieval_top_k", "--classes_per_pass"):
+                 "--tune_lr", "--retrieval_top_k", "--classes_per_pass", "-num_parts", "-part_id",
+                 "--continue_prediction", "--postprocess"):
         assert f"  {flag} " in out or f"  {flag}\n" in out, flag
 
 
@@ -499,4 +543,5 @@ def test_option_problems(world, tmp_path, capsys):
     assert "oneshot uses one reference, 2 given" in msg
     assert "-step_size" in expect_error(capsys, world, *io, "-r", world["ref"][0], "-step_size", "0.05")
     assert "nothing to do" in expect_error(capsys, world, "-r", world["ref"][0])
+    assert "-part_id" in expect_error(capsys, world, *io, "-r", world["ref"][0], "-num_parts", "2", "-part_id", "2")
     assert not (tmp_path / "o").exists()

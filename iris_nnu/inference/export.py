@@ -16,6 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+from nnunetv2.postprocessing.remove_connected_components import (
+    remove_all_but_largest_component_from_segmentation,
+)
 from nnunetv2.preprocessing.resampling.default_resampling import (
     determine_do_sep_z_and_axis,
 )
@@ -23,6 +26,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import (
     ConfigurationManager,
     PlansManager,
 )
+from scipy.ndimage import find_objects
 
 
 class Winner:
@@ -87,3 +91,14 @@ def indices_to_values(indices: np.ndarray, classes: list[int]) -> np.ndarray:
     """Class indices (0 = background, i = classes[i - 1]) -> the references' label values."""
     values = np.array([0, *classes], dtype=label_dtype(max(classes, default=0)))
     return values[indices]
+
+
+def keep_largest_components(segmentation: np.ndarray, values: list[int]) -> np.ndarray:
+    """Each class's largest connected component only (nnU-Net's function, run inside each class's bounding box)."""
+    out = segmentation.copy()
+    boxes = find_objects(out.astype(np.int64, copy=False), max_label=max(values, default=0))
+    for value in values:
+        box = boxes[value - 1] if value > 0 else None
+        if box is not None:
+            out[box] = remove_all_but_largest_component_from_segmentation(out[box], int(value))
+    return out

@@ -78,7 +78,6 @@ class RunPreprocessing:
     """Preprocess images (and labels) of one run with its specialised plan: transpose, crop, normalise, resample."""
 
     def __init__(self, plans: dict):
-        self.plans = plans
         self.plans_manager = PlansManager(plans)
         self.configuration_manager: ConfigurationManager = self.plans_manager.get_configuration(CONFIGURATION)
         self._preprocessor = InferencePreprocessor(verbose=False)

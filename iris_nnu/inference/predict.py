@@ -8,9 +8,9 @@ import sys
 from tqdm import tqdm
 
 from iris_nnu.cli import HelpFormatter
-from iris_nnu.device import resolve_device
+from iris_nnu.device import add_device_argument, resolve_device
 from iris_nnu.errors import IrisInputError, cli_entry
-from iris_nnu.inference.images import find_queries
+from iris_nnu.inference.images import Query, find_queries
 from iris_nnu.inference.model_folder import DEFAULT_CHECKPOINT
 from iris_nnu.inference.plans import MODALITIES, trained_on_ct_only
 from iris_nnu.inference.predictor import (
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(iris_train models allow none: they learn with query and reference mirrored together)")
     p.add_argument("-step_size", type=float, default=0.5,
                    help=f"sliding-window step as a fraction of the patch ({MIN_STEP_SIZE} to 1)")
-    p.add_argument("-device", choices=("cpu", "cuda", "mps"), default="cpu", help="device to run on")
+    add_device_argument(p)
     p.add_argument("--save_probabilities", action="store_true",
                    help="also write {case}.npz (probabilities: per-class sigmoid maps, float16, in the query's "
                         "geometry; classes: their label values) and {case}.pkl (nnU-Net's properties)")
@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes_per_pass", type=int, default=None,
                    help="classes decoded together in one forward pass per window; more classes go in several "
                         "passes (bounds memory). Default: as many as fit 1 GB of class maps (usually all)")
+    p.add_argument("-num_parts", type=int, default=1,
+                   help="split the queries into this many parts (by sorted name) and segment only part -part_id: "
+                        "run one process per part, e.g. one per GPU (nnU-Net's option)")
+    p.add_argument("-part_id", type=int, default=0, help="which part this process segments, 0 .. -num_parts - 1")
+    p.add_argument("--continue_prediction", action="store_true",
+                   help="skip queries whose output (and, with --save_probabilities, .npz) already exists: resume an "
+                        "interrupted run (an output is written last and atomically, so one that exists is complete)")
+    p.add_argument("--postprocess", choices=("none", "largest_component"), default="none",
+                   help="largest_component: keep only each class's largest connected component in the written "
+                        "segmentation (the authors' later code does; --save_probabilities maps stay as predicted)")
     return p
 
 
@@ -106,10 +116,19 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.strategy == "tune" and args.task:
         raise IrisInputError("--strategy tune optimises the task on the reference images: give them with -r "
                              "(a task file holds no images)")
+    if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
+        raise IrisInputError(f"-part_id must be in 0 .. -num_parts - 1 and -num_parts >= 1, got -part_id "
+                             f"{args.part_id}, -num_parts {args.num_parts}")
     if args.save_task:
         folder = os.path.dirname(os.path.abspath(args.save_task))
         if not os.path.isdir(folder):
             raise IrisInputError(f"--save_task {args.save_task}: folder {folder} does not exist")
+
+
+def finished(query: Query, output_folder: str, with_probabilities: bool) -> bool:
+    """Whether the query's outputs exist (the segmentation is written last, atomically)."""
+    target = os.path.join(output_folder, query.name)
+    return os.path.isfile(target + query.output_ending) and (not with_probabilities or os.path.isfile(target + ".npz"))
 
 
 @cli_entry(PROGRAM)
@@ -118,11 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     check_arguments(args)
     predictor = IrisPredictor(tile_step_size=args.step_size, use_mirroring=not args.disable_tta,
                               device=resolve_device(args.device), modality=args.modality,
-                              classes_per_pass=args.classes_per_pass)
+                              classes_per_pass=args.classes_per_pass,
+                              largest_component=args.postprocess == "largest_component")
     predictor.initialize_from_model_folder(args.m, args.f, args.chk)
     if args.modality == "other" and trained_on_ct_only(predictor.joint_plans):
         report("warning: the model was trained on CT only; pass --modality CT for CT scans")
     queries, problems = find_queries(args.i, predictor.num_channels) if args.i else ([], [])
+    queries = sorted(queries, key=lambda q: q.name)[args.part_id::args.num_parts]
+    if args.continue_prediction:
+        done = [q for q in queries if finished(q, args.o, args.save_probabilities)]
+        queries = [q for q in queries if q not in done]
+        if done:
+            print(f"{PROGRAM}: {len(done)} queries already segmented in {args.o}, skipped (--continue_prediction)")
 
     references = None
     if args.r:

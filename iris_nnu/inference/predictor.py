@@ -32,6 +32,7 @@ from iris_nnu.files import write_atomic
 from iris_nnu.inference.export import (
     Winner,
     indices_to_values,
+    keep_largest_components,
     resample_to_cropped_shape,
     revert_crop_and_transpose,
 )
@@ -135,7 +136,8 @@ class IrisPredictor(nnUNetPredictor):
 
     def __init__(self, tile_step_size: float = 0.5, use_mirroring: bool = True,
                  device: torch.device | str = "cpu", modality: str = "other", classes_per_pass: int | None = None,
-                 map_memory_gb: float = DEFAULT_MAP_MEMORY_GB, verbose: bool = False, allow_tqdm: bool = False):
+                 map_memory_gb: float = DEFAULT_MAP_MEMORY_GB, largest_component: bool = False, verbose: bool = False,
+                 allow_tqdm: bool = False):
         if not MIN_STEP_SIZE <= tile_step_size <= 1:
             raise ValueError(f"step size must be in [{MIN_STEP_SIZE}, 1], got {tile_step_size}")
         if classes_per_pass is not None and classes_per_pass < 1:
@@ -147,6 +149,7 @@ class IrisPredictor(nnUNetPredictor):
                              verbose_preprocessing=False, allow_tqdm=allow_tqdm)
         self.modality = modality
         self.classes_per_pass = classes_per_pass
+        self.largest_component = largest_component  # keep each class's largest connected component in the output
         self.map_memory_bytes = map_memory_gb * 1024**3
         self._task: TaskEmbedding | None = None
         self.preprocessing: RunPreprocessing | None = None
@@ -368,8 +371,11 @@ class IrisPredictor(nnUNetPredictor):
             task, retrieved = self.retrieve(data, properties, task, pool, retrieval_top_k)
         indices, probabilities, _ = self.segment_preprocessed(data, properties, task,
                                                               probabilities=save_probabilities)
-        return CaseResult(indices_to_values(indices, task.classes), properties, reader_writer, list(task.classes),
-                          probabilities, warnings, retrieved)
+        segmentation = indices_to_values(indices, task.classes)
+        if self.largest_component:  # the probabilities stay as the network gave them
+            segmentation = keep_largest_components(segmentation, list(task.classes))
+        return CaseResult(segmentation, properties, reader_writer, list(task.classes), probabilities, warnings,
+                          retrieved)
 
     def predict_queries(self, queries: Sequence[Query], output_folder: str, task: TaskEmbedding,
                         pool: TaskEmbedding | None = None, retrieval_top_k: int = 1,
@@ -396,7 +402,7 @@ class IrisPredictor(nnUNetPredictor):
                     picks = "; ".join(f"{value}: {', '.join(name(i) for i in refs)}"
                                       for value, refs in result.retrieved.items())
                     report(f"{query.name}: retrieval picked, per class, {picks}")
-                self._write(result, target, query.output_ending, save_probabilities)
+                self.write_result(result, target, query.output_ending, save_probabilities)
             except IrisInputError as e:
                 failures.append(str(e))
             except Exception as e:  # noqa: BLE001 - one bad query must not stop the batch; reported at the end
@@ -404,8 +410,10 @@ class IrisPredictor(nnUNetPredictor):
         return failures
 
     @staticmethod
-    def _write(result: CaseResult, target: str, ending: str, save_probabilities: bool) -> None:
-        """Probabilities first, the segmentation last (its presence marks a finished case); all or nothing."""
+    def write_result(result: CaseResult, target: str, ending: str, save_probabilities: bool) -> None:
+        """target{ending}, with `save_probabilities` also target.npz and .pkl (nnU-Net's --save_probabilities).
+
+        Probabilities first, the segmentation last (its presence marks a finished case); all or nothing."""
         written = []
         try:
             if save_probabilities:

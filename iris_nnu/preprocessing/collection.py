@@ -16,6 +16,7 @@ from nnunetv2.utilities.crossval_split import generate_crossval_split
 from iris_nnu.errors import IrisInputError, require_env_folder
 from iris_nnu.files import write_json_atomic
 from iris_nnu.preprocessing.planner import CONFIGURATION, PLANS_IDENTIFIER
+from iris_nnu.preprocessing.raw_dataset import foreground_labels
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -32,11 +33,10 @@ class Member:
     channel_names: dict[str, str]
     cases: list[str]
     preprocessed_folder: str  # absolute path of the member's IrisPlans_3d_fullres folder
-    plans_file: str
 
     @property
     def foreground_labels(self) -> list[int]:
-        return sorted(v for v in self.labels.values() if v != 0)
+        return foreground_labels(self.labels)
 
 
 @dataclass
@@ -138,7 +138,6 @@ def register_collection(folder: str, plans: dict, members: list[dict]) -> None:
             "name": m["name"], "dataset_id": m["dataset_id"], "labels": m["labels"],
             "channel_names": m["channel_names"], "cases": m["cases"],
             "preprocessed_folder": f"{m['name']}/{plans['configurations'][CONFIGURATION]['data_identifier']}",
-            "plans_file": f"{m['name']}/{PLANS_IDENTIFIER}.json",
         } for m in members],
     }
     if not single:
@@ -194,7 +193,7 @@ def load_collection(dataset: str | int, plans_identifier: str = PLANS_IDENTIFIER
     if not os.path.isfile(plans_file):
         raise IrisInputError(f"{name}: plans {plans_file} not found (-p {plans_identifier})")
     members = [Member(m["name"], m["dataset_id"], m["labels"], m["channel_names"], m["cases"],
-                      os.path.join(root, m["preprocessed_folder"]), os.path.join(root, m["plans_file"]))
+                      os.path.join(root, m["preprocessed_folder"]))
                for m in manifest["members"]]
     splits_file = os.path.join(folder, "splits_final.json")
     return Collection(name, folder, read(plans_file), read(os.path.join(folder, "dataset.json")), members,

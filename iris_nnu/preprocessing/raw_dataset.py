@@ -22,6 +22,11 @@ from iris_nnu.errors import IrisInputError, require_env_folder
 GEOMETRY_TOLERANCE = 1e-3
 
 
+def foreground_labels(labels: dict[str, int]) -> list[int]:
+    """The label values of a dataset.json `labels` map except background (0), sorted."""
+    return sorted(v for v in labels.values() if v != 0)
+
+
 @dataclass
 class RawDataset:
     """One dataset under nnUNet_raw: its folder, dataset.json and cases {case: {'images': [...], 'label': path}}."""
@@ -42,7 +47,7 @@ class RawDataset:
 
     @property
     def foreground_labels(self) -> list[int]:
-        return sorted(v for v in self.labels.values() if v != 0)
+        return foreground_labels(self.labels)
 
 
 def find_raw_dataset_folder(dataset_id: int) -> str:

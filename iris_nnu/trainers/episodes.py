@@ -3,7 +3,9 @@
 nnU-Net's `nnUNetDataLoader` draws single patches; Iris needs pairs that share a sampled set of classes, so the
 batch assembly is ours, while patch placement (`get_bbox`), case loading and augmentation are nnU-Net's.
 One episode (= one batch) comes from one member and shares its classes: mostly K_max labels, otherwise 1..K_max,
-drawn at random (random class dropping), each turned into a binary target channel.
+drawn at random (random class dropping), each turned into a binary target channel. In co-located episodes every
+crop of the episode (queries and references) is centred on one anchor class and the other classes are drawn from
+those the first query crop holds, so that the episode's crops show the same anatomy.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from threadpoolctl import threadpool_limits
 
+from iris_nnu.preprocessing.raw_dataset import foreground_labels
+
 # Reference perturbation (imperfect references): probability of dilating or eroding the reference masks.
 REFERENCE_MASK_PERTURBATION_P = 0.3
 # Share of episodes that draw as many of the member's classes as allowed; the others draw 1..K_max uniformly
@@ -26,6 +30,11 @@ REFERENCE_MASK_PERTURBATION_P = 0.3
 # per step; and episodes of one class reward a shortcut (the class carried by the shared image update instead of
 # the per-class vector) that merged classes decoded together (issue 10).
 FULL_EPISODE_P = 0.75
+# Share of co-located episodes. Where a scan is much larger than the patch (a whole brain in a 32^3 patch), classes
+# drawn from the whole member scatter over the scan: the query crop holds few of them and the reference crop (centred
+# on one of them, in another case) others, so most (class, crop) pairs carry no foreground and the network learns to
+# predict nothing (issue 10: the default model's OASIS Dice 0.004). Crops of small scans hold every class anyway.
+COLOCATED_P = 0.75
 # Attempts to find a reference case that holds at least one of the episode's classes.
 REFERENCE_ATTEMPTS = 5
 
@@ -43,7 +52,7 @@ class MemberEpisodes:
 
     @property
     def foreground_labels(self) -> list[int]:
-        return sorted(v for v in self.labels.values() if v != 0)
+        return foreground_labels(self.labels)
 
 
 def perturb_masks(masks: torch.Tensor, generator: np.random.Generator) -> torch.Tensor:
@@ -107,21 +116,35 @@ class EpisodicDataLoader(DataLoader):
         candidates = [c for c in member.reference_cases if c != query] or member.reference_cases
         return str(self.rng.choice(candidates))
 
-    def generate_train_batch(self) -> dict:
-        member = self.members[self.rng.choice(len(self.members), p=self.member_probabilities)]
+    def _episode_classes(self, member: MemberEpisodes) -> list[int]:
         labels = member.foreground_labels
         k_max = min(self.max_classes, len(labels))
-        k = k_max if self.rng.random() < FULL_EPISODE_P else int(self.rng.integers(1, k_max + 1))
-        classes = sorted(int(c) for c in self.rng.choice(labels, size=k, replace=False))
+        return list(self.rng.choice(labels, size=self._episode_size(k_max), replace=False))
+
+    def _episode_size(self, k_max: int) -> int:
+        return k_max if self.rng.random() < FULL_EPISODE_P else int(self.rng.integers(1, k_max + 1))
+
+    def generate_train_batch(self) -> dict:
+        member = self.members[self.rng.choice(len(self.members), p=self.member_probabilities)]
+        anchor = int(self.rng.choice(member.foreground_labels)) if self.rng.random() < COLOCATED_P else None
+        classes = self._episode_classes(member) if anchor is None else [anchor]
         queries, references, targets, masks, keys = [], [], [], [], []
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
+            crops = []
             for b in range(self.batch_size):
                 query = str(self.rng.choice(member.query_cases))
-                force = self.rng.random() < self.oversample_foreground_percent
-                q_image, q_labels, _ = self._crop(member, query, classes, force)
+                force = anchor is not None or self.rng.random() < self.oversample_foreground_percent
+                crops.append((query, *self._crop(member, query, classes, force)[:2]))
+            if anchor is not None:  # the anchor and others that the first query crop holds
+                held = [int(c) for c in np.unique(crops[0][2]) if c > 0 and c != anchor]
+                size = self._episode_size(min(self.max_classes, len(member.foreground_labels)))
+                classes += [int(c) for c in self.rng.choice(held, size=min(size - 1, len(held)), replace=False)]
+            classes = sorted(int(c) for c in classes)
+            centre_on = classes if anchor is None else [anchor]
+            for query, q_image, q_labels in crops:
                 for _ in range(REFERENCE_ATTEMPTS):  # a reference crop must contain the structure
                     reference = self._reference_case(member, query)
-                    r_image, r_labels, has_class = self._crop(member, reference, classes, True)
+                    r_image, r_labels, has_class = self._crop(member, reference, centre_on, True)
                     if has_class:
                         break
                 q = self.query_transforms(image=q_image, segmentation=q_labels)

@@ -323,6 +323,7 @@ class IrisTrainer(nnUNetTrainer):
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         start = time()
-        summary = one_shot_validation(self)  # in eval mode without deep supervision, then restores both
+        # in eval mode without deep supervision, then restores both
+        summary = one_shot_validation(self, save_probabilities=save_probabilities)
         self.print_to_log_file(f"one-shot validation ({time() - start:.0f} s): "
                                + json.dumps({k: round(v, 4) for k, v in summary.items()}))

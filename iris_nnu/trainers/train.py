@@ -1,4 +1,4 @@
-"""`iris_train DATASET FOLD`: episodic training of one Iris model on a planned collection."""
+"""`iris_train DATASET [CONFIGURATION] FOLD`: episodic training of one Iris model on a planned collection."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import torch
 from nnunetv2.run.run_training import maybe_load_checkpoint
 
 from iris_nnu.cli import HelpFormatter
-from iris_nnu.device import resolve_device
+from iris_nnu.device import add_device_argument, resolve_device
 from iris_nnu.errors import IrisInputError, cli_entry, require_env_folder
 from iris_nnu.preprocessing.collection import load_collection
 from iris_nnu.preprocessing.planner import CONFIGURATION, PLANS_IDENTIFIER
@@ -56,13 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="iris_train",
         description="Train one Iris model on all members of a collection planned with iris_plan_and_preprocess. "
                     "Each iteration draws an episode from one member: query patches and reference patches of "
-                    "other cases, 1..K classes at random. Output: a normal nnU-Net model folder "
+                    "other cases, mostly K classes, mostly co-located (all crops centred on one structure). "
+                    "Output: a normal nnU-Net model folder "
                     "nnUNet_results/DatasetXXX_Name/IrisTrainer__IrisPlans__3d_fullres/fold_F.",
         formatter_class=HelpFormatter)
     p.add_argument("dataset", help="collection id (e.g. 900) or name (Dataset900_Name or Name)")
-    p.add_argument("fold", type=parse_fold, help="fold of splits_final.json (0-4), or 'all'")
-    p.add_argument("-device", choices=["cpu", "cuda", "mps"], default=None,
-                   help="device; default: cuda if available, else cpu")
+    p.add_argument("configuration_or_fold", metavar="[CONFIGURATION] FOLD",
+                   help=f"fold of splits_final.json (0-4), or 'all'; nnU-Net's form DATASET CONFIGURATION FOLD "
+                        f"works too (the only configuration is {CONFIGURATION})")
+    p.add_argument("fold", nargs="?", help=argparse.SUPPRESS)
+    add_device_argument(p)
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: 1000, or the "
                    "checkpoint's with --c)")
     p.add_argument("--iterations_per_epoch", type=int, default=None, help="training iterations per epoch "
@@ -74,15 +77,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-num_gpus", type=int, default=1, help="GPUs to train on (only 1 in this version)")
     p.add_argument("-p", default=PLANS_IDENTIFIER, help="plans identifier")
     p.add_argument("-tr", default="IrisTrainer", help="trainer class: IrisTrainer, a subclass, or module.Class")
-    p.add_argument("--pretrained_weights", default=None, help="checkpoint to initialise the network from "
-                   "(nnU-Net's load_pretrained_weights); not with --c")
+    p.add_argument("--pretrained_weights", "-pretrained_weights", default=None,
+                   help="checkpoint to initialise the network from (nnU-Net's load_pretrained_weights); not with --c")
     p.add_argument("--val", action="store_true", help="only run the final one-shot validation of a finished fold")
+    p.add_argument("--val_best", action="store_true", help="the final validation uses checkpoint_best.pth (best EMA "
+                   "pseudo-Dice of the validation episodes) instead of the final weights, as nnU-Net's --val_best")
+    p.add_argument("--npz", action="store_true", help="the final validation also saves per-class probabilities "
+                   "(fold_F/validation/MEMBER/CASE.npz + .pkl, as nnU-Net's --npz)")
     return p
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed arguments, with nnU-Net's DATASET CONFIGURATION FOLD folded into `fold`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configuration, fold = (CONFIGURATION, args.configuration_or_fold) if args.fold is None \
+        else (args.configuration_or_fold, args.fold)
+    if configuration != CONFIGURATION:
+        raise IrisInputError(f"configuration {configuration!r}: Iris plans have only {CONFIGURATION}")
+    try:
+        args.fold = parse_fold(fold)
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
+    return args
 
 
 @cli_entry("iris_train")
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     require_env_folder("nnUNet_results")
     if args.num_gpus != 1:
         raise IrisInputError(f"-num_gpus {args.num_gpus}: multi-GPU (DDP) training is not supported in this "
@@ -127,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     maybe_load_checkpoint(trainer, args.c, args.val, args.pretrained_weights)
     if not args.val:
         trainer.run_training()
-    trainer.perform_actual_validation()
+    if args.val_best:
+        best = os.path.join(trainer.output_folder, "checkpoint_best.pth")
+        if not os.path.isfile(best):
+            raise IrisInputError(f"--val_best: {best} not found")
+        trainer.load_checkpoint(best)
+    trainer.perform_actual_validation(args.npz)
     return 0
 
 

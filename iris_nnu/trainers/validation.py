@@ -20,8 +20,7 @@ from tqdm import tqdm
 
 from iris_nnu.files import write_json_atomic
 from iris_nnu.inference.export import indices_to_values
-from iris_nnu.inference.images import write_segmentation
-from iris_nnu.inference.predictor import IrisPredictor
+from iris_nnu.inference.predictor import CaseResult, IrisPredictor
 from iris_nnu.inference.references import structure_crops
 
 
@@ -35,8 +34,9 @@ def choose_reference(dataset: nnUNetDatasetBlosc2, cases: list[str], labels: lis
 
 
 def one_shot_validation(trainer, folder_name: str = "validation", max_cases: int | None = None,
-                        classes_per_pass: int | None = None) -> dict[str, float]:
-    """Validate trainer's fold; returns {member: mean foreground Dice}.
+                        classes_per_pass: int | None = None, save_probabilities: bool = False) -> dict[str, float]:
+    """Validate trainer's fold; returns {member: mean foreground Dice}. With `save_probabilities` each case also gets
+    {case}.npz (per-class probabilities, original geometry) and {case}.pkl, as nnU-Net's --npz.
 
     `max_cases` limits the validation cases per member (the first by name) and `classes_per_pass` splits the
     decoding into passes, for learning curves and the joint-vs-separate decoding check; results go to
@@ -52,12 +52,15 @@ def one_shot_validation(trainer, folder_name: str = "validation", max_cases: int
             for case in tqdm(cases, desc=f"{folder_name} {member.name}", unit="case",
                              disable=trainer.local_rank != 0):
                 data, _, _, properties = dataset.load_case(case)
-                index_map, _, _ = predictor.segment_preprocessed(np.asarray(data), properties, task)
-                write_segmentation(indices_to_values(index_map, task.classes), os.path.join(output, case + ending),
-                                   properties, reader_writer)
+                index_map, probabilities, _ = predictor.segment_preprocessed(
+                    np.asarray(data), properties, task, probabilities=save_probabilities)
+                result = CaseResult(indices_to_values(index_map, task.classes), properties, reader_writer,
+                                    list(task.classes), probabilities)
+                predictor.write_result(result, os.path.join(output, case), ending, save_probabilities)
             gt = os.path.join(os.path.dirname(member.preprocessed_folder), "gt_segmentations")
-            for stale in set(os.listdir(output)) - {case + ending for case in cases}:  # an earlier, longer run's
-                if stale.endswith(ending):
+            written = (ending, ".npz", ".pkl") if save_probabilities else (ending,)
+            for stale in set(os.listdir(output)) - {case + ext for case in cases for ext in written}:
+                if stale.endswith((ending, ".npz", ".pkl")):  # an earlier run's
                     os.remove(os.path.join(output, stale))
             metrics = compute_metrics_on_folder(gt, output, os.path.join(output, "summary.json"), reader_writer,
                                                 ending, member.foreground_labels, None, num_processes=1, chill=True)
