@@ -184,6 +184,11 @@ def test_dicom_series_query_and_raw_folder_reference(world, tmp_path):
     np.testing.assert_allclose(seg_image.GetSpacing(), source.GetSpacing(), rtol=1e-4)
     np.testing.assert_allclose(seg_image.GetOrigin(), source.GetOrigin(), atol=1e-3)
     assert set(np.unique(seg).tolist()) <= {0, *VALUES}
+    # the same scan as NIfTI (before rounding to int16) gets nearly the same, non-empty segmentation
+    run(world, "-i", str(world["queries"] / "caseA_0000.nii.gz"), "-o", str(tmp_path / "nifti"), "-r", str(raw))
+    from_nifti = read(tmp_path / "nifti" / "caseA.nii.gz")[0]
+    assert (seg > 0).sum() > 100
+    assert 2 * ((seg > 0) & (from_nifti > 0)).sum() / ((seg > 0).sum() + (from_nifti > 0).sum()) > 0.9
 
 
 # ------------------------------------------------------------------------------------- strategies
@@ -301,6 +306,13 @@ def test_many_classes_in_several_passes(world, tmp_path, predictor):
     result = tight.predict_case(query, pool.mean(), save_probabilities=True)
     assert set(np.unique(result.segmentation).tolist()) <= {0, *values}
     assert result.probabilities.shape[0] == pool.num_classes
+    # the passes' maps are put together into one decision: each voxel gets the most probable class above 0.5
+    highest = result.probabilities.max(0).astype(np.float32)
+    assert (result.segmentation > 0).sum() > 100
+    assert (result.segmentation[highest > 0.505] > 0).all() and (result.segmentation[highest < 0.495] == 0).all()
+    best = np.array(pool.classes)[result.probabilities.argmax(0)]
+    clear = highest > 0.505
+    assert np.mean(result.segmentation[clear] == best[clear]) > 0.99  # float16 ties aside
     run(world, "-i", query[0], "-o", str(tmp_path / "o"), "-r", f"{tmp_path}/r.nii.gz:{tmp_path}/r_seg.nii.gz",
         "--classes_per_pass", "1", "-step_size", "1")
     assert set(np.unique(read(tmp_path / "o" / "caseA.nii.gz")[0]).tolist()) <= {0, *values}
