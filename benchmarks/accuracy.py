@@ -200,11 +200,6 @@ def label_file(folder: Path, case: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- the run
-def per_pass(method: str) -> int:
-    """Classes decoded per pass of an "iris oneshot N/pass" method."""
-    return int(method.rsplit(" ", 1)[-1].split("/")[0])
-
-
 def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path, held_out: list[str]) -> dict:
     """Every method on every query of one dataset: Dice per class and seconds per query."""
     queries, refs = pick_cases(folder, held_out, args.queries, args.n_references, args.seed)
@@ -213,17 +208,21 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
     n = args.n_references
     cases = [case for r in refs for case in parse_reference(f"{image_file(folder, r)}:{label_file(folder, r)}", 1)]
     methods: dict[str, dict] = {}
-    iris = {"iris oneshot": ("oneshot", 1), "iris oneshot 1/pass": ("oneshot", 1),
-            "iris oneshot 8/pass": ("oneshot", 1), "iris oneshot largest component": ("oneshot", 1),
-            f"iris ensemble-{n}": ("ensemble", n), f"iris retrieval-{n}": ("retrieval", n), "iris tune": ("tune", 1)}
-    for name, (strategy, k) in iris.items():
-        option = f"oneshot-{per_pass(name)}-per-pass" if name.endswith("/pass") else \
-            "oneshot-largest-component" if name.endswith("largest component") else strategy
+    # method name -> (--methods option, strategy, references, classes per pass, largest component only)
+    iris = {"iris oneshot": ("oneshot", "oneshot", 1, None, False),
+            "iris oneshot 1/pass": ("oneshot-1-per-pass", "oneshot", 1, 1, False),
+            "iris oneshot 8/pass": ("oneshot-8-per-pass", "oneshot", 1, 8, False),
+            "iris oneshot largest component": ("oneshot-largest-component", "oneshot", 1, None, True),
+            f"iris ensemble-{n}": ("ensemble", "ensemble", n, None, False),
+            f"iris retrieval-{n}": ("retrieval", "retrieval", n, None, False),
+            "iris tune": ("tune", "tune", 1, None, False)}
+    for name, (option, strategy, k, per_pass, largest_component) in iris.items():
         if option in args.methods:
             start = time.perf_counter()  # mirrors iris_predict: encode, task for the strategy, pool for retrieval
             encoded = predictor.encode_references(cases[:k])
             task, losses = predictor.task_for_strategy(encoded.pool, strategy, encoded, args.tune_steps, args.tune_lr)
             methods[name] = {"encode_s": time.perf_counter() - start, "tune_losses": losses, "lost": encoded.lost,
+                             "classes_per_pass": per_pass, "largest_component": largest_component,
                              "task": task, "pool": encoded.pool if strategy == "retrieval" else None, "per_query": {}}
             print(f"[{folder.name}] {name}: task encoded in {methods[name]['encode_s']:.1f} s", file=sys.stderr)
     for option, name in (("registration", "registration"), ("ants-syn", "ants syn"),
@@ -247,8 +246,8 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             for name, m in methods.items():
                 start = time.perf_counter()
                 if name.startswith("iris"):
-                    predictor.classes_per_pass = per_pass(name) if name.endswith("/pass") else None
-                    predictor.largest_component = name.endswith("largest component")
+                    predictor.classes_per_pass = m["classes_per_pass"]
+                    predictor.largest_component = m["largest_component"]
                     result = predictor.predict_case([image_file(folder, case)], m["task"], m["pool"], 1)
                     write_segmentation(result.segmentation, os.path.join(tmp, f"{case}.nii.gz"), result.properties,
                                        result.reader_writer)

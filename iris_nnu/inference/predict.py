@@ -145,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     queries, problems = find_queries(args.i, predictor.num_channels) if args.i else ([], [])
     queries = sorted(queries, key=lambda q: q.name)[args.part_id::args.num_parts]
     if args.continue_prediction:
-        done = [q for q in queries if finished(q, args.o, args.save_probabilities)]
-        queries = [q for q in queries if q not in done]
-        if done:
-            print(f"{PROGRAM}: {len(done)} queries already segmented in {args.o}, skipped (--continue_prediction)")
+        pending = [q for q in queries if not finished(q, args.o, args.save_probabilities)]
+        if len(pending) < len(queries):
+            print(f"{PROGRAM}: {len(queries) - len(pending)} queries already segmented in {args.o}, skipped "
+                  f"(--continue_prediction)")
+        queries = pending
 
     references = None
     if args.r:
