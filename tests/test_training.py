@@ -344,6 +344,19 @@ def test_model_folder_and_exact_continuation(collection_env, monkeypatch):
     train_main(["900", "1", "-device", "cpu", "--val", "--val_best"])
     assert loaded == ["checkpoint_final.pth", "checkpoint_best.pth"]
 
+    # -pretrained_weights: another fold starts from these weights (loaded with weights_only=True)
+    monkeypatch.setattr(IrisTrainer, "load_checkpoint", original_load)
+
+    def record_weights(self):
+        original_start(self)
+        started["weights"] = {k: v.clone() for k, v in self.iris_network.state_dict().items()}
+
+    monkeypatch.setattr(IrisTrainer, "on_train_start", record_weights)
+    monkeypatch.setattr(IrisTrainer, "perform_actual_validation", lambda self, save_probabilities=False: None)
+    train_main(["900", "0", "-device", "cpu", "--epochs", "1", "--iterations_per_epoch", "1", "--val_iterations", "1",
+                "-pretrained_weights", str(fold / "checkpoint_final.pth")])
+    assert all(torch.equal(started["weights"][k], v) for k, v in final["network_weights"].items())
+
 
 # ---------------------------------------------------------------- bad input
 

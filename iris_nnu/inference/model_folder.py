@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from iris_nnu.errors import IrisInputError
@@ -21,6 +22,10 @@ TRAINER_NAME = "IrisTrainer"
 # The model shipped inside the package (see its MODEL_CARD.md); used when no model folder is given.
 DEFAULT_MODEL_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "default_model")
 HELD_OUT_FILE = "held_out.json"
+MODEL_CARD_FILE = "MODEL_CARD.md"
+# nnU-Net's training log in a checkpoint holds numpy scalars; these rebuild them and nothing else, so checkpoints
+# load with weights_only=True (no code from the file runs)
+_NUMPY_SCALAR_GLOBALS = [np._core.multiarray.scalar, np.dtype, *{type(np.dtype(t)) for t in np.typecodes["All"]}]
 
 
 @dataclass
@@ -44,7 +49,7 @@ def fold_folder_name(fold: int | str) -> str:
     return f"fold_{fold}"
 
 
-def _read_json(path: str) -> dict:
+def read_json_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise IrisInputError(f"{path}: not found; is {os.path.dirname(path)} an iris_train model folder?")
     try:
@@ -54,7 +59,7 @@ def _read_json(path: str) -> dict:
         raise IrisInputError(f"{path}: not valid JSON ({e})") from None
 
 
-def _strip_prefixes(state: dict) -> dict:
+def strip_prefixes(state: dict) -> dict:
     """Weights saved from a compiled (`_orig_mod.`) or DDP (`module.`) network load into the plain one."""
     out = {}
     for key, value in state.items():
@@ -63,6 +68,20 @@ def _strip_prefixes(state: dict) -> dict:
                 key = key[len(prefix):]
         out[key] = value
     return out
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint's contents, loaded with weights_only=True: tensors, plain Python values, numpy scalars."""
+    with torch.serialization.safe_globals(_NUMPY_SCALAR_GLOBALS):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"expected a dict, got {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def load_network_weights(path: str) -> dict:
+    """The network weights of a checkpoint (loaded as load_checkpoint does), keys as the plain network's."""
+    return strip_prefixes(load_checkpoint(path)["network_weights"])
 
 
 def load_model_folder(folder: str | None, fold: int | str = 0, checkpoint_name: str = DEFAULT_CHECKPOINT,
@@ -77,8 +96,8 @@ def load_model_folder(folder: str | None, fold: int | str = 0, checkpoint_name: 
     folder = os.path.normpath(folder)
     if not os.path.isdir(folder):
         raise IrisInputError(f"{folder}: model folder not found")
-    plans = _read_json(os.path.join(folder, "plans.json"))
-    dataset_json = _read_json(os.path.join(folder, "dataset.json"))
+    plans = read_json_file(os.path.join(folder, "plans.json"))
+    dataset_json = read_json_file(os.path.join(folder, "dataset.json"))
     try:
         architecture = plans["configurations"][CONFIGURATION]["architecture"]
         num_channels = len(dataset_json["channel_names"])
@@ -96,8 +115,8 @@ def load_model_folder(folder: str | None, fold: int | str = 0, checkpoint_name: 
         raise IrisInputError(f"{checkpoint_file}: not found; {fold_dir} has {', '.join(found) or 'no checkpoints'} "
                              f"(-chk)")
     try:
-        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
-        weights = _strip_prefixes(checkpoint["network_weights"])
+        checkpoint = load_checkpoint(checkpoint_file)
+        weights = strip_prefixes(checkpoint["network_weights"])
     except Exception as e:  # noqa: BLE001 - corrupt or foreign file: one line naming it
         raise IrisInputError(f"{checkpoint_file}: not a readable iris_train checkpoint ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
@@ -119,7 +138,7 @@ def read_held_out(folder: str | None, file: str | None = None) -> dict[str, list
     if not os.path.isfile(path):
         raise IrisInputError(f"{path}: not found; it lists the cases the model never trained on, "
                              f"{{dataset name: [case, ...]}}")
-    held_out = _read_json(path)
+    held_out = read_json_file(path)
     if not isinstance(held_out, dict) or not all(isinstance(v, list) for v in held_out.values()):
         raise IrisInputError(f"{path}: expected {{dataset name: [case, ...]}}")
     return held_out
@@ -134,7 +153,7 @@ def pack_model_folder(source: str, destination: str, fold: int | str = 0, checkp
     loads fp16 weights back into float32 parameters.
     """
     model = load_model_folder(source, fold, checkpoint_name)
-    manifest = _read_json(os.path.join(source, "manifest.json"))
+    manifest = read_json_file(os.path.join(source, "manifest.json"))
     write_model_folder(destination, model.plans, model.dataset_json, model.network, fold, manifest,
                        model.inference_allowed_mirroring_axes, half=half, held_out=held_out)
     return os.path.join(destination, fold_folder_name(fold), DEFAULT_CHECKPOINT)

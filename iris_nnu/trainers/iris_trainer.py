@@ -34,6 +34,7 @@ from torch import autocast, nn
 from torch._dynamo import OptimizedModule
 
 from iris_nnu.files import write_atomic
+from iris_nnu.inference.model_folder import load_checkpoint, load_network_weights, strip_prefixes
 from iris_nnu.model import IrisNetwork, MaskedDiceBCELoss, TaskEmbedding, build_network
 from iris_nnu.preprocessing.collection import Collection, load_collection
 from iris_nnu.trainers.episodes import EpisodicDataLoader, MemberEpisodes
@@ -315,9 +316,29 @@ class IrisTrainer(nnUNetTrainer):
         }
         write_atomic(filename, lambda tmp: torch.save(checkpoint, tmp))
 
-    def load_checkpoint(self, filename_or_checkpoint: str) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
-        checkpoint = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
+    def load_pretrained_weights(self, path: str) -> None:
+        """Start from another run's network weights (nnU-Net's -pretrained_weights; the file is loaded with
+        weights_only=True, which nnU-Net's loader does not do); the architecture must be the same."""
+        if not self.was_initialized:
+            self.initialize()
+        self.iris_network.load_state_dict(load_network_weights(path))
+
+    def load_checkpoint(self, filename_or_checkpoint: str | dict) -> None:
+        # nnU-Net's unpickles the file with weights_only=False, and its dict form is broken in 2.8.1 (UnboundLocal)
+        checkpoint = load_checkpoint(filename_or_checkpoint) if isinstance(filename_or_checkpoint, str) \
+            else filename_or_checkpoint
+        if not self.was_initialized:
+            self.initialize()
+        self.iris_network.load_state_dict(strip_prefixes(checkpoint["network_weights"]))
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
         self.memory_bank = {member: {int(label): tokens for label, tokens in bank.items()}
                             for member, bank in checkpoint.get("iris_memory_bank", {}).items()}
 

@@ -11,6 +11,7 @@ from nnunetv2.run.run_training import maybe_load_checkpoint
 from iris_nnu.cli import HelpFormatter
 from iris_nnu.device import add_device_argument, resolve_device
 from iris_nnu.errors import IrisInputError, cli_entry, require_env_folder
+from iris_nnu.inference.model_folder import load_checkpoint
 from iris_nnu.preprocessing.collection import load_collection
 from iris_nnu.preprocessing.planner import CONFIGURATION, PLANS_IDENTIFIER
 from iris_nnu.trainers.iris_trainer import IrisTrainer
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = os.path.join(trainer.output_folder, "checkpoint_final.pth")
     if args.c and os.path.isfile(checkpoint):
         # continue with the run's own settings unless told otherwise (the schedule depends on them)
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False).get("iris_settings", {})
+        saved = load_checkpoint(checkpoint).get("iris_settings", {})
         trainer.num_epochs = saved.get("num_epochs", trainer.num_epochs)
         trainer.num_iterations_per_epoch = saved.get("num_iterations_per_epoch", trainer.num_iterations_per_epoch)
         trainer.num_val_iterations_per_epoch = saved.get("num_val_iterations_per_epoch",
@@ -146,7 +147,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.val and not os.path.isfile(os.path.join(trainer.output_folder, "checkpoint_final.pth")):
         raise IrisInputError(f"--val: {trainer.output_folder} has no checkpoint_final.pth; training is not finished")
-    maybe_load_checkpoint(trainer, args.c, args.val, args.pretrained_weights)
+    maybe_load_checkpoint(trainer, args.c, args.val)
+    if args.pretrained_weights:
+        try:
+            trainer.load_pretrained_weights(args.pretrained_weights)
+        except (KeyError, RuntimeError, ValueError, OSError) as e:
+            raise IrisInputError(f"--pretrained_weights {args.pretrained_weights}: not weights of this architecture "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     if not args.val:
         trainer.run_training()
     if args.val_best:
