@@ -21,7 +21,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from iris_nnu.model import IrisNetwork, count_parameters  # noqa: E402
-from iris_nnu.model.network import Conv3d  # noqa: E402
+from iris_nnu.model.ops import Conv3d  # noqa: E402
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from iris_nnu.inference import IrisPredictor, Query, parse_reference, write_model_folder  # noqa: E402
 from iris_nnu.inference.images import read_images  # noqa: E402
 from iris_nnu.model import build_network  # noqa: E402
-from iris_nnu.model.network import Conv3d  # noqa: E402
+from iris_nnu.model.ops import Conv3d  # noqa: E402
 from iris_nnu.preprocessing.planner import MemberSummary, plan_collection  # noqa: E402
 
 QUERY_SPACING = (1.0, 1.0, 1.2)  # x, y, z: resampled to the plan's 1 mm, so both exports resample back
@@ -98,7 +98,7 @@ def nnunet_predictor(plans: dict, widths: tuple[int, ...], num_classes: int, dev
     """nnUNetPredictor with a PlainConvUNet of the same widths, on the same plan (nnU-Net's z-score norm).
 
     onednn: its Conv3d layers routed to oneDNN like Iris's (PyTorch sends small batch-1 3D convs on CPU to a
-    kernel 5-10x slower; see iris_nnu.model.network.Conv3d), so the ratio compares pipelines, not conv backends."""
+    kernel 5-10x slower; see iris_nnu.model.ops.Conv3d), so the ratio compares pipelines, not conv backends."""
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager

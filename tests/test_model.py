@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iris_nnu.model import (IrisNetwork, TaskEmbedding, TaskMismatchError, build_network, count_parameters,
-                            estimate_memory_bytes)
-from iris_nnu.model import memory, network
-from iris_nnu.model.network import full_res_masked_average, pixel_shuffle_3d, pixel_unshuffle_3d
+from iris_nnu.model import (IrisArchitecture, IrisNetwork, TaskEmbedding, TaskMismatchError, build_network,
+                            count_parameters, estimate_memory_bytes)
+from iris_nnu.model.ops import full_res_masked_average, pixel_shuffle_3d, pixel_unshuffle_3d
 
 TINY = dict(features_per_stage=(4, 8, 16, 32, 64), blocks_per_stage=1, num_query_tokens=3, attention_heads=2)
 PATCH = (32, 32, 32)
@@ -263,8 +262,16 @@ def test_build_network_from_plans_entry():
     dict(features_per_stage=(6, 12, 24), blocks_per_stage=(3, 1, 2), task_scales=3, num_query_tokens=4,
          attention_heads=5, attention_depth=2)])
 def test_count_parameters_is_exact(kw):
-    assert (memory.FUSE_CHANNELS, memory.MLP_RATIO) == (network.FUSE_CHANNELS, network.MLP_RATIO)
     assert count_parameters(kw, 1) == sum(p.numel() for p in IrisNetwork(1, **kw).parameters())
+
+
+def test_architecture_round_trips_plans_kwargs():
+    arch = IrisArchitecture.from_kwargs({**TINY, "num_classes": 3})  # nnU-Net's num_classes is accepted, ignored
+    assert arch.to_kwargs() == {**IrisArchitecture().to_kwargs(), **TINY, "features_per_stage": [4, 8, 16, 32, 64]}
+    assert IrisArchitecture.from_kwargs(arch.to_kwargs()) == arch
+    assert (arch.blocks, arch.levels) == ([1] * 5, [4, 3, 2])
+    with pytest.raises(ValueError, match="'widths'"):
+        IrisArchitecture.from_kwargs({"widths": [8, 16]})
 
 
 def test_memory_estimate_is_arithmetic_and_monotone():

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from math import prod
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
-FUSE_CHANNELS = 1  # must match network.FUSE_CHANNELS
-MLP_RATIO = 4  # must match network.MLP_RATIO
+from .architecture import CHUNK_ELEMENTS, FUSE_CHANNELS, MLP_RATIO, IrisArchitecture
+
 # Calibration (CPU, torch 2.13, 2 threads): peak RSS growth of a fresh process (code paths warmed first) over two
 # training steps (reference encode + query forward/backward with deep supervision, Dice+BCE, Adam), and over one
 # eval encode + query pass in inference_mode; 11 configurations: widths 4..64 to 32..512, 3-5 stages, patches
@@ -16,22 +16,17 @@ MLP_RATIO = 4  # must match network.MLP_RATIO
 ACT_SCALE = 0.93  # measured / counted elements kept for backward
 RUNTIME_BYTES = 300 * 2**20  # allocator, oneDNN scratchpads and autograd bookkeeping, measured as a constant
 INFER_SCALE = 1.05
-_DEFAULTS = dict(features_per_stage=(32, 64, 128, 256, 512), blocks_per_stage=2, num_query_tokens=10,
-                 task_scales=3, attention_heads=8, attention_depth=1)
 
 
-def _config(arch_kwargs: dict) -> tuple[list[int], list[int], int, list[int], int]:
-    kw = {**_DEFAULTS, **{k: v for k, v in arch_kwargs.items() if k in _DEFAULTS}}
-    f = [int(c) for c in kw["features_per_stage"]]
-    b = kw["blocks_per_stage"]
-    blocks = [int(b)] * len(f) if isinstance(b, int) else [int(v) for v in b]
-    levels = list(range(len(f) - 1, len(f) - 1 - min(int(kw["task_scales"]), len(f)), -1))
-    return f, blocks, int(kw["num_query_tokens"]), levels, int(kw["attention_depth"])
+def _architecture(arch: Mapping[str, Any] | IrisArchitecture) -> IrisArchitecture:
+    return arch if isinstance(arch, IrisArchitecture) else IrisArchitecture.from_kwargs(arch)
 
 
-def count_parameters(arch_kwargs: dict, input_channels: int = 1) -> int:
+def count_parameters(arch_kwargs: Mapping[str, Any] | IrisArchitecture, input_channels: int = 1) -> int:
     """Exact number of parameters of IrisNetwork(input_channels, **arch_kwargs) (a test checks this)."""
-    f, blocks, m, levels, depth = _config(arch_kwargs)
+    arch = _architecture(arch_kwargs)
+    f, blocks, levels = arch.features_per_stage, arch.blocks, arch.levels
+    m, depth = arch.num_query_tokens, arch.attention_depth
     n = len(f) - 1
 
     def conv_in(ci: int, co: int, k: int = 27) -> int:  # bias-free conv + affine InstanceNorm
@@ -67,9 +62,10 @@ def count_parameters(arch_kwargs: dict, input_channels: int = 1) -> int:
     return total
 
 
-def _activation_elements(f: list[int], blocks: list[int], m: int, levels: list[int], depth: int, p: int,
-                         k: int, input_channels: int) -> float:
+def _activation_elements(arch: IrisArchitecture, p: int, k: int, input_channels: int) -> float:
     """Elements kept for backward in one training step, for batch 1."""
+    f, blocks, levels = arch.features_per_stage, arch.blocks, arch.levels
+    m, depth = arch.num_query_tokens, arch.attention_depth
     n = [p / 8**s for s in range(len(f))]  # voxels per level
     enc = 2 * f[0] * n[0]  # stem: conv output (kept by the norm) and activation
     for s in range(len(f)):
@@ -87,21 +83,22 @@ def _activation_elements(f: list[int], blocks: list[int], m: int, levels: list[i
     return 2 * enc + dec(0) + dec(levels[-1]) + interact + context + heads + inputs
 
 
-def estimate_memory_bytes(arch_kwargs: dict, patch_size: Sequence[int], batch_size: int, num_classes: int,
-                          input_channels: int = 1, training: bool = True) -> int:
+def estimate_memory_bytes(arch_kwargs: Mapping[str, Any] | IrisArchitecture, patch_size: Sequence[int],
+                          batch_size: int, num_classes: int, input_channels: int = 1, training: bool = True) -> int:
     """Peak memory (bytes, fp32) of one training step: reference encode + query forward/backward + Adam.
 
     With training=False: one inference pass (encode or query, whichever is larger), weights only."""
-    f, blocks, m, levels, depth = _config(arch_kwargs)
+    arch = _architecture(arch_kwargs)
+    f, levels = arch.features_per_stage, arch.levels
     p, b, k = prod(int(v) for v in patch_size), int(batch_size), int(num_classes)
-    params = count_parameters(arch_kwargs, input_channels)
+    params = count_parameters(arch, input_channels)
     if training:
-        act = _activation_elements(f, blocks, m, levels, depth, p, k, input_channels)
+        act = _activation_elements(arch, p, k, input_channels)
         # weights, gradients and two Adam moments (fp32) + activations kept for backward
         return int(16 * params + 4 * b * ACT_SCALE * act + RUNTIME_BYTES)
     skips = sum(c * p / 8**s for s, c in enumerate(f))
     query = skips + 4 * f[0] * p + 2 * k * p + input_channels * p
-    chunk = max(1, min(k, 2**25 // max(1, b * p)))  # classes per chunk in the context encoder (network.py)
+    chunk = max(1, min(k, CHUNK_ELEMENTS // max(1, b * p)))  # classes per chunk in the context encoder
     encode = skips + max(3 * chunk * p + 4 * chunk * f[s] * p / 8**s for s in levels) + k * p
     padded = 2 * max(f[0], 16) * p  # transient copies in oneDNN's blocked layout (channels padded to 16)
     return int(4 * params + 4 * b * (INFER_SCALE * max(query, encode) + padded))

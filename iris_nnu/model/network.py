@@ -15,72 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .architecture import CHUNK_ELEMENTS, FUSE_CHANNELS, MLP_RATIO, IrisArchitecture
+from .ops import Conv3d, attention_heads_for, full_res_masked_average, pixel_shuffle_3d, pixel_unshuffle_3d
 from .task import TRAINING_MODEL_ID, TaskEmbedding, TaskMismatchError
-
-FUSE_CHANNELS = 1  # channels of the full-resolution mask fusion: the method's "1x1x1 conv C -> r^3 channels"
-CHUNK_ELEMENTS = 2**25  # encode classes in chunks so one full-resolution fusion tensor stays under ~128 MB (fp32)
-MLP_RATIO = 4
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-def pixel_shuffle_3d(x: Tensor, r: int) -> Tensor:
-    """(B, C*r^3, X, Y, Z) -> (B, C, rX, rY, rZ); channel index c*r^3 + i*r^2 + j*r + k -> offset (i, j, k)."""
-    if r == 1:
-        return x
-    b, c, nx, ny, nz = x.shape
-    x = x.view(b, c // r**3, r, r, r, nx, ny, nz).permute(0, 1, 5, 2, 6, 3, 7, 4)
-    return x.reshape(b, c // r**3, nx * r, ny * r, nz * r)
-
-
-def pixel_unshuffle_3d(x: Tensor, r: int) -> Tensor:
-    """Inverse of pixel_shuffle_3d: (B, C, rX, rY, rZ) -> (B, C*r^3, X, Y, Z)."""
-    if r == 1:
-        return x
-    b, c, nx, ny, nz = x.shape
-    x = x.view(b, c, nx // r, r, ny // r, r, nz // r, r).permute(0, 1, 3, 5, 7, 2, 4, 6)
-    return x.reshape(b, c * r**3, nx // r, ny // r, nz // r)
-
-
-def _interp_matrix(n_low: int, n_full: int, like: Tensor) -> Tensor:
-    """(n_low, n_full): row i is the 1D linear up-sampling (align_corners=False) of the unit vector e_i."""
-    eye = torch.eye(n_low, device=like.device, dtype=like.dtype).unsqueeze(1)
-    return F.interpolate(eye, size=n_full, mode="linear", align_corners=False).squeeze(1)
-
-
-def full_res_masked_average(feats: Tensor, masks: Tensor, eps: float = 1e-6) -> Tensor:
-    """sum(up(F) * m) / (sum(m) + eps) per class, up = trilinear up-sampling of F (B,C,x,y,z) to the masks' size.
-
-    Up-sampling is linear and separable, so <up(F), m> = <F, up^T(m)>: the masks are pulled down with the
-    transposed 1D interpolation matrices instead of materialising up(F) (C*N) or F*m (K*C*N). Exact, O(K*N)."""
-    with torch.autocast(feats.device.type, enabled=False):  # sums over millions of voxels overflow fp16
-        feats, m = feats.float(), masks.float()
-        ax, ay, az = (_interp_matrix(lo, hi, feats) for lo, hi in zip(feats.shape[2:], masks.shape[2:]))
-        pulled = torch.einsum("bkXYZ,xX->bkxYZ", m, ax)
-        pulled = torch.einsum("bkxYZ,yY->bkxyZ", pulled, ay)
-        pulled = torch.einsum("bkxyZ,zZ->bkxyz", pulled, az)
-        pooled = torch.bmm(pulled.flatten(2), feats.flatten(2).transpose(1, 2))  # (B, K, C)
-        return pooled / (m.flatten(2).sum(-1, keepdim=True) + eps)
-
-
-def attention_heads_for(dim: int, wanted: int) -> int:
-    """Largest head count <= wanted that divides dim (so channels % heads == 0 at every scale)."""
-    return max(h for h in range(1, max(1, min(wanted, dim)) + 1) if dim % h == 0)
 
 
 # ------------------------------------------------------------------------------------------ conv blocks
-class Conv3d(nn.Conv3d):
-    """nn.Conv3d that sends CPU float32 input to oneDNN. PyTorch picks the backend from (B, C, X, Y) only, so
-    batch-1 3D convs with C*X*Y <= 20480 fall to the im2col kernel, measured 5-10x slower at 16^3-32^3."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 \
-                and self.padding_mode == "zeros" and torch.backends.mkldnn.is_available() \
-                and torch.backends.mkldnn.enabled:
-            return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation,
-                                            self.groups)
-        return super().forward(x)
-
-
 def _conv(cin: int, cout: int, k: int = 3) -> nn.Conv3d:
     return Conv3d(cin, cout, k, padding=k // 2, bias=False)  # InstanceNorm follows: a bias would cancel
 
@@ -247,28 +187,27 @@ class Decoder(nn.Module):
 class IrisNetwork(nn.Module):
     """Iris: encode a task from reference image + masks once; segment any query for all K classes in one pass."""
 
-    def __init__(self, input_channels: int, features_per_stage: Sequence[int] = (32, 64, 128, 256, 512),
-                 blocks_per_stage: int | Sequence[int] = 2, num_query_tokens: int = 10, task_scales: int = 3,
-                 attention_heads: int = 8, attention_depth: int = 1, num_classes: int | None = None,
-                 deep_supervision: bool = False):
+    def __init__(self, input_channels: int,
+                 features_per_stage: Sequence[int] = IrisArchitecture.features_per_stage,
+                 blocks_per_stage: int | Sequence[int] = IrisArchitecture.blocks_per_stage,
+                 num_query_tokens: int = IrisArchitecture.num_query_tokens,
+                 task_scales: int = IrisArchitecture.task_scales,
+                 attention_heads: int = IrisArchitecture.attention_heads,
+                 attention_depth: int = IrisArchitecture.attention_depth,
+                 num_classes: int | None = None, deep_supervision: bool = False):
         super().__init__()
         del num_classes  # nnU-Net's get_network_from_plans passes it; K comes from the task
-        features = [int(f) for f in features_per_stage]
-        n = len(features) - 1
-        blocks = [int(blocks_per_stage)] * len(features) if isinstance(blocks_per_stage, int) \
-            else [int(v) for v in blocks_per_stage]
-        if n < 1 or len(blocks) != len(features) or min(blocks) < 1:
-            raise ValueError(f"need >= 2 stages and >= 1 block per stage, got {features}, {blocks_per_stage}")
-        if task_scales < 1 or num_query_tokens < 1 or attention_depth < 1:
-            raise ValueError("task_scales, num_query_tokens and attention_depth must be >= 1")
-        task_scales = min(task_scales, n + 1)  # clamped like attention_heads, so shallow planned nets just work
-        self.input_channels, self.features, self.num_query_tokens = input_channels, features, num_query_tokens
-        self.levels = list(range(n, n - task_scales, -1))  # task levels, bottleneck first (level s = 1/2^s)
-        self.encoder = Encoder(input_channels, features, blocks)
-        self.decoder = Decoder(features, self.levels, attention_heads, attention_depth, deep_supervision)
-        self.context = nn.ModuleList(
-            ContextEncoder(features[s], s, num_query_tokens, attention_heads_for(features[s], attention_heads))
-            for s in self.levels)
+        arch = IrisArchitecture(features_per_stage=features_per_stage, blocks_per_stage=blocks_per_stage,
+                                num_query_tokens=num_query_tokens, task_scales=task_scales,
+                                attention_heads=attention_heads, attention_depth=attention_depth)
+        features, n = list(arch.features_per_stage), len(arch.features_per_stage) - 1
+        self.input_channels, self.features, self.num_query_tokens = input_channels, features, arch.num_query_tokens
+        self.levels = arch.levels
+        self.encoder = Encoder(input_channels, features, arch.blocks)
+        self.decoder = Decoder(features, self.levels, arch.attention_heads, arch.attention_depth, deep_supervision)
+        self.context = nn.ModuleList(ContextEncoder(features[s], s, arch.num_query_tokens,
+                                                    attention_heads_for(features[s], arch.attention_heads))
+                                     for s in self.levels)
         # the per-class vector reads the class's own reference foreground tokens of every task scale beside its
         # decoded token: from the decoded token alone, training found a shortcut (all classes got one vector and
         # the shared image update carried the class), which merged the classes whenever several were decoded

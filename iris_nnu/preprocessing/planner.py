@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from iris_nnu.model import estimate_memory_bytes
+from iris_nnu.model import IrisArchitecture, estimate_memory_bytes
 from iris_nnu.preprocessing.normalization import normalization_for_channel
 
 PLANS_IDENTIFIER = "IrisPlans"
@@ -114,14 +114,7 @@ def architecture_entry(base_width: int, input_channels: int = 1) -> dict:
     """The plans' `architecture` entry (dotted class path + kwargs, as nnU-Net's)."""
     return {
         "network_class_name": NETWORK_CLASS,
-        "arch_kwargs": {
-            "features_per_stage": widths_for(base_width),
-            "blocks_per_stage": 2,
-            "num_query_tokens": 10,
-            "task_scales": 3,
-            "attention_heads": 8,
-            "attention_depth": 1,
-        },
+        "arch_kwargs": IrisArchitecture(features_per_stage=widths_for(base_width)).to_kwargs(),
         "_kw_requires_import": [],
     }
 
