@@ -106,22 +106,29 @@ def test_colocated_episodes_show_the_same_structures_in_query_and_reference(tmp_
     def as_is(image, segmentation):
         return {"image": image, "segmentation": segmentation}
 
-    def shares(colocated_p: float) -> tuple[float, float]:
-        """Shares of (crop, class) pairs with the class in the query crop, and in both query and reference."""
+    def shares(colocated_p: float, off_anchor_p: float = 0.0) -> tuple[float, float, float]:
+        """Shares of (crop, class) pairs with the class in the query crop, in both query and reference, and in the
+        reference only (a window without a structure the reference shows: a negative example)."""
         monkeypatch.setattr(episodes, "COLOCATED_P", colocated_p)
+        monkeypatch.setattr(episodes, "OFF_ANCHOR_P", off_anchor_p)
         loader = EpisodicDataLoader([member], 2, (32,) * 3, (32,) * 3, 8, as_is, as_is, seed=0)
-        in_query, in_both, pairs = 0, 0, 0
+        in_query, in_both, negative, pairs = 0, 0, 0, 0
         for _ in range(20):
             batch = loader.generate_train_batch()
             query_holds = batch["target"].flatten(2).amax(2) > 0
             in_query += int(query_holds.sum())
             in_both += int((query_holds & batch["present"]).sum())
+            negative += int((~query_holds & batch["present"]).sum())
             pairs += query_holds.numel()
-        return in_query / pairs, in_both / pairs
+        return in_query / pairs, in_both / pairs, negative / pairs
 
+    default_off_anchor = episodes.OFF_ANCHOR_P
     colocated, scattered = shares(1.0), shares(0.0)
     assert colocated[0] > 0.75 and colocated[1] > 0.6, colocated  # measured 0.86, 0.76 (scattered 0.34, 0.24)
     assert colocated[1] > scattered[1] + 0.25, (colocated, scattered)
+    # off-anchor query crops show windows without the structure: the negatives a whole-scan sliding window meets
+    off_anchor = shares(1.0, default_off_anchor)
+    assert off_anchor[2] > colocated[2] + 0.1, (off_anchor, colocated)  # measured 0.18 vs 0.04
 
 
 def test_member_sampling_weights_from_plans_and_manifest_format(collection_env):

@@ -35,6 +35,10 @@ FULL_EPISODE_P = 0.75
 # on one of them, in another case) others, so most (class, crop) pairs carry no foreground and the network learns to
 # predict nothing (issue 10: the default model's OASIS Dice 0.004). Crops of small scans hold every class anyway.
 COLOCATED_P = 0.75
+# Share of a co-located episode's query crops after the first that are placed anywhere in the scan instead of on
+# the anchor: centred crops always hold the structure, so without these the network never sees a window without it,
+# and in a whole brain it marks look-alike tissue in every window (issue 10: caudate 31k voxels predicted, 1k true).
+OFF_ANCHOR_P = 0.5
 # Attempts to find a reference case that holds at least one of the episode's classes.
 REFERENCE_ATTEMPTS = 5
 
@@ -133,7 +137,10 @@ class EpisodicDataLoader(DataLoader):
             crops = []
             for b in range(self.batch_size):
                 query = str(self.rng.choice(member.query_cases))
-                force = anchor is not None or self.rng.random() < self.oversample_foreground_percent
+                if anchor is not None:
+                    force = b == 0 or self.rng.random() >= OFF_ANCHOR_P
+                else:
+                    force = self.rng.random() < self.oversample_foreground_percent
                 crops.append((query, *self._crop(member, query, classes, force)[:2]))
             if anchor is not None:  # the anchor and others that the first query crop holds
                 held = [int(c) for c in np.unique(crops[0][2]) if c > 0 and c != anchor]
