@@ -12,6 +12,7 @@ import torch
 from conftest import cli_error
 from synthetic import blob_volume, write_volume
 
+from iris_nnu.errors import IrisInputError
 from iris_nnu.inference import IrisPredictor, parse_reference, select_references, write_model_folder
 from iris_nnu.inference.export import Winner, keep_largest_components
 from iris_nnu.inference.images import find_queries
@@ -316,6 +317,32 @@ def test_many_classes_in_several_passes(world, tmp_path, predictor):
     run(world, "-i", query[0], "-o", str(tmp_path / "o"), "-r", f"{tmp_path}/r.nii.gz:{tmp_path}/r_seg.nii.gz",
         "--classes_per_pass", "1", "-step_size", "1")
     assert set(np.unique(read(tmp_path / "o" / "caseA.nii.gz")[0]).tolist()) <= {0, *values}
+
+
+def test_array_and_simpleitk_api_give_the_file_output(world, tmp_path, predictor):
+    """nnU-Net's in-memory entry points, with the task: exactly what iris_predict writes."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    run(world, "-i", str(world["queries"]), "-o", str(tmp_path / "cli"), "-r", world["ref"][0])
+    task = predictor.encode_references(parse_reference(world["ref"][0], 1)).pool
+    expected, _ = read(tmp_path / "cli" / "scanB.mha")
+    assert (expected > 0).sum() > 100
+    data, properties = SimpleITKIO().read_images([str(world["queries"] / "scanB.mha")])
+    kept = {k: v for k, v in properties.items()}
+    segmentation, probabilities = predictor.predict_single_npy_array(data, properties, task, True)
+    np.testing.assert_array_equal(segmentation, expected)
+    assert probabilities.shape == (3, *expected.shape) and properties == kept  # the caller's dict is untouched
+    image = sitk.ReadImage(str(world["queries"] / "scanB.mha"))
+    labelled = predictor.predict_sitk(image, task)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labelled), expected)
+    assert labelled.GetSize() == image.GetSize() and labelled.GetDirection() == image.GetDirection()
+    (listed,) = predictor.predict_from_list_of_npy_arrays([data], [properties], task)
+    np.testing.assert_array_equal(listed, expected)
+    assert predictor.predict_from_files(str(world["queries"]), str(tmp_path / "files"), task) == []
+    for name in ("caseA.nii.gz", "scanB.mha"):
+        np.testing.assert_array_equal(read(tmp_path / "files" / name)[0], read(tmp_path / "cli" / name)[0])
+    with pytest.raises(IrisInputError, match=r"must be \(C=1, Z, Y, X\)"):
+        predictor.predict_single_npy_array(data[0], properties, task)
 
 
 def test_keep_largest_components_per_class():

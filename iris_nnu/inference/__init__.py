@@ -6,9 +6,10 @@ from .predictor import (
            CaseResult,
            EncodedReferences,
            IrisPredictor,
+           QuerySegmentation,
            select_references,
 )
 from .references import ReferenceCase, parse_reference
 
-__all__ = ["IrisPredictor", "CaseResult", "EncodedReferences", "ReferenceCase", "Query", "IrisModel", "STRATEGIES",
+__all__ = ["IrisPredictor", "CaseResult", "QuerySegmentation", "EncodedReferences", "ReferenceCase", "Query", "IrisModel", "STRATEGIES",
            "find_queries", "load_model_folder", "write_model_folder", "parse_reference", "select_references"]

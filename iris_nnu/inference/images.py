@@ -9,7 +9,7 @@ import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -123,16 +123,33 @@ def reader_writer_for(path: str, plans_reader_writer: type[BaseReaderWriter]) ->
     return SimpleITKIO()
 
 
+def sitk_to_array(images: Sequence[sitk.Image]) -> tuple[np.ndarray, dict]:
+    """Channel images -> (C, Z, Y, X) float32 and the properties SimpleITKIO.read_images makes (so its write_seg,
+    and label_to_sitk, restore the geometry)."""
+    first = images[0]
+    data = np.stack([sitk.GetArrayFromImage(image).astype(np.float32) for image in images])
+    properties = {"sitk_stuff": {"spacing": first.GetSpacing(), "origin": first.GetOrigin(),
+                                 "direction": first.GetDirection()},
+                  "spacing": list(np.abs(first.GetSpacing()[::-1]))}
+    return data, properties
+
+
+def label_to_sitk(segmentation: np.ndarray, properties: dict) -> sitk.Image:
+    """Label values (Z, Y, X) -> an image with the geometry of `properties` (unsigned, wide enough for the values)."""
+    dtype = next(t for t in (np.uint8, np.uint16, np.uint32) if segmentation.max(initial=0) <= np.iinfo(t).max)
+    image = sitk.GetImageFromArray(segmentation.astype(dtype))
+    sitk_stuff = properties["sitk_stuff"]
+    image.SetSpacing(sitk_stuff["spacing"])
+    image.SetOrigin(sitk_stuff["origin"])
+    image.SetDirection(sitk_stuff["direction"])
+    return image
+
+
 def read_images(paths: list[str], reader_writer: BaseReaderWriter) -> tuple[np.ndarray, dict]:
     """Channels (C, Z, Y, X) float32 and nnU-Net properties; geometry checked; finite values checked."""
     check_same_geometry(paths)
     if os.path.isdir(paths[0]):
-        image = read_dicom_series(paths[0])
-        data = sitk.GetArrayFromImage(image).astype(np.float32)[None]
-        # the properties SimpleITKIO.read_images makes, so SimpleITKIO.write_seg restores the geometry
-        properties = {"sitk_stuff": {"spacing": image.GetSpacing(), "origin": image.GetOrigin(),
-                                     "direction": image.GetDirection()},
-                      "spacing": list(np.abs(image.GetSpacing()[::-1]))}
+        data, properties = sitk_to_array([read_dicom_series(paths[0])])
     else:
         try:
             data, properties = reader_writer.read_images(paths)
@@ -172,12 +189,7 @@ def write_segmentation(segmentation: np.ndarray, path: str, properties: dict,
     def write(tmp: str) -> None:
         if segmentation.max(initial=0) > np.iinfo(np.uint16).max and isinstance(reader_writer, SimpleITKIO):
             # SimpleITKIO.write_seg casts to uint16, which would wrap label values above 65535
-            image = sitk.GetImageFromArray(segmentation.astype(np.uint32))
-            sitk_stuff = properties["sitk_stuff"]
-            image.SetSpacing(sitk_stuff["spacing"])
-            image.SetOrigin(sitk_stuff["origin"])
-            image.SetDirection(sitk_stuff["direction"])
-            sitk.WriteImage(image, tmp, True)
+            sitk.WriteImage(label_to_sitk(segmentation, properties), tmp, True)
         else:
             reader_writer.write_seg(segmentation, tmp, properties)
 

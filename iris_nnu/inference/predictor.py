@@ -14,6 +14,7 @@ Strategies (Iris, "Inference strategies"):
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import itertools
 import os
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from batchgenerators.utilities.file_and_folder_operations import save_pickle
 from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
@@ -38,8 +40,12 @@ from iris_nnu.inference.export import (
 )
 from iris_nnu.inference.images import (
     Query,
+    find_queries,
+    label_to_sitk,
     read_images,
     reader_writer_for,
+    sitk_to_array,
+    strip_ending,
     write_segmentation,
 )
 from iris_nnu.inference.model_folder import (
@@ -91,6 +97,17 @@ class CaseResult:
     probabilities: np.ndarray | None = None  # (K, ...) float16, per class, same geometry
     warnings: list[str] = field(default_factory=list)
     retrieved: dict[int, list[int]] | None = None  # retrieval: class value -> indices of the chosen references
+
+
+@dataclass
+class QuerySegmentation:
+    """What segment_preprocessed made, each only when asked: class indices (i = task.classes[i - 1], 0 background)
+    in the query's original geometry, per-class probabilities (K, ...) float16 there, class indices in the
+    preprocessed (model) space."""
+
+    labels: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    preprocessed_labels: np.ndarray | None = None
 
 
 class _TaskOutputs:
@@ -294,8 +311,8 @@ class IrisPredictor(nnUNetPredictor):
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
         """nnU-Net's TTA with the task as second input; only the query is flipped."""
         if self._task is None:
-            raise RuntimeError("IrisPredictor needs a task: segment with predict_case / segment_preprocessed, not "
-                               "with nnU-Net's task-free entry points")
+            raise RuntimeError("IrisPredictor needs a task: segment with predict_case / segment_preprocessed (or "
+                               "inside `with predictor.conditioned_on(task)`), not nnU-Net's task-free entry points")
         axes = self.allowed_mirroring_axes if self.use_mirroring else None
         prediction = self.network(x, self._task)
         if axes:
@@ -312,11 +329,20 @@ class IrisPredictor(nnUNetPredictor):
         voxels = float(np.prod([max(s, p) for s, p in zip(preprocessed_shape, self.patch_size)]))
         return max(1, int(self.map_memory_bytes // (2 * voxels)))
 
-    def segment_preprocessed(self, data: np.ndarray, properties: dict, task: TaskEmbedding, export: bool = True,
-                             probabilities: bool = False, preprocessed_labels: bool = False,
-                             ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-        """Class indices in the original geometry, per-class probabilities (float16) there, class indices in
-        preprocessed space; each only when asked. Classes go in passes of `classes_in_one_pass`."""
+    @contextlib.contextmanager
+    def conditioned_on(self, task: TaskEmbedding):
+        """nnU-Net's sliding window calls the network with the image alone: within this block it gets `task` too."""
+        self._task = task.to(self.device)
+        try:
+            yield
+        finally:
+            self._task = None
+
+    def segment_preprocessed(self, data: np.ndarray, properties: dict, task: TaskEmbedding, *, export: bool = True,
+                             probabilities: bool = False, preprocessed_labels: bool = False) -> QuerySegmentation:
+        """Segment a preprocessed query (nnU-Net's sliding window, conditioned on `task`); `export` asks for labels in
+        the original geometry, `probabilities` for per-class probabilities there, `preprocessed_labels` for labels in
+        the model's space. Classes go in passes of `classes_in_one_pass`."""
         if task.batch_size != 1:
             task = task.mean()
         k_total = task.num_classes
@@ -327,32 +353,31 @@ class IrisPredictor(nnUNetPredictor):
         preprocessed = Winner(data.shape[1:]) if preprocessed_labels else None
         probs = np.zeros((k_total, *cropped_shape), dtype=np.float16) if probabilities else None
         image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
-        try:
-            for start in range(0, k_total, per_pass):
-                self._task = task.select(task.classes[start:start + per_pass]).to(self.device)
+        for start in range(0, k_total, per_pass):
+            with self.conditioned_on(task.select(task.classes[start:start + per_pass])):
                 logits = self.predict_sliding_window_return_logits(image).cpu()
-                if preprocessed is not None:
-                    preprocessed.update(logits, start)
-                if original is not None:
-                    for sub in range(0, logits.shape[0], per_export):
-                        resampled = resample_to_cropped_shape(logits[sub:sub + per_export], self.plans_manager,
-                                                              self.configuration_manager, properties)
-                        original.update(resampled, start + sub)
-                        if probs is not None:
-                            probs[start + sub:start + sub + resampled.shape[0]] = 1 / (1 + np.exp(-resampled))
-                        del resampled
-                del logits
-        finally:
-            self._task = None
-        return (revert_crop_and_transpose(original.index, properties, self.plans_manager) if original else None,
-                revert_crop_and_transpose(probs, properties, self.plans_manager) if probs is not None else None,
-                preprocessed.index if preprocessed else None)
+            if preprocessed is not None:
+                preprocessed.update(logits, start)
+            if original is not None:
+                for sub in range(0, logits.shape[0], per_export):
+                    resampled = resample_to_cropped_shape(logits[sub:sub + per_export], self.plans_manager,
+                                                          self.configuration_manager, properties)
+                    original.update(resampled, start + sub)
+                    if probs is not None:
+                        probs[start + sub:start + sub + resampled.shape[0]] = 1 / (1 + np.exp(-resampled))
+                    del resampled
+            del logits
+        return QuerySegmentation(
+            revert_crop_and_transpose(original.index, properties, self.plans_manager) if original else None,
+            revert_crop_and_transpose(probs, properties, self.plans_manager) if probs is not None else None,
+            preprocessed.index if preprocessed else None)
 
     # ------------------------------------------------------------------------------------ queries
     def retrieve(self, data: np.ndarray, properties: dict, task: TaskEmbedding, pool: TaskEmbedding,
                  top_k: int = 1) -> tuple[TaskEmbedding, dict[int, list[int]]]:
         """Segment with `task`, encode the query's predicted structures, pick per class the closest references."""
-        _, _, labels = self.segment_preprocessed(data, properties, task, export=False, preprocessed_labels=True)
+        labels = self.segment_preprocessed(data, properties, task, export=False,
+                                           preprocessed_labels=True).preprocessed_labels
         present = [int(i) for i in np.unique(labels) if i != 0]
         if not present:
             return task, {}
@@ -364,18 +389,65 @@ class IrisPredictor(nnUNetPredictor):
         """Segment one query (channel files or a DICOM folder); with `pool`, by retrieval from it."""
         reader_writer = reader_writer_for(images[0], self.reader_writer_class)
         data, properties = read_images(list(images), reader_writer)
+        return self.predict_array(data, properties, task, pool, retrieval_top_k, save_probabilities, reader_writer)
+
+    def predict_array(self, data: np.ndarray, properties: dict, task: TaskEmbedding, pool: TaskEmbedding | None = None,
+                      retrieval_top_k: int = 1, save_probabilities: bool = False,
+                      reader_writer: BaseReaderWriter | None = None) -> CaseResult:
+        """Segment one query given as nnU-Net's readers return it: (C, Z, Y, X) and its properties (not modified)."""
+        if data.ndim != 4 or data.shape[0] != self.num_channels:
+            raise IrisInputError(f"query array must be (C={self.num_channels}, Z, Y, X), got {tuple(data.shape)}")
+        reader_writer = reader_writer or self.reader_writer_class()
+        properties = copy.deepcopy(properties)  # nnU-Net's preprocessing writes into it
         warnings = self.preprocessing.input_warnings(data, properties, self.modality)
         data, _, properties = self.preprocessing(data, None, properties)
         retrieved = None
         if pool is not None:
             task, retrieved = self.retrieve(data, properties, task, pool, retrieval_top_k)
-        indices, probabilities, _ = self.segment_preprocessed(data, properties, task,
-                                                              probabilities=save_probabilities)
-        segmentation = indices_to_values(indices, task.classes)
+        result = self.segment_preprocessed(data, properties, task, probabilities=save_probabilities)
+        segmentation = indices_to_values(result.labels, task.classes)
         if self.largest_component:  # the probabilities stay as the network gave them
             segmentation = keep_largest_components(segmentation, list(task.classes))
-        return CaseResult(segmentation, properties, reader_writer, list(task.classes), probabilities, warnings,
-                          retrieved)
+        return CaseResult(segmentation, properties, reader_writer, list(task.classes), result.probabilities,
+                          warnings, retrieved)
+
+    # nnU-Net's entry points (nnUNetPredictor's names), each with the task as an argument
+    def predict_single_npy_array(self, input_image: np.ndarray, image_properties: dict, task: TaskEmbedding,
+                                 save_or_return_probabilities: bool = False,
+                                 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """(C, Z, Y, X) image and its properties (as SimpleITKIO().read_images gives them) -> label values (Z, Y, X)
+        in the same geometry, and with `save_or_return_probabilities` the per-class probabilities (K, Z, Y, X)."""
+        result = self.predict_array(input_image, image_properties, task, save_probabilities=save_or_return_probabilities)
+        return (result.segmentation, result.probabilities) if save_or_return_probabilities else result.segmentation
+
+    def predict_from_list_of_npy_arrays(self, image_or_list_of_images: np.ndarray | list[np.ndarray],
+                                        properties_or_list_of_properties: dict | list[dict], task: TaskEmbedding,
+                                        save_probabilities: bool = False) -> list:
+        """predict_single_npy_array for each image (one process: the task is shared, nothing to fork for)."""
+        images = image_or_list_of_images if isinstance(image_or_list_of_images, list) else [image_or_list_of_images]
+        properties = properties_or_list_of_properties if isinstance(properties_or_list_of_properties, list) \
+            else [properties_or_list_of_properties]
+        if len(images) != len(properties):
+            raise ValueError(f"{len(images)} images but {len(properties)} properties")
+        return [self.predict_single_npy_array(i, p, task, save_probabilities) for i, p in zip(images, properties)]
+
+    def predict_from_files(self, list_of_lists_or_source_folder: str | list[list[str]], output_folder: str,
+                           task: TaskEmbedding, save_probabilities: bool = False) -> list[str]:
+        """Segment a folder (or lists of channel files, one list per query) into output_folder, as iris_predict;
+        returns one line per query that failed."""
+        if isinstance(list_of_lists_or_source_folder, str):
+            queries, problems = find_queries(list_of_lists_or_source_folder, self.num_channels)
+        else:
+            queries = [Query(strip_ending(os.path.basename(files[0])).removesuffix("_0000"), list(files))
+                       for files in list_of_lists_or_source_folder]
+            problems = []
+        return problems + self.predict_queries(queries, output_folder, task, save_probabilities=save_probabilities,
+                                               progress=self.allow_tqdm)
+
+    def predict_sitk(self, image: sitk.Image | Sequence[sitk.Image], task: TaskEmbedding) -> sitk.Image:
+        """A SimpleITK image (or one per channel) -> its label image, same geometry."""
+        data, properties = sitk_to_array([image] if isinstance(image, sitk.Image) else list(image))
+        return label_to_sitk(self.predict_single_npy_array(data, properties, task), properties)
 
     def predict_queries(self, queries: Sequence[Query], output_folder: str, task: TaskEmbedding,
                         pool: TaskEmbedding | None = None, retrieval_top_k: int = 1,

@@ -52,10 +52,10 @@ def one_shot_validation(trainer, folder_name: str = "validation", max_cases: int
             for case in tqdm(cases, desc=f"{folder_name} {member.name}", unit="case",
                              disable=trainer.local_rank != 0):
                 data, _, _, properties = dataset.load_case(case)
-                index_map, probabilities, _ = predictor.segment_preprocessed(
-                    np.asarray(data), properties, task, probabilities=save_probabilities)
-                result = CaseResult(indices_to_values(index_map, task.classes), properties, reader_writer,
-                                    list(task.classes), probabilities)
+                segmented = predictor.segment_preprocessed(np.asarray(data), properties, task,
+                                                           probabilities=save_probabilities)
+                result = CaseResult(indices_to_values(segmented.labels, task.classes), properties, reader_writer,
+                                    list(task.classes), segmented.probabilities)
                 predictor.write_result(result, os.path.join(output, case), ending, save_probabilities)
             gt = os.path.join(os.path.dirname(member.preprocessed_folder), "gt_segmentations")
             written = (ending, ".npz", ".pkl") if save_probabilities else (ending,)
@@ -89,8 +89,8 @@ def reference_following(trainer, max_cases: int | None = None, max_classes: int 
                 masks = [seg == c for c in classes]
                 truth += [m.sum() for m in masks]
                 for i, asked in enumerate(classes):
-                    _, _, labels = predictor.segment_preprocessed(np.asarray(data), properties, task.select([asked]),
-                                                                  export=False, preprocessed_labels=True)
+                    labels = predictor.segment_preprocessed(np.asarray(data), properties, task.select([asked]),
+                                                            export=False, preprocessed_labels=True).preprocessed_labels
                     mask = labels > 0
                     predicted[i] += mask.sum()
                     overlap[i] += [(mask & m).sum() for m in masks]
