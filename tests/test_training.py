@@ -394,6 +394,29 @@ def test_nnunet_argument_forms(capsys):
     assert "fold must be an integer" in expect_error(capsys, "900", "3d_fullres", "x")
 
 
+def test_second_plans_name_lives_beside_the_first_and_trains_with_p(collection_env, monkeypatch, capsys):
+    pre, results = collection_env / "nnUNet_preprocessed", collection_env / "nnUNet_results"
+    plan_main(["-d", "11", "12", "-np", "1", "--memory_gb", "0.3", "--plan_for", "gpu",
+               "-overwrite_plans_name", "IrisPlansCoarse", "--target_spacing", "2"])
+    for folder in ("Dataset900_SynthCT_SynthMR", "Dataset011_SynthCT", "Dataset012_SynthMR"):
+        shrink_plans(pre / folder / "IrisPlansCoarse.json")
+    default, coarse = load_collection(900), load_collection(900, "IrisPlansCoarse")
+    assert default.plans["configurations"]["3d_fullres"]["spacing"] != [2.0] * 3
+    assert coarse.plans["configurations"]["3d_fullres"]["spacing"] == [2.0] * 3
+    for a, b in zip(default.members, coarse.members):
+        assert a.preprocessed_folder.endswith("IrisPlans_3d_fullres") and Path(a.preprocessed_folder).is_dir()
+        assert b.preprocessed_folder.endswith("IrisPlansCoarse_3d_fullres") and Path(b.preprocessed_folder).is_dir()
+    monkeypatch.setattr(IrisTrainer, "perform_actual_validation", lambda self, save_probabilities=False: None)
+    train_main(["900", "2", "-p", "IrisPlansCoarse", "-device", "cpu", "--epochs", "1", "--iterations_per_epoch",
+                "1", "--val_iterations", "1"])
+    model = results / "Dataset900_SynthCT_SynthMR" / "IrisTrainer__IrisPlansCoarse__3d_fullres"
+    assert (model / "fold_2" / "checkpoint_final.pth").is_file()
+    assert json.loads((model / "plans.json").read_text())["plans_name"] == "IrisPlansCoarse"
+    assert "no finished plans 'NoSuch'" in expect_error(capsys, "900", "0", "-p", "NoSuch")
+    assert "use letters" in cli_error(capsys, plan_main, "iris_plan_and_preprocess",
+                                      ["-d", "11", "-overwrite_plans_name", "a_b"])
+
+
 def test_unsupported_options(collection_env, capsys):
     assert "-num_gpus 2" in expect_error(capsys, "900", "0", "-num_gpus", "2")
     assert "unknown trainer" in expect_error(capsys, "900", "0", "-tr", "NoSuchTrainer")

@@ -41,11 +41,10 @@ def model_folder_folds(folder: str) -> list[str]:
                   if d.startswith("fold_") and os.path.isdir(os.path.join(folder, d)))
 
 
-def _held_out_of_collection(manifest: dict, fold: str) -> dict[str, list[str]] | None:
+def _held_out_of_collection(manifest: dict, plans_name: str, fold: str) -> dict[str, list[str]] | None:
     """The fold's validation cases from the collection's splits in nnUNet_preprocessed, when it is there."""
     try:
-        return load_collection(manifest["collection"], manifest.get("plans_identifier", "IrisPlans")) \
-            .fold_cases(int(fold), "val")
+        return load_collection(manifest["collection"], plans_name).fold_cases(int(fold), "val")
     except (IrisInputError, KeyError, ValueError, TypeError, RuntimeError):
         return None
 
@@ -57,7 +56,7 @@ def export_model(folder: str, zip_path: str, folds: list[str] | None = None,
     folds = folds or model_folder_folds(folder)
     manifest = read_json_file(os.path.join(folder, "manifest.json"))
     collection = manifest.get("collection") or os.path.basename(os.path.dirname(os.path.abspath(folder)))
-    plans_name = manifest.get("plans_identifier", model.plans.get("plans_name", "IrisPlans"))
+    plans_name = model.plans["plans_name"]
     root = f"{collection}/{TRAINER_NAME}__{plans_name}__{CONFIGURATION}"
     with tempfile.TemporaryDirectory(prefix="iris_export_") as tmp:
         packed = os.path.join(tmp, "model")
@@ -65,7 +64,7 @@ def export_model(folder: str, zip_path: str, folds: list[str] | None = None,
             held_out = None
             if len(folds) == 1:  # held_out.json describes one fold
                 held_out = _read_optional_json(os.path.join(folder, HELD_OUT_FILE)) \
-                    or _held_out_of_collection(manifest, fold)
+                    or _held_out_of_collection(manifest, plans_name, fold)
             pack_model_folder(folder, packed, fold, checkpoint_name, held_out, half=half)
         card = os.path.join(folder, MODEL_CARD_FILE)
         if os.path.isfile(card):

@@ -32,7 +32,7 @@ class Member:
     labels: dict[str, int]
     channel_names: dict[str, str]
     cases: list[str]
-    preprocessed_folder: str  # absolute path of the member's IrisPlans_3d_fullres folder
+    preprocessed_folder: str  # absolute path of the member's {plans}_3d_fullres folder
 
     @property
     def foreground_labels(self) -> list[int]:
@@ -129,22 +129,39 @@ def register_collection(folder: str, plans: dict, members: list[dict]) -> None:
         "numTraining": sum(len(m["cases"]) for m in members),
         "file_ending": members[0]["file_ending"],
     }
+    plans_name = plans["plans_name"]
+    previous = _read_manifest(os.path.join(folder, MANIFEST_FILE))
     manifest = {
         "format": MANIFEST_FORMAT,
         "collection": name,
-        "plans_identifier": PLANS_IDENTIFIER,
+        "plans_identifier": plans_name,
+        # every plans of this collection whose preprocessing finished (-overwrite_plans_name makes more)
+        "plans_identifiers": sorted({plans_name, *completed_plans(previous)}),
         "configuration": CONFIGURATION,
         "members": [{
             "name": m["name"], "dataset_id": m["dataset_id"], "labels": m["labels"],
             "channel_names": m["channel_names"], "cases": m["cases"],
-            "preprocessed_folder": f"{m['name']}/{plans['configurations'][CONFIGURATION]['data_identifier']}",
         } for m in members],
     }
     if not single:
-        write_json_atomic({**plans, "dataset_name": name}, os.path.join(folder, f"{PLANS_IDENTIFIER}.json"))
+        write_json_atomic({**plans, "dataset_name": name}, os.path.join(folder, f"{plans_name}.json"))
         write_json_atomic(dataset_json, os.path.join(folder, "dataset.json"))
     write_json_atomic(folds, os.path.join(folder, "splits_final.json"))
     write_json_atomic(manifest, os.path.join(folder, MANIFEST_FILE))
+
+
+def _read_manifest(path: str) -> dict:
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT else {}
+
+
+def completed_plans(manifest: dict) -> list[str]:
+    """Plans identifiers whose preprocessing finished (manifests before -overwrite_plans_name name one)."""
+    return list(manifest.get("plans_identifiers", [manifest["plans_identifier"]] if manifest else []))
 
 
 def find_collection_folder(dataset: str | int) -> str:
@@ -190,11 +207,15 @@ def load_collection(dataset: str | int, plans_identifier: str = PLANS_IDENTIFIER
         raise IrisInputError(f"{name}: {manifest_file} has format {found}, this iris-nnu reads format "
                              f"{MANIFEST_FORMAT}: re-run iris_plan_and_preprocess")
     plans_file = os.path.join(folder, f"{plans_identifier}.json")
-    if not os.path.isfile(plans_file):
-        raise IrisInputError(f"{name}: plans {plans_file} not found (-p {plans_identifier})")
+    if plans_identifier not in completed_plans(manifest) or not os.path.isfile(plans_file):
+        raise IrisInputError(f"{name}: no finished plans {plans_identifier!r} (-p); it has "
+                             f"{', '.join(completed_plans(manifest))} (iris_plan_and_preprocess "
+                             f"-overwrite_plans_name makes more)")
+    plans = read(plans_file)
+    data_identifier = plans["configurations"][CONFIGURATION]["data_identifier"]
     members = [Member(m["name"], m["dataset_id"], m["labels"], m["channel_names"], m["cases"],
-                      os.path.join(root, m["preprocessed_folder"]))
+                      os.path.join(root, m["name"], data_identifier))
                for m in manifest["members"]]
     splits_file = os.path.join(folder, "splits_final.json")
-    return Collection(name, folder, read(plans_file), read(os.path.join(folder, "dataset.json")), members,
+    return Collection(name, folder, plans, read(os.path.join(folder, "dataset.json")), members,
                       read(splits_file) if os.path.isfile(splits_file) else [])

@@ -71,13 +71,13 @@ def copy_ground_truth(dataset: RawDataset, member_folder: str) -> None:
             write_atomic(dst, lambda tmp: shutil.copyfile(files["label"], tmp))
 
 
-def clean_previous(datasets: list[RawDataset], collection_folder: str) -> None:
+def clean_previous(datasets: list[RawDataset], collection_folder: str, plans_name: str) -> None:
     """--clean: remove what earlier Iris runs wrote (never nnU-Net's own plans or data)."""
     root = require_env_folder("nnUNet_preprocessed")
     for d in datasets:
         folder = os.path.join(root, d.name)
-        shutil.rmtree(os.path.join(folder, f"{PLANS_IDENTIFIER}_{CONFIGURATION}"), ignore_errors=True)
-        for f in (f"{PLANS_IDENTIFIER}.json", MANIFEST_FILE, f"{PLANS_IDENTIFIER}_{CONFIGURATION}{SIGNATURE_SUFFIX}"):
+        shutil.rmtree(os.path.join(folder, f"{plans_name}_{CONFIGURATION}"), ignore_errors=True)
+        for f in (f"{plans_name}.json", MANIFEST_FILE, f"{plans_name}_{CONFIGURATION}{SIGNATURE_SUFFIX}"):
             if os.path.isfile(os.path.join(folder, f)):
                 os.remove(os.path.join(folder, f))
     if len(datasets) > 1:
@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory_gb", type=float, default=None,
                    help="memory budget for one training step; default: 85%% of the visible GPU's memory for a GPU "
                         "plan, 0.5 GB for a CPU plan")
+    p.add_argument("-overwrite_plans_name", "--overwrite_plans_name", default=PLANS_IDENTIFIER, metavar="NAME",
+                   help="name of the plans (nnU-Net's flag): plans with another name live beside the default ones, "
+                        "with their own preprocessed data and model folders; train them with iris_train -p NAME")
     p.add_argument("-np", type=int, default=max(1, min(8, os.cpu_count() or 1)),
                    help="processes for fingerprinting, checking and preprocessing")
     p.add_argument("--verify_dataset_integrity", action="store_true",
@@ -143,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         raise IrisInputError(f"-np must be at least 1, got {args.np}")
     if args.memory_gb is not None and args.memory_gb <= 0:
         raise IrisInputError(f"--memory_gb must be positive, got {args.memory_gb}")
+    plans_name = args.overwrite_plans_name
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9\-]*", plans_name):
+        raise IrisInputError(f"-overwrite_plans_name {plans_name!r}: use letters, digits and '-' ('_' separates "
+                             f"the plans name from the configuration in nnU-Net's folder names)")
     ids = list(dict.fromkeys(args.d))
     root = require_env_folder("nnUNet_preprocessed")
     datasets = [load_raw_dataset(i) for i in ids]
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if not is_member_folder:
         check_collection_id_free(collection_id, name, [d.name for d in datasets])
     if args.clean:
-        clean_previous(datasets, collection_folder)
+        clean_previous(datasets, collection_folder, plans_name)
 
     for d in datasets:
         check_raw_dataset(d, full=args.verify_dataset_integrity, num_processes=args.np)
@@ -175,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       next(iter(datasets[0].cases.values()))["images"][0])
     try:
         plans = plan_collection(summaries, args.target_spacing, args.memory_gb, reader.__name__, args.patch_size,
-                                args.plan_for)
+                                args.plan_for, plans_name)
     except ValueError as e:
         raise IrisInputError(str(e)) from None
     configuration = plans["configurations"][CONFIGURATION]
@@ -189,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(member_folder, exist_ok=True)
         member_plans = plans_for_member(plans, d.name)
         write_json_atomic(d.dataset_json, os.path.join(member_folder, "dataset.json"))
-        write_json_atomic(member_plans, os.path.join(member_folder, f"{PLANS_IDENTIFIER}.json"))
+        write_json_atomic(member_plans, os.path.join(member_folder, f"{plans_name}.json"))
         copy_ground_truth(d, member_folder)
         errors = preprocess_member(d.name, d.cases, member_plans, d.dataset_json,
                                    os.path.join(member_folder, configuration["data_identifier"]), args.np)
@@ -201,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         "name": d.name, "dataset_id": d.dataset_id, "labels": d.labels, "channel_names": d.channel_names,
         "file_ending": d.dataset_json["file_ending"], "cases": list(d.cases),
         "member_folder": os.path.join(root, d.name)} for d in datasets])
+    plans_flag = "" if plans_name == PLANS_IDENTIFIER else f" -p {plans_name}"
     print(f"collection {os.path.basename(collection_folder)} ready: "
-          f"iris_train {collection_id} FOLD  (folder {collection_folder})")
+          f"iris_train {collection_id} FOLD{plans_flag}  (folder {collection_folder})")
     return 0
 
 

@@ -155,7 +155,8 @@ def normalization_for_member(member: MemberSummary) -> tuple[list[str], list[boo
 
 def plan_collection(members: list[MemberSummary], target_spacing: float | None = None,
                     memory_gb: float | None = None, image_reader_writer: str = "SimpleITKIO",
-                    patch_size: list[int] | None = None, hardware: str = "auto") -> dict:
+                    patch_size: list[int] | None = None, hardware: str = "auto",
+                    plans_name: str = PLANS_IDENTIFIER) -> dict:
     """The joint plan: configuration shared by all members, plus per-member normalisation in `iris.members`.
 
     `patch_size` (multiples of 16) replaces the automatic patch; `hardware` ('auto', 'cpu', 'gpu') picks the
@@ -196,7 +197,7 @@ def plan_collection(members: list[MemberSummary], target_spacing: float | None =
         }
     first = member_entries[members[0].name]
     configuration = {
-        "data_identifier": f"{PLANS_IDENTIFIER}_{CONFIGURATION}",
+        "data_identifier": f"{plans_name}_{CONFIGURATION}",
         "preprocessor_name": "IrisPreprocessor",
         "batch_size": batch,
         "patch_size": patch,
@@ -216,7 +217,7 @@ def plan_collection(members: list[MemberSummary], target_spacing: float | None =
     }
     return {
         "dataset_name": members[0].name,
-        "plans_name": PLANS_IDENTIFIER,
+        "plans_name": plans_name,
         "original_median_spacing_after_transp": first["original_median_spacing"],
         "original_median_shape_after_transp": first["original_median_shape"],
         "image_reader_writer": image_reader_writer,
