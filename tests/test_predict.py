@@ -425,15 +425,19 @@ def test_ct_modality_end_to_end_and_far_spacing_warning(world, tmp_path, capsys)
     queries.mkdir()
     for name in ("thick", "nothu"):
         os.replace(tmp_path / f"{name}.nii.gz", queries / f"{name}.nii.gz")
+    write_volume(image, (1.0, 1.0, 1.0), str(queries / "same.nii.gz"))  # the reference scan itself, in HU
     run(world, "-i", str(queries), "-o", str(tmp_path / "o"), "-r", f"{tmp_path}/ct.nii.gz:{tmp_path}/ct_seg.nii.gz",
         "--modality", "CT")
     err = capsys.readouterr().err
     assert "thick.nii.gz" in err and "far from the model's" in err
     assert "nothu.nii.gz" in err and "outside the model's CT window" in err
-    for name in ("thick", "nothu"):
+    assert "same.nii.gz" not in err
+    for name in ("thick", "nothu", "same"):
         seg, seg_image = read(tmp_path / "o" / f"{name}.nii.gz")
         assert seg_image.GetSize() == sitk.ReadImage(str(queries / f"{name}.nii.gz")).GetSize()
         assert set(np.unique(seg).tolist()) <= {0, 5, 6}
+    same, _ = read(tmp_path / "o" / "same.nii.gz")
+    assert (same > 0).sum() > 100  # the CT path segments: a CT-normalised query gets foreground
 
 
 def test_find_queries_groups_channels():

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -18,7 +17,15 @@ from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
 from iris_nnu.errors import IrisInputError
 from iris_nnu.files import write_atomic
-from iris_nnu.preprocessing.raw_dataset import Geometry, error_text, geometry_of
+from iris_nnu.preprocessing.raw_dataset import (
+    Geometry,
+    check_3d,
+    check_same_geometry,
+    error_text,
+    geometry_of,
+    quiet_itk,
+    read_header,
+)
 
 SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".gipl")
 # Two-file formats are written as their one-file siblings, so a finished output is renamed into place in one step.
@@ -39,20 +46,9 @@ def strip_ending(path: str) -> str:
     return name[: -len(ending)] if ending else name
 
 
-@contextmanager
-def _quiet_itk() -> Iterator[None]:
-    """ITK prints warnings (e.g. 'No Series were found') straight to stderr; keep the CLI's stderr to one line."""
-    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
-
-
 def dicom_series_files(folder: str) -> list[str] | None:
     """The slice files of the one DICOM series in `folder`, None if it holds none."""
-    with _quiet_itk():
+    with quiet_itk():
         ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
         if not ids:
             return None
@@ -61,32 +57,14 @@ def dicom_series_files(folder: str) -> list[str] | None:
         return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, ids[0]))
 
 
-def _check_3d(path: str, dimension: int, components: int) -> None:
-    if dimension != 3:
-        raise IrisInputError(f"{path}: {dimension}D image; iris_predict needs 3D volumes")
-    if components != 1:
-        raise IrisInputError(f"{path}: {components} components per voxel (e.g. RGB); expected 1")
-
-
 def read_geometry(path: str) -> Geometry:
     """Header of an image file or DICOM series folder, checked to be a readable 3D scalar image."""
     if os.path.isdir(path):
-        image = read_dicom_series(path)
-        return geometry_of(image)
-    if not os.path.isfile(path):
-        raise IrisInputError(f"{path}: file not found")
-    if file_ending(path) is None:
+        return geometry_of(read_dicom_series(path))
+    if os.path.isfile(path) and file_ending(path) is None:
         raise IrisInputError(f"{path}: not a supported image ({', '.join(SUPPORTED_ENDINGS)} or a DICOM series "
                              f"folder)")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    try:
-        with _quiet_itk():
-            reader.ReadImageInformation()
-    except RuntimeError as e:
-        raise IrisInputError(f"{path}: unreadable image ({error_text(e)})") from None
-    _check_3d(path, reader.GetDimension(), reader.GetNumberOfComponents())
-    return geometry_of(reader)
+    return read_header(path)
 
 
 def read_dicom_series(folder: str) -> sitk.Image:
@@ -96,23 +74,18 @@ def read_dicom_series(folder: str) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        with _quiet_itk():
+        with quiet_itk():
             image = reader.Execute()
     except RuntimeError as e:
         raise IrisInputError(f"{folder}: unreadable DICOM series ({error_text(e)})") from None
-    _check_3d(folder, image.GetDimension(), image.GetNumberOfComponentsPerPixel())
+    check_3d(folder, image.GetDimension(), image.GetNumberOfComponentsPerPixel())
     return image
 
 
-def check_same_geometry(paths: list[str], against: str | None = None) -> Geometry:
-    """Read every header; all must share the geometry of `against` (default: the first). Returns it."""
-    geometries = {p: read_geometry(p) for p in dict.fromkeys([*([against] if against else []), *paths])}
+def check_files_geometry(paths: list[str], against: str | None = None) -> Geometry:
+    """Read every header (files or DICOM folders); all must share the geometry of `against` (default: the first)."""
     reference = against or paths[0]
-    for path, geometry in geometries.items():
-        problem = geometry.difference(geometries[reference])
-        if problem:
-            raise IrisInputError(f"{path}: {problem} from {reference}")
-    return geometries[reference]
+    return check_same_geometry({p: read_geometry(p) for p in dict.fromkeys([reference, *paths])}, reference)
 
 
 def reader_writer_for(path: str, plans_reader_writer: type[BaseReaderWriter]) -> BaseReaderWriter:
@@ -147,7 +120,7 @@ def label_to_sitk(segmentation: np.ndarray, properties: dict) -> sitk.Image:
 
 def read_images(paths: list[str], reader_writer: BaseReaderWriter) -> tuple[np.ndarray, dict]:
     """Channels (C, Z, Y, X) float32 and nnU-Net properties; geometry checked; finite values checked."""
-    check_same_geometry(paths)
+    check_files_geometry(paths)
     if os.path.isdir(paths[0]):
         data, properties = sitk_to_array([read_dicom_series(paths[0])])
     else:

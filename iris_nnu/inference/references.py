@@ -21,7 +21,7 @@ from iris_nnu.errors import IrisInputError
 from iris_nnu.inference.images import (
     CHANNEL_SUFFIX,
     SUPPORTED_ENDINGS,
-    check_same_geometry,
+    check_files_geometry,
     file_ending,
     read_images,
     read_label,
@@ -162,7 +162,7 @@ def structure_crops(data: np.ndarray, labels: np.ndarray, indices: list[int], pa
 def prepare_reference(case: ReferenceCase, preprocessing: RunPreprocessing, plans_reader_writer: type[BaseReaderWriter],
                       patch: tuple[int, ...], classes: list[int] | None = None) -> PreparedReference:
     """Check, read, preprocess and crop one reference; `classes` limits it to those label values."""
-    check_same_geometry(case.images, against=case.label)
+    check_files_geometry(case.images, against=case.label)
     reader_writer = reader_writer_for(case.label, plans_reader_writer)
     data, properties = read_images(case.images, reader_writer_for(case.images[0], plans_reader_writer))
     label = read_label(case.label, reader_writer)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -141,11 +142,46 @@ def geometry_of(obj: sitk.ImageFileReader | sitk.Image) -> Geometry:
                     tuple(obj.GetDirection()))
 
 
-def _read_header(path: str) -> sitk.ImageFileReader:
+@contextmanager
+def quiet_itk() -> Iterator[None]:
+    """ITK prints warnings (e.g. 'No Series were found') straight to stderr; keep the CLI's stderr to one line."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def check_3d(path: str, dimension: int, components: int) -> None:
+    if dimension != 3:
+        raise IrisInputError(f"{path}: {dimension}D image; iris-nnu needs 3D volumes")
+    if components != 1:
+        raise IrisInputError(f"{path}: {components} components per voxel (e.g. RGB); expected 1")
+
+
+def read_header(path: str) -> Geometry:
+    """Geometry of an image file from its header alone, checked to be a readable 3D scalar image."""
+    if not os.path.isfile(path):
+        raise IrisInputError(f"{path}: file not found")
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
-    reader.ReadImageInformation()
-    return reader
+    try:
+        with quiet_itk():
+            reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise IrisInputError(f"{path}: unreadable image ({error_text(e)})") from None
+    check_3d(path, reader.GetDimension(), reader.GetNumberOfComponents())
+    return geometry_of(reader)
+
+
+def check_same_geometry(geometries: dict[str, Geometry], reference: str) -> Geometry:
+    """Every geometry must be that of `reference` (a key); one line naming the first that differs."""
+    for path, geometry in geometries.items():
+        problem = geometry.difference(geometries[reference])
+        if problem:
+            raise IrisInputError(f"{path}: {problem} from {reference}")
+    return geometries[reference]
 
 
 def check_case(case: str, images: list[str], label: str, num_channels: int, label_values: Iterable[int] | None,
@@ -157,25 +193,10 @@ def check_case(case: str, images: list[str], label: str, num_channels: int, labe
     """
     if len(images) != num_channels:
         return f"case {case}: {len(images)} image channel file(s), dataset.json names {num_channels}"
-    for path in [*images, label]:
-        if not os.path.isfile(path):
-            return f"{path}: file not found"
-    geometries = []
-    for path in [*images, label]:
-        try:
-            reader = _read_header(path)
-        except RuntimeError as e:
-            return f"{path}: unreadable image ({error_text(e)})"
-        if reader.GetDimension() != 3:
-            return f"{path}: {reader.GetDimension()}D image, iris-nnu needs 3D volumes"
-        if reader.GetNumberOfComponents() != 1:
-            return f"{path}: {reader.GetNumberOfComponents()} components per voxel, expected 1"
-        geometries.append((path, geometry_of(reader)))
-    ref_path, ref = geometries[-1]
-    for path, geometry in geometries[:-1]:
-        problem = geometry.difference(ref)
-        if problem:
-            return f"{path}: {problem} from its label {ref_path}"
+    try:
+        check_same_geometry({path: read_header(path) for path in [label, *images]}, label)
+    except IrisInputError as e:
+        return str(e)
     if label_values is not None:
         try:
             seg = sitk.GetArrayFromImage(sitk.ReadImage(label))

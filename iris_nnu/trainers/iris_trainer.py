@@ -30,7 +30,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import (
     ConfigurationManager,
     PlansManager,
 )
-from torch import autocast, nn
+from torch import Tensor, autocast, nn
 from torch._dynamo import OptimizedModule
 
 from iris_nnu.files import write_atomic
@@ -220,21 +220,22 @@ class IrisTrainer(nnUNetTrainer):
         masks = batch["reference_masks"].to(self.device, non_blocking=True)
         return query, target, reference, masks, batch["present"].to(self.device)
 
-    def _episode_loss(self, output, target, present):
-        if isinstance(output, list):
-            return self.loss(output, target, [present] * len(output))
-        return self.loss(output, target, present)
+    def _episode_forward(self, batch: dict) -> tuple[TaskEmbedding, Tensor | list[Tensor], Tensor | list[Tensor],
+                                                     Tensor, Tensor]:
+        """Encode the episode's references, segment its queries: (task, output, target, present, loss)."""
+        query, target, reference, masks, present = self._episode_to_device(batch)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            task = self.iris_network.encode_task(reference, masks, batch["classes"])
+            output = self.network(query, task)
+            deep = isinstance(output, list)
+            loss = self.loss(output, target, [present] * len(output) if deep else present)
+        return task, output, target, present, loss
 
     def train_step(self, batch: dict) -> dict:
         self.lr_schedule.set_iteration(self.current_epoch * self.num_iterations_per_epoch + self._iteration_in_epoch)
         self._iteration_in_epoch += 1
-        query, target, reference, masks, present = self._episode_to_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        net = self.iris_network
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            task = net.encode_task(reference, masks, batch["classes"])
-            output = self.network(query, task)
-            loss = self._episode_loss(output, target, present)
+        task, _, _, present, loss = self._episode_forward(batch)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
@@ -249,12 +250,7 @@ class IrisTrainer(nnUNetTrainer):
         return {"loss": loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:
-        query, target, reference, masks, present = self._episode_to_device(batch)
-        net = self.iris_network
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            task = net.encode_task(reference, masks, batch["classes"])
-            output = self.network(query, task)
-            loss = self._episode_loss(output, target, present)
+        _, output, target, present, loss = self._episode_forward(batch)
         if isinstance(output, list):
             output, target = output[0], target[0]
         predicted = (output > 0).float().flatten(2)
