@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -417,8 +418,77 @@ def test_second_plans_name_lives_beside_the_first_and_trains_with_p(collection_e
                                       ["-d", "11", "-overwrite_plans_name", "a_b"])
 
 
+def _probe_records(folder: Path) -> dict[int, list[dict]]:
+    return {int(f.stem[4:]): [json.loads(line) for line in f.read_text().splitlines()]
+            for f in sorted(folder.glob("rank*.jsonl"))}
+
+
+def _assert_ranks_agree(records: dict[int, list[dict]], world: int) -> None:
+    assert sorted(records) == list(range(world))
+    steps = [len(r) for r in records.values()]
+    assert len(set(steps)) == 1 and steps[0] > 0
+    for step in zip(*records.values()):
+        assert all(r["world"] == world and r["batch"] == 2 // world for r in step)  # the plans' batch 2 is split
+        assert len({r["weights"] for r in step}) == 1  # DDP: identical weights after every step
+        assert len({r["bank"] for r in step}) == 1  # the memory bank too
+    assert any(len({json.dumps(r["episode"]) for r in step}) == world for step in zip(*records.values()))
+
+
+def test_distributed_training_on_two_cpu_processes_and_resume(collection_env, tmp_path, monkeypatch):
+    """-num_gpus 2 -device cpu: two gloo processes train one model; --c resumes it with one process."""
+    monkeypatch.setenv("IRIS_PROBE_DIR", str(tmp_path))
+    fold = collection_env / "nnUNet_results" / "Dataset900_SynthCT_SynthMR" / "ProbeTrainer__IrisPlans__3d_fullres" \
+        / "fold_3"
+    assert train_main(["900", "3", "-num_gpus", "2", "-device", "cpu", "-tr", "ddp_probe.ProbeTrainer",
+                       "--epochs", "2", "--iterations_per_epoch", "2", "--val_iterations", "1"]) == 0
+    records = _probe_records(tmp_path)
+    _assert_ranks_agree(records, 2)
+    assert len(records[0]) == 4
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 2 and not (fold / "checkpoint_latest.pth").exists()
+    assert (fold / "validation" / "summary.json").is_file()
+    # --c with another number of processes: one, from epoch 2 to 3
+    for f in tmp_path.glob("rank*.jsonl"):
+        f.unlink()
+    monkeypatch.setattr(IrisTrainer, "perform_actual_validation", lambda self, save_probabilities=False: None)
+    assert train_main(["900", "3", "--c", "--epochs", "3", "-device", "cpu", "-tr", "ddp_probe.ProbeTrainer"]) == 0
+    resumed = _probe_records(tmp_path)
+    assert [r["epoch"] for r in resumed[0]] == [2, 2] and resumed[0][0]["world"] == 1
+    assert torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["current_epoch"] == 3
+
+
+def test_a_rank_that_dies_ends_the_run_with_one_line(collection_env, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("IRIS_PROBE_DIR", str(tmp_path))
+    monkeypatch.setenv("IRIS_PROBE_FAIL_RANK", "1")
+    with pytest.raises(SystemExit) as exc:
+        train_main(["900", "0", "-num_gpus", "2", "-device", "cpu", "-tr", "ddp_probe.ProbeTrainer", "--epochs", "1",
+                    "--iterations_per_epoch", "2", "--val_iterations", "1"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("iris_train: error: rank 1 failed") and "probe: this rank dies" in err
+
+
+def test_distributed_training_under_torchrun(collection_env, tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "IRIS_PROBE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    from iris_nnu.trainers.train import free_port
+
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "-m", "iris_nnu.trainers.train", "900", "4", "-device", "cpu",
+                           "-tr", "ddp_probe.ProbeTrainer", "--epochs", "1", "--iterations_per_epoch", "2",
+                           "--val_iterations", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _assert_ranks_agree(_probe_records(tmp_path), 2)
+    fold = collection_env / "nnUNet_results" / "Dataset900_SynthCT_SynthMR" / "ProbeTrainer__IrisPlans__3d_fullres" \
+        / "fold_4"
+    assert (fold / "checkpoint_final.pth").is_file()
+
+
 def test_unsupported_options(collection_env, capsys):
-    assert "-num_gpus 2" in expect_error(capsys, "900", "0", "-num_gpus", "2")
+    assert "at most that many" in expect_error(capsys, "900", "0", "-num_gpus", "3", "-device", "cpu")
     assert "unknown trainer" in expect_error(capsys, "900", "0", "-tr", "NoSuchTrainer")
     assert "file not found" in expect_error(capsys, "900", "0", "--pretrained_weights", "/no/such.pth")
     if not torch.cuda.is_available():

@@ -24,14 +24,18 @@ from batchgenerators.dataloading.single_threaded_augmenter import (
 from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.helpers import dummy_context, empty_cache
 from nnunetv2.utilities.plans_handling.plans_handler import (
     ConfigurationManager,
     PlansManager,
 )
 from torch import Tensor, autocast, nn
+from torch import distributed as dist
 from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from iris_nnu.files import write_atomic
 from iris_nnu.inference.model_folder import load_checkpoint, load_network_weights, strip_prefixes
@@ -76,6 +80,8 @@ class IrisTrainer(nnUNetTrainer):
         plans = dict(plans)
         plans.setdefault("continue_training", False)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp:  # nnU-Net takes cuda:<global rank>: wrong across machines, and DDP runs on CPU too (gloo)
+            self.device = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
         # Iris's settings are attributes, not constructor arguments: nnU-Net records the constructor's signature.
         # AdamW, not the paper's LAMB (not in torch): LAMB's layer-wise trust ratio serves batch-32+ training;
         # at nnU-Net's batch sizes (2-8) AdamW with the paper's lr, decay and warm-up is the standard equivalent.
@@ -98,6 +104,26 @@ class IrisTrainer(nnUNetTrainer):
         self._iteration_in_epoch = 0
 
     # ------------------------------------------------------------------ network, loss, optimiser
+    def initialize(self) -> None:
+        """nnU-Net's, except that DDP wraps a CPU network too (nnU-Net passes device_ids, which only CUDA takes)."""
+        if self.was_initialized:
+            return
+        self._set_batch_size_and_oversample()
+        self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
+                                                               self.dataset_json)
+        self.network = self.build_network_architecture(self.plans_manager, self.configuration_manager,
+                                                       self.num_input_channels, 1,
+                                                       self.enable_deep_supervision).to(self.device)
+        if self._do_i_compile():
+            self.print_to_log_file("Using torch.compile...")
+            self.network = torch.compile(self.network)
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        if self.is_ddp:
+            self.network = DDP(self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.loss = self._build_loss()
+        self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        self.was_initialized = True
+
     @staticmethod
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
@@ -126,7 +152,8 @@ class IrisTrainer(nnUNetTrainer):
         if self.enable_deep_supervision:
             # nnU-Net's weighting: halve per scale, drop the lowest resolution, normalise
             weights = np.array([1 / 2**i for i in range(len(self._get_deep_supervision_scales()))])
-            weights[-1] = 0
+            # DDP fails on a head without gradient; nnU-Net gives it a negligible weight for the same reason
+            weights[-1] = 1e-6 if self.is_ddp else 0
             loss = DeepSupervisionWrapper(loss, weights / weights.sum())
         return loss
 
@@ -168,15 +195,18 @@ class IrisTrainer(nnUNetTrainer):
         val_reference_transforms = self.get_validation_transforms(None)
         train, val = self.do_split()
         common = dict(batch_size=self.batch_size, max_classes=self.max_classes_per_episode)
+        # each rank draws its own episodes (nnU-Net's loaders are random per process; ours are seeded)
+        rank_seed = 1000 * self.local_rank
         dl_train = EpisodicDataLoader(self._members_for(train, train), initial_patch_size=initial_patch_size,
                                       patch_size=patch_size, query_transforms=query_transforms,
                                       reference_transforms=reference_transforms, mirror_axes=mirror_axes,
                                       oversample_foreground_percent=self.oversample_foreground_percent,
-                                      seed=self.episode_seed, **common)
+                                      seed=None if self.episode_seed is None else self.episode_seed + rank_seed,
+                                      **common)
         # validation episodes: queries from the validation cases, references from the training cases
         dl_val = EpisodicDataLoader(self._members_for(val, train), initial_patch_size=patch_size,
                                     patch_size=patch_size, query_transforms=val_query_transforms,
-                                    reference_transforms=val_reference_transforms, seed=12345,
+                                    reference_transforms=val_reference_transforms, seed=12345 + rank_seed,
                                     oversample_foreground_percent=1.0, **common)
         processes = get_allowed_n_proc_DA()
         if processes == 0:
@@ -264,6 +294,10 @@ class IrisTrainer(nnUNetTrainer):
 
     def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
         """Pseudo Dice per member (voxels pooled over its episodes); the mean over members drives checkpoint_best."""
+        if self.is_ddp:  # every rank's episodes, so that every rank logs and decides alike
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, val_outputs)
+            val_outputs = [o for outputs in gathered for o in outputs]
         dice = []
         for m in self.collection.members:
             outs = [o for o in val_outputs if o["member"] == m.name]
@@ -277,16 +311,19 @@ class IrisTrainer(nnUNetTrainer):
     # ------------------------------------------------------------------ memory bank
     @torch.no_grad()
     def update_memory_bank(self, member: str, task: TaskEmbedding, present: torch.Tensor) -> None:
-        """EMA of each (member, class) task embedding over the references where the class was present."""
-        bank = self.memory_bank.setdefault(member, {})
-        for k, label in enumerate(task.classes):
-            rows = present[:, k]
-            if not bool(rows.any()):
-                continue
-            new = [t[rows, k].float().mean(0).detach().cpu() for t in task.tokens]
-            old = bank.get(int(label))
-            a = self.memory_bank_alpha
-            bank[int(label)] = new if old is None else [a * o + (1 - a) * n for o, n in zip(old, new)]
+        """EMA of each (member, class) task embedding over the references where the class was present. In a
+        distributed run every rank applies every rank's update in rank order, so the banks stay identical."""
+        updates = [(member, int(label), [t[present[:, k], k].float().mean(0).detach().cpu() for t in task.tokens])
+                   for k, label in enumerate(task.classes) if bool(present[:, k].any())]
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, updates)
+            updates = [u for rank_updates in gathered for u in rank_updates]
+        a = self.memory_bank_alpha
+        for member_name, label, new in updates:
+            bank = self.memory_bank.setdefault(member_name, {})
+            old = bank.get(label)
+            bank[label] = new if old is None else [a * o + (1 - a) * n for o, n in zip(old, new)]
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:
@@ -339,6 +376,14 @@ class IrisTrainer(nnUNetTrainer):
                             for member, bank in checkpoint.get("iris_memory_bank", {}).items()}
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        if self.is_ddp:  # one process validates (whole cases, sliding window); the others wait for it
+            if self.local_rank == 0:
+                self._one_shot_validation(save_probabilities)
+            dist.barrier()
+        else:
+            self._one_shot_validation(save_probabilities)
+
+    def _one_shot_validation(self, save_probabilities: bool) -> None:
         start = time()
         # in eval mode without deep supervision, then restores both
         summary = one_shot_validation(self, save_probabilities=save_probabilities)

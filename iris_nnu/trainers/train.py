@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import os
+import socket
+import sys
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from nnunetv2.run.run_training import maybe_load_checkpoint
 
 from iris_nnu.cli import HelpFormatter
@@ -15,6 +20,11 @@ from iris_nnu.inference.model_folder import load_checkpoint
 from iris_nnu.preprocessing.collection import load_collection
 from iris_nnu.preprocessing.planner import CONFIGURATION, PLANS_IDENTIFIER
 from iris_nnu.trainers.iris_trainer import IrisTrainer
+
+# How long a rank waits for the others at a collective: rank 0 validates whole cases alone at the end while the
+# others wait at a barrier. A rank that dies does not leave the others waiting this long: mp.spawn and torchrun
+# stop the remaining processes.
+DISTRIBUTED_TIMEOUT = datetime.timedelta(hours=4)
 
 
 def resolve_trainer(name: str) -> type[IrisTrainer]:
@@ -75,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "or the checkpoint's with --c)")
     p.add_argument("--c", action="store_true", help="continue from the fold's latest checkpoint: epoch, optimiser, "
                    "learning-rate schedule, memory bank and log")
-    p.add_argument("-num_gpus", type=int, default=1, help="GPUs to train on (only 1 in this version)")
+    p.add_argument("-num_gpus", type=int, default=1,
+                   help="processes to train with on this machine (DistributedDataParallel, as nnU-Net's -num_gpus): "
+                        "one per GPU with NCCL, or with -device cpu that many CPU processes with gloo; the plans' "
+                        "batch is split over them. Across machines, start iris_train with torchrun instead")
     p.add_argument("-p", default=PLANS_IDENTIFIER, help="plans identifier")
     p.add_argument("-tr", default="IrisTrainer", help="trainer class: IrisTrainer, a subclass, or module.Class")
     p.add_argument("--pretrained_weights", "-pretrained_weights", default=None,
@@ -107,9 +120,64 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     require_env_folder("nnUNet_results")
-    if args.num_gpus != 1:
-        raise IrisInputError(f"-num_gpus {args.num_gpus}: multi-GPU (DDP) training is not supported in this "
-                             f"version; train on one GPU")
+    if args.num_gpus < 1:
+        raise IrisInputError(f"-num_gpus must be at least 1, got {args.num_gpus}")
+    torchrun_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torchrun_world > 1 and args.num_gpus != 1:
+        raise IrisInputError("-num_gpus under torchrun: torchrun's --nproc_per_node and --nnodes set the processes")
+    if torchrun_world > 1:  # started by torchrun: this process is one rank, the rendezvous is in the environment
+        return run_rank(args, int(os.environ["RANK"]), torchrun_world, int(os.environ.get("LOCAL_RANK", "0")))
+    trainer = build_trainer(args)  # checks the input once, in this process, before any worker starts
+    if args.num_gpus == 1:
+        return run_training(args, trainer)
+    device = resolve_device(args.device)
+    if device.type == "cuda" and torch.cuda.device_count() < args.num_gpus:
+        raise IrisInputError(f"-num_gpus {args.num_gpus}: only {torch.cuda.device_count()} GPU(s) visible")
+    if trainer.configuration_manager.batch_size < args.num_gpus:
+        raise IrisInputError(f"-num_gpus {args.num_gpus}: the plans' batch size {trainer.configuration_manager.batch_size}"
+                             f" is split over the processes; use at most that many")
+    del trainer
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    try:
+        mp.spawn(_spawned_rank, args=(args, args.num_gpus), nprocs=args.num_gpus, join=True)
+    except mp.ProcessRaisedException as e:  # the others were stopped; their work up to the last checkpoint is kept
+        last = [line for line in str(e).strip().splitlines() if line.strip()][-1]
+        print(f"iris_train: error: rank {e.error_index} failed ({last}); the other ranks were stopped. Resume with "
+              f"--c", file=sys.stderr)
+        sys.exit(1)
+    except mp.ProcessExitedException as e:
+        print(f"iris_train: error: rank {e.error_index} exited with {e.exit_code}; the other ranks were stopped. "
+              f"Resume with --c", file=sys.stderr)
+        sys.exit(1)
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned_rank(rank: int, args: argparse.Namespace, world_size: int) -> None:
+    run_rank(args, rank, world_size, rank)
+
+
+def run_rank(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -> int:
+    """One process of a distributed run: join the process group (NCCL on CUDA, gloo on CPU), train, leave."""
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://", rank=rank,
+                            world_size=world_size, timeout=DISTRIBUTED_TIMEOUT)
+    try:
+        return run_training(args, build_trainer(args))
+    finally:
+        dist.destroy_process_group()
+
+
+def build_trainer(args: argparse.Namespace) -> IrisTrainer:
+    """The trainer for the arguments (checked), with the run's settings; a distributed one inside a process group."""
     if args.c and args.pretrained_weights:
         raise IrisInputError("--c and --pretrained_weights exclude each other")
     if args.pretrained_weights and not os.path.isfile(args.pretrained_weights):
@@ -147,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.val and not os.path.isfile(os.path.join(trainer.output_folder, "checkpoint_final.pth")):
         raise IrisInputError(f"--val: {trainer.output_folder} has no checkpoint_final.pth; training is not finished")
+    return trainer
+
+
+def run_training(args: argparse.Namespace, trainer: IrisTrainer) -> int:
+    """Load what the arguments ask for, train, validate (as nnU-Net's run_training)."""
     maybe_load_checkpoint(trainer, args.c, args.val)
     if args.pretrained_weights:
         try:
