@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"share of episodes with the most classes (default {episodes.FULL_EPISODE_P})")
     p.add_argument("--colocated_p", type=float, default=None,
                    help=f"share of co-located episodes (default {episodes.COLOCATED_P})")
+    p.add_argument("--off_anchor_p", type=float, default=None, help="share of a co-located episode's query crops "
+                   f"after the first placed anywhere in the scan (default {episodes.OFF_ANCHOR_P})")
     p.add_argument("--iterations_per_epoch", type=int, default=20, help="iterations between clock checks")
     p.add_argument("--seed", type=int, default=0, help="seeds network initialisation and episodes")
     p.add_argument("--output", default="learning_curves.json", help="JSON report (rows are appended per recipe)")
@@ -135,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         episodes.FULL_EPISODE_P = args.full_episode_p
     if args.colocated_p is not None:
         episodes.COLOCATED_P = args.colocated_p
+    if args.off_anchor_p is not None:
+        episodes.OFF_ANCHOR_P = args.off_anchor_p
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)  # nnU-Net's patch placement draws from numpy's global generator
     collection = load_collection(args.dataset, args.p)
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
               "spacing": arch["spacing"], "patch_size": arch["patch_size"], "batch_size": arch["batch_size"],
               "arch_kwargs": arch["architecture"]["arch_kwargs"], "max_classes": trainer.max_classes_per_episode,
               "full_episode_p": episodes.FULL_EPISODE_P,
-              "colocated_p": episodes.COLOCATED_P, "threads": torch.get_num_threads(), "seed": args.seed}
+              "colocated_p": episodes.COLOCATED_P, "off_anchor_p": episodes.OFF_ANCHOR_P, "threads": torch.get_num_threads(), "seed": args.seed}
     print("RECIPE " + json.dumps(recipe), flush=True)
     trainer.start_clock()
     try:
