@@ -102,11 +102,14 @@ class EpisodicDataLoader(DataLoader):
             self.samplers[m.name] = nnUNetDataLoader(dataset, batch_size, initial_patch_size, patch_size,
                                                      LabelManager(m.labels, None), oversample_foreground_percent)
 
-    def _crop(self, member: MemberEpisodes, case: str, classes: list[int], force_fg: bool
+    def _crop(self, member: MemberEpisodes, case: str, classes: list[int], force_fg: bool, off_anchor_p: float = 0.0
               ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """A patch of the case (image, label map), centred on a voxel of one of `classes` when forced."""
+        """A patch of the case (image, label map), centred on a voxel of one of `classes` when forced; with
+        `off_anchor_p`, placed anywhere instead with that probability where the case is larger than the patch."""
         sampler = self.samplers[member.name]
         data, seg, _, properties = sampler._data.load_case(case)
+        if off_anchor_p and any(s > p for s, p in zip(data.shape[1:], sampler.patch_size)):
+            force_fg = force_fg and self.rng.random() >= off_anchor_p
         locations = {c: properties["class_locations"][c] for c in classes
                      if len(properties["class_locations"].get(c, [])) > 0}
         lbs, ubs = sampler.get_bbox(data.shape[1:], force_fg and bool(locations), locations or None)
@@ -137,11 +140,9 @@ class EpisodicDataLoader(DataLoader):
             crops = []
             for b in range(self.batch_size):
                 query = str(self.rng.choice(member.query_cases))
-                if anchor is not None:
-                    force = b == 0 or self.rng.random() >= OFF_ANCHOR_P
-                else:
-                    force = self.rng.random() < self.oversample_foreground_percent
-                crops.append((query, *self._crop(member, query, classes, force)[:2]))
+                force = anchor is not None or self.rng.random() < self.oversample_foreground_percent
+                off_anchor = OFF_ANCHOR_P if anchor is not None and b > 0 else 0.0
+                crops.append((query, *self._crop(member, query, classes, force, off_anchor)[:2]))
             if anchor is not None:  # the anchor and others that the first query crop holds
                 held = [int(c) for c in np.unique(crops[0][2]) if c > 0 and c != anchor]
                 size = self._episode_size(min(self.max_classes, len(member.foreground_labels)))
