@@ -481,7 +481,8 @@ def test_distributed_training_under_torchrun(collection_env, tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(free_port()), "-m", "iris_nnu.trainers.train", "900", "4", "-device", "cpu",
                            "-tr", "ddp_probe.ProbeTrainer", "--epochs", "1", "--iterations_per_epoch", "2",
-                           "--val_iterations", "1"], env=env, capture_output=True, text=True, timeout=300)
+                           "--val_iterations", "1"], env=env, capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     _assert_ranks_agree(_probe_records(tmp_path), 2)
     fold = collection_env / "nnUNet_results" / "Dataset900_SynthCT_SynthMR" / "ProbeTrainer__IrisPlans__3d_fullres" \
