@@ -49,6 +49,12 @@ def fold_folder_name(fold: int | str) -> str:
     return f"fold_{fold}"
 
 
+def model_folder_folds(folder: str) -> list[str]:
+    """The folds of a model folder (names after `fold_`)."""
+    return sorted(d[len("fold_"):] for d in os.listdir(folder)
+                  if d.startswith("fold_") and os.path.isdir(os.path.join(folder, d)))
+
+
 def read_json_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise IrisInputError(f"{path}: not found; is {os.path.dirname(path)} an iris_train model folder?")
@@ -106,8 +112,7 @@ def load_model_folder(folder: str | None, fold: int | str = 0, checkpoint_name: 
                              f"'channel_names'") from None
     fold_dir = os.path.join(folder, fold_folder_name(fold))
     if not os.path.isdir(fold_dir):
-        folds = sorted(d for d in os.listdir(folder)
-                       if d.startswith("fold_") and os.path.isdir(os.path.join(folder, d)))
+        folds = [fold_folder_name(f) for f in model_folder_folds(folder)]
         raise IrisInputError(f"{fold_dir}: not found; this model folder has {', '.join(folds) or 'no folds'} (-f)")
     checkpoint_file = os.path.join(fold_dir, checkpoint_name)
     if not os.path.isfile(checkpoint_file):

@@ -23,8 +23,8 @@ from iris_nnu.inference.model_folder import (
     HELD_OUT_FILE,
     MODEL_CARD_FILE,
     TRAINER_NAME,
-    fold_folder_name,
     load_model_folder,
+    model_folder_folds,
     pack_model_folder,
     read_json_file,
 )
@@ -33,12 +33,6 @@ from iris_nnu.preprocessing.planner import CONFIGURATION
 
 EXPORT_PROGRAM = "iris_export_model"
 INSTALL_PROGRAM = "iris_install_model"
-
-
-def model_folder_folds(folder: str) -> list[str]:
-    """The folds of a model folder that hold a checkpoint (names after `fold_`)."""
-    return sorted(d[len("fold_"):] for d in os.listdir(folder)
-                  if d.startswith("fold_") and os.path.isdir(os.path.join(folder, d)))
 
 
 def _held_out_of_collection(manifest: dict, plans_name: str, fold: str) -> dict[str, list[str]] | None:
@@ -52,11 +46,10 @@ def _held_out_of_collection(manifest: dict, plans_name: str, fold: str) -> dict[
 def export_model(folder: str, zip_path: str, folds: list[str] | None = None,
                  checkpoint_name: str = DEFAULT_CHECKPOINT, half: bool = True) -> list[str]:
     """Write `folder`'s model (the given folds, default all) to `zip_path` atomically; returns the zip's entries."""
-    model = load_model_folder(folder, (folds or model_folder_folds(folder) or ["0"])[0], checkpoint_name)
-    folds = folds or model_folder_folds(folder)
+    folds = folds or model_folder_folds(folder) or ["0"]  # no fold: pack_model_folder names the missing one
     manifest = read_json_file(os.path.join(folder, "manifest.json"))
     collection = manifest.get("collection") or os.path.basename(os.path.dirname(os.path.abspath(folder)))
-    plans_name = model.plans["plans_name"]
+    plans_name = read_json_file(os.path.join(folder, "plans.json"))["plans_name"]
     root = f"{collection}/{TRAINER_NAME}__{plans_name}__{CONFIGURATION}"
     with tempfile.TemporaryDirectory(prefix="iris_export_") as tmp:
         packed = os.path.join(tmp, "model")

@@ -356,10 +356,9 @@ class IrisTrainer(nnUNetTrainer):
             self.initialize()
         self.iris_network.load_state_dict(load_network_weights(path))
 
-    def load_checkpoint(self, filename_or_checkpoint: str | dict) -> None:
-        # nnU-Net's unpickles the file with weights_only=False, and its dict form is broken in 2.8.1 (UnboundLocal)
-        checkpoint = load_checkpoint(filename_or_checkpoint) if isinstance(filename_or_checkpoint, str) \
-            else filename_or_checkpoint
+    def load_checkpoint(self, filename_or_checkpoint: str) -> None:
+        # ours: nnU-Net's unpickles the file with weights_only=False (and its dict form is broken in 2.8.1)
+        checkpoint = load_checkpoint(filename_or_checkpoint)
         if not self.was_initialized:
             self.initialize()
         self.iris_network.load_state_dict(strip_prefixes(checkpoint["network_weights"]))
