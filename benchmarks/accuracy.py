@@ -8,6 +8,8 @@ from the model's training cases of each dataset, i.e. imagesTr minus the held-ou
   ants syn          reference #1 registered with ANTs SyN (antspyx, optional: `pip install antspyx`), label warped
   iris oneshot 1/pass  as oneshot, one class per forward pass (all classes in one pass should do as well)
   multi-atlas-5     the 5 references registered, per-voxel majority vote
+  box alignment     reference #1's label carried over by mapping the scans' non-zero boxes onto each other
+  iris oneshot no position prior   as oneshot, from the image alone (iris_predict --no_position_prior)
 Queries: the first --queries held-out cases (never trained on) per dataset, from --held_out (default
 <model folder>/held_out.json: {"Dataset001_Hippocampus": ["hippocampus_026", ...], ...}).
 Dice per class on the query's own grid against labelsTr; NaN (left out of means) where the class is absent from
@@ -47,6 +49,7 @@ from iris_nnu.inference.model_folder import (  # noqa: E402
     HELD_OUT_FILE,
     read_held_out,
 )
+from iris_nnu.inference.plans import MODALITIES  # noqa: E402
 from iris_nnu.inference.predictor import DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS  # noqa: E402
 
 PROGRAM = "benchmarks/accuracy.py"
@@ -139,6 +142,22 @@ def register_label_ants(fixed_image: sitk.Image, moving_image: sitk.Image, movin
     return result
 
 
+def box_aligned_label(fixed: np.ndarray, moving: np.ndarray, moving_label: np.ndarray) -> np.ndarray:
+    """moving_label carried onto fixed's grid by mapping the scans' non-zero boxes onto each other, axis by axis
+    (nearest neighbour): what Iris's position prior alone knows of where a structure lies."""
+    def box(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        nonzero = np.argwhere(image != 0)
+        return (nonzero.min(0), nonzero.max(0) + 1) if len(nonzero) else (np.zeros(3), np.array(image.shape))
+
+    (flo, fhi), (mlo, mhi) = box(fixed), box(moving)
+    axes = [np.clip(np.round(mlo[a] + (np.arange(fixed.shape[a]) + 0.5 - flo[a]) / (fhi[a] - flo[a])
+                             * (mhi[a] - mlo[a]) - 0.5), 0, moving.shape[a] - 1).astype(int) for a in range(3)]
+    out = moving_label[np.ix_(*axes)]
+    inside = np.zeros(fixed.shape, bool)
+    inside[tuple(slice(int(lo), int(hi)) for lo, hi in zip(flo, fhi))] = True
+    return np.where(inside, out, 0)
+
+
 def majority_vote(labels: list[np.ndarray]) -> np.ndarray:
     """Per voxel, the label most maps agree on; a tie goes to the lowest tied label value (background if tied)."""
     stack = np.stack(labels)
@@ -208,25 +227,28 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
     n = args.n_references
     cases = [case for r in refs for case in parse_reference(f"{image_file(folder, r)}:{label_file(folder, r)}", 1)]
     methods: dict[str, dict] = {}
-    # method name -> (--methods option, strategy, references, classes per pass, largest component only)
-    iris = {"iris oneshot": ("oneshot", "oneshot", 1, None, False),
-            "iris oneshot 1/pass": ("oneshot-1-per-pass", "oneshot", 1, 1, False),
-            "iris oneshot 8/pass": ("oneshot-8-per-pass", "oneshot", 1, 8, False),
-            "iris oneshot largest component": ("oneshot-largest-component", "oneshot", 1, None, True),
-            f"iris ensemble-{n}": ("ensemble", "ensemble", n, None, False),
-            f"iris retrieval-{n}": ("retrieval", "retrieval", n, None, False),
-            "iris tune": ("tune", "tune", 1, None, False)}
-    for name, (option, strategy, k, per_pass, largest_component) in iris.items():
+    # method name -> (--methods option, strategy, references, classes per pass, largest component only,
+    # position prior)
+    iris = {"iris oneshot": ("oneshot", "oneshot", 1, None, False, True),
+            "iris oneshot 1/pass": ("oneshot-1-per-pass", "oneshot", 1, 1, False, True),
+            "iris oneshot 8/pass": ("oneshot-8-per-pass", "oneshot", 1, 8, False, True),
+            "iris oneshot largest component": ("oneshot-largest-component", "oneshot", 1, None, True, True),
+            "iris oneshot no position prior": ("oneshot-no-position", "oneshot", 1, None, False, False),
+            f"iris ensemble-{n}": ("ensemble", "ensemble", n, None, False, True),
+            f"iris retrieval-{n}": ("retrieval", "retrieval", n, None, False, True),
+            "iris tune": ("tune", "tune", 1, None, False, True)}
+    for name, (option, strategy, k, per_pass, largest_component, position) in iris.items():
         if option in args.methods:
             start = time.perf_counter()  # mirrors iris_predict: encode, task for the strategy, pool for retrieval
             encoded = predictor.encode_references(cases[:k])
             task, losses = predictor.task_for_strategy(encoded.pool, strategy, encoded, args.tune_steps, args.tune_lr)
             methods[name] = {"encode_s": time.perf_counter() - start, "tune_losses": losses, "lost": encoded.lost,
                              "classes_per_pass": per_pass, "largest_component": largest_component,
+                             "position_prior": position,
                              "task": task, "pool": encoded.pool if strategy == "retrieval" else None, "per_query": {}}
             print(f"[{folder.name}] {name}: task encoded in {methods[name]['encode_s']:.1f} s", file=sys.stderr)
     for option, name in (("registration", "registration"), ("ants-syn", "ants syn"),
-                         ("multi-atlas", f"multi-atlas-{n}")):
+                         ("multi-atlas", f"multi-atlas-{n}"), ("box-alignment", "box alignment")):
         if option in args.methods:
             methods[name] = {"encode_s": 0.0, "per_query": {}}
     atlases = [(sitk.ReadImage(image_file(folder, r)), sitk.ReadImage(label_file(folder, r))) for r in refs]
@@ -248,12 +270,17 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                 if name.startswith("iris"):
                     predictor.classes_per_pass = m["classes_per_pass"]
                     predictor.largest_component = m["largest_component"]
+                    predictor.position_prior = m["position_prior"]
                     result = predictor.predict_case([image_file(folder, case)], m["task"], m["pool"], 1)
                     write_segmentation(result.segmentation, os.path.join(tmp, f"{case}.nii.gz"), result.properties,
                                        result.reader_writer)
                     pred, seconds = result.segmentation, time.perf_counter() - start
                 elif name == "registration":
                     pred, seconds = register(0)
+                elif name == "box alignment":
+                    pred = box_aligned_label(sitk.GetArrayFromImage(fixed), *(sitk.GetArrayFromImage(a)
+                                                                               for a in atlases[0]))
+                    seconds = time.perf_counter() - start
                 elif name == "ants syn":
                     warped = register_label_ants(fixed, *atlases[0], args.seed)
                     pred, seconds = sitk.GetArrayFromImage(warped), time.perf_counter() - start
@@ -335,12 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["oneshot", "ensemble", "retrieval", "tune", "registration",
                                                     "multi-atlas"],
                    choices=["oneshot", "oneshot-1-per-pass", "oneshot-8-per-pass", "oneshot-largest-component",
-                            "ensemble", "retrieval", "tune", "registration", "ants-syn", "multi-atlas"],
+                            "oneshot-no-position", "ensemble", "retrieval", "tune", "registration", "ants-syn",
+                            "multi-atlas", "box-alignment"],
                    help="oneshot-N-per-pass: oneshot decoding N classes per pass (1: the joint-decoding check; 8: "
                         "as many as a training episode holds); oneshot-largest-component: oneshot keeping each "
                         "class's largest connected component (iris_predict --postprocess largest_component); "
-                        "ants-syn: ANTs SyN from reference #1 (needs pip install antspyx)")
+                        "oneshot-no-position: oneshot without the position prior (iris_predict "
+                        "--no_position_prior); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
+                        "box-alignment: reference #1's label carried over by aligning the scans' non-zero boxes "
+                        "(what the position prior alone knows)")
     p.add_argument("--seed", type=int, default=0, help="picks the references; seeds the registration sampling")
+    p.add_argument("--modality", choices=MODALITIES, default="other", help="as iris_predict --modality")
     p.add_argument("--registration_spacing", type=float, default=2.0, metavar="MM",
                    help="grid of the registration optimisation (the label is warped at the query's full resolution)")
     p.add_argument("--tune_steps", type=int, default=DEFAULT_TUNE_STEPS)
@@ -369,7 +401,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     model_folder = os.path.normpath(args.m or DEFAULT_MODEL_FOLDER)
-    predictor = IrisPredictor(use_mirroring=True, device=args.device)  # as iris_predict's defaults
+    predictor = IrisPredictor(use_mirroring=True, device=args.device, modality=args.modality)  # iris_predict's defaults
     predictor.initialize_from_model_folder(args.m, args.f, args.chk)
     held_out_file = args.held_out or os.path.join(model_folder, HELD_OUT_FILE)
     held_out = read_held_out(model_folder, args.held_out)

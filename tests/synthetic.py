@@ -10,10 +10,11 @@ import SimpleITK as sitk
 
 def blob_volume(shape_zyx: tuple[int, int, int], rng: np.random.Generator, modality: str, num_classes: int,
                 radii: tuple[float, float] = (0.18, 0.3), spread: float = 0.4, layout_seed: int | None = None,
-                ) -> tuple[np.ndarray, np.ndarray]:
+                alike: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """An image with a body and `num_classes` ellipsoids of distinct brightness, and its label map (centres within
     +-spread, radii in `radii`, in units of the half-size of the volume). With `layout_seed` every volume has the
-    same layout (like anatomy), up to a small shift of each structure."""
+    same layout (like anatomy), up to a small shift of each structure; with `alike` every structure has the same
+    brightness (like cortical parcels: only where they lie tells them apart)."""
     layout = rng if layout_seed is None else np.random.default_rng(layout_seed)
     z, y, x = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape_zyx], indexing="ij")
     body = (z / 0.9) ** 2 + (y / 0.85) ** 2 + (x / 0.85) ** 2 < 1
@@ -28,13 +29,13 @@ def blob_volume(shape_zyx: tuple[int, int, int], rng: np.random.Generator, modal
     if modality == "CT":  # Hounsfield-like: air -1000, soft tissue ~40, structures brighter
         image = np.where(body, 40.0, -1000.0)
         for k in range(1, num_classes + 1):
-            image[label == k] = 40 + 150 * k
+            image[label == k] = 40 + 150 * (1 if alike else k)
         image += rng.normal(0, 15, shape_zyx)
     else:  # MR-like: arbitrary scale per image, zero outside the body
         scale = rng.uniform(200, 2000)
         image = np.where(body, 1.0, 0.0)
         for k in range(1, num_classes + 1):
-            image[label == k] = 1.0 + 0.6 * k
+            image[label == k] = 1.0 + 0.6 * (1 if alike else k)
         image = (image + rng.normal(0, 0.05, shape_zyx) * body) * scale
         image[~body] = 0
     return image.astype(np.float32), label

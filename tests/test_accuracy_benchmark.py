@@ -46,3 +46,21 @@ def test_majority_vote_and_ties():
     assert accuracy.majority_vote([np.array([0, 5]), np.array([4, 0])]).tolist() == [0, 0]
     dice = accuracy.dice_per_class(np.array([1, 1, 0, 0]), np.array([1, 0, 1, 0]), [1, 2])
     assert dice[1] == 0.5 and np.isnan(dice[2])
+
+
+def test_box_alignment_carries_a_label_between_scans_of_other_extent():
+    """Two 'skull-stripped' scans (zero outside the body) whose bodies lie and stretch differently: mapping the
+    non-zero boxes onto each other puts the structure where the other scan has it."""
+    def scan(offset: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        z, y, x = np.mgrid[:40, :48, :44].astype(np.float32)
+        body = ((z - 20) / 15) ** 2 + ((y - offset - 24 * scale) / (20 * scale)) ** 2 + ((x - 22) / 18) ** 2 < 1
+        structure = body & (((y - offset - 12 * scale) / (5 * scale)) ** 2 + ((z - 20) / 5) ** 2 + ((x - 22) / 5) ** 2
+                            < 1)
+        return np.where(body, 50.0 + 50 * structure, 0.0), structure.astype(np.uint8)
+
+    fixed, fixed_label = scan(0, 0.9)
+    moving, moving_label = scan(6, 0.75)
+    before = accuracy.dice_per_class(fixed_label, moving_label, [1])[1]
+    carried = accuracy.box_aligned_label(fixed, moving, moving_label)
+    assert carried.shape == fixed.shape
+    assert accuracy.dice_per_class(fixed_label, carried, [1])[1] > 0.8 > before + 0.3, before

@@ -1,6 +1,7 @@
 """Tests of the Iris network (iris_nnu.model) on tiny CPU configurations."""
 from __future__ import annotations
 
+import math
 from unittest import mock
 
 import pytest
@@ -185,9 +186,10 @@ def test_model_id_is_cached_and_follows_the_weights():
 
 
 def test_a_small_configuration_trains_on_cpu():
-    """Its loss falls over a few steps on one batch (speed is benchmarks/model_speed.py's business)."""
+    """Its loss falls over a few steps on one batch (speed is benchmarks/model_speed.py's business); without the
+    position prior, which would give the answer away here (query = reference)."""
     torch.manual_seed(0)
-    net = make_net(deep_supervision=True).train()
+    net = make_net(deep_supervision=True, position_grid=0).train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     image, masks = make_pair(4, batch=2)
     losses = []
@@ -260,14 +262,17 @@ def test_build_network_from_plans_entry():
 @pytest.mark.parametrize("kw", [
     {}, dict(features_per_stage=(16, 32, 64, 128, 256)), TINY, dict(features_per_stage=(8, 16)),
     dict(features_per_stage=(6, 12, 24), blocks_per_stage=(3, 1, 2), task_scales=3, num_query_tokens=4,
-         attention_heads=5, attention_depth=2)])
+         attention_heads=5, attention_depth=2), dict(TINY, position_grid=16)])
 def test_count_parameters_is_exact(kw):
-    assert count_parameters(kw, 1) == sum(p.numel() for p in IrisNetwork(1, **kw).parameters())
+    """For the network a plans entry builds (count_parameters serves the planner)."""
+    arch = {"network_class_name": "iris_nnu.model.network.IrisNetwork", "arch_kwargs": kw}
+    assert count_parameters(kw, 1) == sum(p.numel() for p in build_network(arch, 1).parameters())
 
 
 def test_architecture_round_trips_plans_kwargs():
     arch = IrisArchitecture.from_kwargs({**TINY, "num_classes": 3})  # nnU-Net's num_classes is accepted, ignored
-    assert arch.to_kwargs() == {**IrisArchitecture().to_kwargs(), **TINY, "features_per_stage": [4, 8, 16, 32, 64]}
+    assert arch.to_kwargs() == {**IrisArchitecture().to_kwargs(), **TINY, "features_per_stage": [4, 8, 16, 32, 64],
+                                "position_grid": 0}  # plans without it predate position priors
     assert IrisArchitecture.from_kwargs(arch.to_kwargs()) == arch
     assert (arch.blocks, arch.levels) == ([1] * 5, [4, 3, 2])
     with pytest.raises(ValueError, match="'widths'"):
@@ -295,3 +300,105 @@ def test_dependencies_point_one_way():
              "import iris_nnu.model; loaded = [m for m in sys.modules if m.startswith(('nnunetv2', "
              "'iris_nnu.inference', 'iris_nnu.trainers', 'iris_nnu.preprocessing'))]; assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", check], check=True)
+
+
+# ------------------------------------------------------------------------------------------ position prior
+def test_position_prior_marks_where_the_class_lies():
+    from iris_nnu.model.position import ScanFrame, position_prior, sample_prior, scan_coordinates
+
+    masks = torch.zeros(1, 2, 40, 24, 32)
+    masks[0, 0, 2:8, 2:6, 3:9] = 1  # a corner
+    masks[0, 1, 30:38, 16:22, 20:30] = 1  # the opposite corner
+    prior = position_prior(masks, grid=8)
+    assert prior.shape == (1, 2, 8, 8, 8) and prior.flatten(2).amax(2).allclose(torch.ones(1, 2))
+    coordinates = scan_coordinates(masks.shape[2:])[None]
+    sampled = sample_prior(prior, coordinates)  # (1, 2, 40, 24, 32)
+    inside0, inside1 = masks[0, 0] > 0, masks[0, 1] > 0
+    assert sampled[0, 0][inside0].mean() > 0.5 > 0.05 > sampled[0, 0][inside1].max()
+    assert sampled[0, 1][inside1].mean() > 0.5 > 0.05 > sampled[0, 1][inside0].max()
+    # a window's coordinates are the scan's, cut where the window lies (also partly outside the scan)
+    frame = ScanFrame.box(masks.shape[2:])
+    window = frame.coordinates((4, -3, 10), (16, 16, 16))
+    torch.testing.assert_close(window[:, :, 3:, :], coordinates[0, :, 4:20, 0:13, 10:26])
+    assert not position_prior(torch.zeros(1, 1, 8, 8, 8), grid=4).any()  # an empty mask places nothing
+
+
+def test_scan_frames_give_the_same_place_the_same_coordinates():
+    """Two bodies of different size, position and tilt in their scans: a structure at the same place of each body
+    gets the same frame coordinates (so one reference's prior lands on the other's structure)."""
+    from iris_nnu.model.position import ScanFrame, position_prior_from_labels, sample_prior
+
+    def scan(centre, radii, degrees, shape=(64, 72, 60)):
+        x = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij"), -1)
+        a = math.radians(degrees)
+        rotation = torch.tensor([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]],
+                                dtype=torch.float64)
+        local = (x - torch.tensor(centre, dtype=torch.float64)) @ rotation  # body axes
+        body = ((local / torch.tensor(radii, dtype=torch.float64)) ** 2).sum(-1) < 1
+        spot = ((((local - torch.tensor(radii, dtype=torch.float64) * torch.tensor([0.5, -0.3, 0.2]))
+                  / torch.tensor(radii, dtype=torch.float64) / 0.2) ** 2).sum(-1) < 1) & body
+        return body, spot
+
+    body_a, spot_a = scan((30, 36, 30), (22.0, 28.0, 18.0), 0)
+    body_b, spot_b = scan((34, 33, 28), (18.0, 24.0, 16.0), 15)
+    frame_a, frame_b = ScanFrame.of(body_a), ScanFrame.of(body_b)
+    prior = position_prior_from_labels(spot_a.long(), [1], 16, frame_a)[None]
+    on_b = sample_prior(prior, frame_b.coordinates((0, 0, 0), body_b.shape)[None])[0, 0]
+    box_b = sample_prior(prior, ScanFrame.box(body_b.shape).coordinates((0, 0, 0), body_b.shape)[None])[0, 0]
+    assert on_b[spot_b].mean() > 0.6 and on_b[body_b & ~spot_b].mean() < 0.1, (on_b[spot_b].mean(), )
+    assert on_b[spot_b].mean() > box_b[spot_b].mean() + 0.3  # the scans' boxes alone put it elsewhere
+    # a round body has no principal axes: the frame keeps the scan's
+    round_body = scan((30, 36, 30), (20.0, 20.0, 20.0), 0)[0]
+    assert abs(ScanFrame.of(round_body).axes[0][1]) < 1e-9
+
+
+def test_position_prior_lowers_logits_away_from_the_reference_structure(net):
+    from iris_nnu.model.position import ScanFrame, scan_coordinates
+
+    image, masks = make_pair(1)
+    masks = torch.zeros_like(masks)
+    masks[0, 0, :8, :8, :8] = 1  # the reference structure in one corner of its scan
+    query = torch.randn(1, 1, *PATCH)
+    with torch.no_grad():
+        task = net.encode_task(image, masks)
+        assert task.positions is not None and task.positions.shape == (1, 1, 32, 32, 32)
+        with_prior = net(query, task)
+        without = net(query, TaskEmbedding(task.tokens, task.classes, task.present, task.model_id))
+        weight = float(F.softplus(net.position_weight))
+        change = with_prior - without
+        # at the reference structure the logits barely move (the prior is near its peak 1), far from it they drop
+        assert change[0, 0, :8, :8, :8].max() > weight * math.log(0.8)
+        assert change[0, 0, :8, :8, :8].mean() > 0.5 * weight * math.log(0.01) / 4
+        torch.testing.assert_close(change[0, 0, 24:, 24:, 24:], torch.full((8, 8, 8), weight * math.log(0.01)))
+        # the default coordinates are the query's own extent; a window elsewhere in a larger scan moves the prior
+        torch.testing.assert_close(net(query, task, scan_coordinates(PATCH)[None]), with_prior)
+        far = net(query, task, ScanFrame.box((64, 64, 64)).coordinates((32, 32, 32), PATCH)[None])
+        assert (far - without)[0, 0, :4, :4, :4].max() < weight * math.log(0.02)
+        with pytest.raises(ValueError, match="coordinates"):
+            net(query, task, scan_coordinates((16, 16, 16))[None])
+    assert make_net(position_grid=0).encode_task(image, masks).positions is None
+
+
+def test_task_positions_survive_mean_select_concatenate_and_files(net, tmp_path):
+    image, masks = make_pair(3, batch=2)
+    with torch.no_grad():
+        task = net.encode_task(image, masks, classes=[5, 7, 9])
+    masks_b = masks.clone()
+    masks_b[1, 1] = 0  # class 7 absent from reference 1: the ensemble's prior is reference 0's
+    with torch.no_grad():
+        partial = net.encode_task(image, masks_b, classes=[5, 7, 9])
+    torch.testing.assert_close(partial.mean().positions[0, 1], partial.positions[0, 1])
+    torch.testing.assert_close(task.mean().positions[0], task.positions.mean(0))
+    torch.testing.assert_close(task.select([9, 5]).positions, task.positions[:, [2, 0]])
+    both = TaskEmbedding.concatenate([task.select([5]), task.select([7])])
+    torch.testing.assert_close(both.positions[:2, 0], task.positions[:, 0])
+    assert not both.positions[:2, 1].any()  # class 7 is absent from the first task
+    task.save(tmp_path / "t.pt")
+    torch.testing.assert_close(TaskEmbedding.load(tmp_path / "t.pt", net).positions, task.positions)
+
+
+def test_plans_without_position_grid_build_a_model_without_one():
+    """Plans and model folders written before position priors keep their architecture."""
+    arch = {"network_class_name": "iris_nnu.model.network.IrisNetwork", "arch_kwargs": dict(TINY)}
+    assert build_network(arch, 1).position_grid == 0 and not hasattr(build_network(arch, 1), "position_weight")
+    assert build_network({**arch, "arch_kwargs": {**TINY, "position_grid": 16}}, 1).position_grid == 16

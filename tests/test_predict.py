@@ -1,6 +1,8 @@
 """iris_predict / IrisPredictor on a tiny random-weight model: geometry, values, strategies, task files, bad input."""
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from pathlib import Path
 
@@ -51,6 +53,9 @@ def build_model_folder(folder: Path, seed: int = 0, **kwargs) -> Path:
     for module in network.modules():  # 10x the init scale of linears: random logits far from 0, decisive outputs
         if isinstance(module, torch.nn.Linear):
             torch.nn.init.normal_(module.weight, std=0.2)
+    # a weak position prior (weight 0.13, at most -0.6 logits): random foreground is not confined to the references'
+    # structures, and the prior's path still runs
+    torch.nn.init.constant_(network.position_weight, -2.0)
     write_model_folder(str(folder), plans, dataset_json, network, **kwargs)
     return folder
 
@@ -205,6 +210,23 @@ def test_ensemble_of_two_identical_references_equals_oneshot(world, tmp_path):
                                   np.load(tmp_path / "two" / "caseA.npz")["probabilities"])
 
 
+def test_no_position_prior_segments_from_the_image_alone(world, tmp_path, predictor):
+    """--no_position_prior gives the probabilities of the task without positions; with them the maps differ, and
+    most where the references hold no structure (the prior pulls the logits down there)."""
+    query = str(world["queries"] / "caseA_0000.nii.gz")
+    run(world, "-i", query, "-o", str(tmp_path / "with"), "-r", world["ref"][0], "--save_probabilities")
+    run(world, "-i", query, "-o", str(tmp_path / "without"), "-r", world["ref"][0], "--save_probabilities",
+        "--no_position_prior")
+    with_prior = np.load(tmp_path / "with" / "caseA.npz")["probabilities"].astype(np.float32)
+    without = np.load(tmp_path / "without" / "caseA.npz")["probabilities"].astype(np.float32)
+    task = predictor.encode_references(parse_reference(world["ref"][0], 1)).pool.mean()
+    assert task.positions is not None
+    bare = predictor.predict_case([query], dataclasses.replace(task, positions=None), save_probabilities=True)
+    np.testing.assert_array_equal(bare.probabilities.astype(np.float32), without)
+    assert np.abs(with_prior - without).max() > 0.05
+    assert (with_prior <= without + 1e-3).mean() > 0.95  # the prior only lowers (its peak is log(1 + floor) ~ 0)
+
+
 def test_ensemble_of_different_references_differs_and_handles_partial_classes(world, tmp_path, predictor):
     # reference 3 holds only class 53: the ensemble averages 53 over refs 0 and 3, the others come from ref 0
     make_case(tmp_path / "partial.nii.gz", tmp_path / "partial_seg.nii.gz", seed=30, values=(53,))
@@ -268,7 +290,7 @@ def test_retrieval_end_to_end(world, tmp_path, predictor, capsys):
     keep = torch.zeros_like(pool.present)
     for k, value in enumerate(pool.classes):
         keep[result.retrieved.get(value, [b for b in range(3) if pool.present[b, k]]), k] = True
-    chosen = TaskEmbedding(pool.tokens, pool.classes, keep, pool.model_id).mean()
+    chosen = TaskEmbedding(pool.tokens, pool.classes, keep, pool.model_id, pool.positions).mean()
     np.testing.assert_array_equal(result.segmentation, predictor.predict_case(query, chosen).segmentation)
     # CLI: the picks are reported by reference name, --retrieval_top_k of them per class
     run(world, "-i", query[0], "-o", str(tmp_path / "r"), "-r", *world["ref"], "--strategy", "retrieval",

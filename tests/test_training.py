@@ -104,8 +104,8 @@ def test_colocated_episodes_show_the_same_structures_in_query_and_reference(tmp_
     cases = [f"sc_{i:03d}" for i in range(5)]
     member = MemberEpisodes("Scattered", str(folder / "IrisPlans_3d_fullres"), labels, cases, cases)
 
-    def as_is(image, segmentation):
-        return {"image": image, "segmentation": segmentation}
+    def as_is(**batch):
+        return batch
 
     def shares(colocated_p: float, off_anchor_p: float = 0.0) -> tuple[float, float, float]:
         """Shares of (crop, class) pairs with the class in the query crop, in both query and reference, and in the
@@ -496,3 +496,35 @@ def test_unsupported_options(collection_env, capsys):
     assert "file not found" in expect_error(capsys, "900", "0", "--pretrained_weights", "/no/such.pth")
     if not torch.cuda.is_available():
         assert "CUDA is not available" in expect_error(capsys, "900", "0", "-device", "cuda")
+
+
+def test_look_alike_structures_are_told_apart_by_where_they_lie(tmp_path, monkeypatch):
+    """Two structures of the same brightness in scans twice the patch wide (like cortical parcels in a brain): a
+    window often shows one of them alone, and only where it lies in the scan says which. A small model trained with
+    the position prior segments each as its own class one-shot, through the whole predictor path (sliding window
+    with scan coordinates); marking both twins as the class would cap a class's Dice at 0.67."""
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    make_raw_dataset(str(tmp_path / "nnUNet_raw"), 31, "Twins", num_cases=8, shape_zyx=(32, 64, 64), num_classes=2,
+                     seed=5, prefix="tw", radii=(0.15, 0.2), spread=0.6, layout_seed=5, alike=True)
+    plan_main(["-d", "31", "-np", "1", "--plan_for", "cpu", "--target_spacing", "1"])
+    plans_file = tmp_path / "nnUNet_preprocessed" / "Dataset031_Twins" / "IrisPlans.json"
+    shrink_plans(plans_file)
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["position_grid"] = 8
+    plans_file.write_text(json.dumps(plans))
+    torch.manual_seed(0)
+    np.random.seed(0)
+    collection = load_collection(31)
+    trainer = IrisTrainer(dict(collection.plans), "3d_fullres", 0, collection.dataset_json, torch.device("cpu"))
+    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 30, 10, 1
+    trainer.episode_seed, trainer.final_lr_fraction = 0, 1.0
+    trainer.initialize()
+    assert trainer.iris_network.position_grid == 8
+    trainer.run_training()
+    one_shot_validation(trainer, "twins")
+    summary = json.loads((Path(trainer.output_folder) / "twins" / "Dataset031_Twins" / "summary.json").read_text())
+    dice = {c: summary["mean"][c]["Dice"] for c in ("1", "2")}
+    assert min(dice.values()) > 0.75, dice

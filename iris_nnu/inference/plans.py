@@ -15,6 +15,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import (
     PlansManager,
 )
 
+from iris_nnu.model.position import ScanFrame
 from iris_nnu.preprocessing.planner import CONFIGURATION
 from iris_nnu.preprocessing.preprocessor import IrisPreprocessor
 
@@ -74,6 +75,10 @@ class InferencePreprocessor(IrisPreprocessor):
         return {}
 
 
+# properties key of a preprocessed scan's ScanFrame (as a dict): where its body lies, for the position prior
+SCAN_FRAME_KEY = "iris_scan_frame"
+
+
 class RunPreprocessing:
     """Preprocess images (and labels) of one run with its specialised plan: transpose, crop, normalise, resample."""
 
@@ -84,9 +89,12 @@ class RunPreprocessing:
 
     def __call__(self, data: np.ndarray, seg: np.ndarray | None, properties: dict,
                  ) -> tuple[np.ndarray, np.ndarray | None, dict]:
-        """(C,Z,Y,X) image [+ (1,Z,Y,X) label] -> preprocessed image, label with -1 (outside the crop) mapped to 0."""
+        """(C,Z,Y,X) image [+ (1,Z,Y,X) label] -> preprocessed image, label with -1 (outside the crop) mapped to 0;
+        properties also get SCAN_FRAME_KEY: where the scan's body lies in it (the position prior's frame)."""
         out, out_seg, properties = self._preprocessor.run_case_npy(
             data, seg, properties, self.plans_manager, self.configuration_manager, PREPROCESSOR_DATASET_JSON)
+        # nnU-Net marks voxels outside the non-zero mask -1, also in the label it makes for an image alone
+        properties[SCAN_FRAME_KEY] = ScanFrame.of(out_seg[0] >= 0).to_dict()
         if seg is None:
             return out, None, properties
         out_seg = out_seg[0]

@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continue_prediction", action="store_true",
                    help="skip queries whose output (and, with --save_probabilities, .npz) already exists: resume an "
                         "interrupted run (an output is written last and atomically, so one that exists is complete)")
+    p.add_argument("--no_position_prior", action="store_true",
+                   help="segment from the image alone, ignoring where in their scans the references hold each class "
+                        "(use it when queries and references cover different extents: crops of other regions, CT of "
+                        "another field of view; models trained with the prior lose accuracy without it)")
     p.add_argument("--postprocess", choices=("none", "largest_component"), default="none",
                    help="largest_component: keep only each class's largest connected component in the written "
                         "segmentation (the authors' later code does; --save_probabilities maps stay as predicted)")
@@ -138,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     predictor = IrisPredictor(tile_step_size=args.step_size, use_mirroring=not args.disable_tta,
                               device=resolve_device(args.device), modality=args.modality,
                               classes_per_pass=args.classes_per_pass,
-                              largest_component=args.postprocess == "largest_component")
+                              largest_component=args.postprocess == "largest_component",
+                              position_prior=not args.no_position_prior)
     predictor.initialize_from_model_folder(args.m, args.f, args.chk)
     if args.modality == "other" and trained_on_ct_only(predictor.joint_plans):
         report("warning: the model was trained on CT only; pass --modality CT for CT scans")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import itertools
 import os
@@ -53,16 +54,18 @@ from iris_nnu.inference.model_folder import (
     TRAINER_NAME,
     load_model_folder,
 )
-from iris_nnu.inference.plans import RunPreprocessing, inference_plans
+from iris_nnu.inference.plans import SCAN_FRAME_KEY, RunPreprocessing, inference_plans
 from iris_nnu.inference.references import (
     Crop,
     ReferenceCase,
     prepare_reference,
     remap_crops,
+    remap_positions,
     structure_crops,
 )
 from iris_nnu.model import IrisNetwork, TaskEmbedding, TaskMismatchError
 from iris_nnu.model.loss import MaskedDiceBCELoss
+from iris_nnu.model.position import ScanFrame
 
 STRATEGIES = ("oneshot", "ensemble", "retrieval", "tune")
 # nnU-Net accumulates Gaussian-weighted logits in fp16; clamping keeps the sums finite (sigmoid(16) = 1 - 1e-7,
@@ -145,7 +148,7 @@ def select_references(pool: TaskEmbedding, query: TaskEmbedding, top_k: int = 1,
         keep[:, k] = False
         keep[chosen, k] = True
         picks[value] = sorted(chosen)
-    return TaskEmbedding(pool.tokens, pool.classes, keep, pool.model_id).mean(), picks
+    return TaskEmbedding(pool.tokens, pool.classes, keep, pool.model_id, pool.positions).mean(), picks
 
 
 class IrisPredictor(nnUNetPredictor):
@@ -153,8 +156,8 @@ class IrisPredictor(nnUNetPredictor):
 
     def __init__(self, tile_step_size: float = 0.5, use_mirroring: bool = True,
                  device: torch.device | str = "cpu", modality: str = "other", classes_per_pass: int | None = None,
-                 map_memory_gb: float = DEFAULT_MAP_MEMORY_GB, largest_component: bool = False, verbose: bool = False,
-                 allow_tqdm: bool = False):
+                 map_memory_gb: float = DEFAULT_MAP_MEMORY_GB, largest_component: bool = False,
+                 position_prior: bool = True, verbose: bool = False, allow_tqdm: bool = False):
         if not MIN_STEP_SIZE <= tile_step_size <= 1:
             raise ValueError(f"step size must be in [{MIN_STEP_SIZE}, 1], got {tile_step_size}")
         if classes_per_pass is not None and classes_per_pass < 1:
@@ -167,6 +170,8 @@ class IrisPredictor(nnUNetPredictor):
         self.modality = modality
         self.classes_per_pass = classes_per_pass
         self.largest_component = largest_component  # keep each class's largest connected component in the output
+        # False: segment from the image alone, ignoring where the references hold each class (model/position.py)
+        self.position_prior = position_prior
         self.map_memory_bytes = map_memory_gb * 1024**3
         self._task: TaskEmbedding | None = None
         self.preprocessing: RunPreprocessing | None = None
@@ -196,16 +201,25 @@ class IrisPredictor(nnUNetPredictor):
         return self.plans_manager.image_reader_writer_class
 
     # ------------------------------------------------------------------------------------ tasks
-    def encode_crops(self, crops: Sequence[Crop], classes: Sequence[int]) -> TaskEmbedding:
-        """One embedding (B = 1) from crops of one image; crop labels index `classes` (i = classes[i - 1])."""
+    def encode_crops(self, crops: Sequence[Crop], classes: Sequence[int],
+                     positions: torch.Tensor | None = None) -> TaskEmbedding:
+        """One embedding (B = 1) from crops of one image; crop labels index `classes` (i = classes[i - 1]);
+        `positions` (len(classes), G, G, G): the classes' position priors in the whole image (position_prior)."""
         parts = []
         with torch.no_grad():
             for crop in crops:
                 image = torch.from_numpy(crop.image)[None].to(self.device)
                 masks = torch.from_numpy(np.stack([crop.labels == i for i in crop.encode]))[None]
+                prior = None if positions is None else positions[[i - 1 for i in crop.encode]][None].to(self.device)
                 parts.append(self.network.encode_task(image, masks.to(self.device, torch.float32),
-                                                      classes=[classes[i - 1] for i in crop.encode]))
+                                                      classes=[classes[i - 1] for i in crop.encode],
+                                                      positions=prior))
         return TaskEmbedding.concatenate(parts).mean()
+
+    @property
+    def position_grid(self) -> int:
+        """Cells per axis of the model's position prior (0: a model without one)."""
+        return int(getattr(self.network, "position_grid", 0))
 
     def encode_references(self, references: Sequence[ReferenceCase], classes: Sequence[int] | None = None,
                           ) -> EncodedReferences:
@@ -213,8 +227,8 @@ class IrisPredictor(nnUNetPredictor):
         if not references:
             raise IrisInputError("no references given")
         wanted = sorted(set(int(c) for c in classes)) if classes else None
-        prepared = [prepare_reference(case, self.preprocessing, self.reader_writer_class, self.patch_size, wanted)
-                    for case in references]
+        prepared = [prepare_reference(case, self.preprocessing, self.reader_writer_class, self.patch_size, wanted,
+                                      self.position_grid) for case in references]
         used = [p for p in prepared if p.values]
         found = sorted(set().union(*(p.values for p in used))) if used else []
         if wanted:
@@ -229,7 +243,7 @@ class IrisPredictor(nnUNetPredictor):
                                          if vanished else ""))
         run_classes = wanted or found
         crops = [remap_crops(p, run_classes) for p in used]
-        tasks = [self.encode_crops(c, run_classes) for c in crops]
+        tasks = [self.encode_crops(c, run_classes, remap_positions(p, run_classes)) for c, p in zip(crops, used)]
         return EncodedReferences(TaskEmbedding.concatenate(tasks), [p.case.name for p in used], crops,
                                  {p.case.label: p.lost for p in prepared if p.lost})
 
@@ -278,8 +292,10 @@ class IrisPredictor(nnUNetPredictor):
             valid = references.pool.present[r].to(self.device)[None]  # a reference says nothing of its absent classes
             for crop in crops:
                 target = np.stack([crop.labels == i for i in range(1, task.num_classes + 1)])
+                coordinates = None if crop.frame is None else \
+                    crop.frame.coordinates(crop.origin, crop.labels.shape, self.device)[None]
                 items.append((torch.from_numpy(crop.image)[None].to(self.device),
-                              torch.from_numpy(target)[None].to(self.device, torch.float32), valid))
+                              torch.from_numpy(target)[None].to(self.device, torch.float32), valid, coordinates))
         params = [torch.nn.Parameter(t.detach().clone().to(self.device)) for t in task.tokens]
         optimizer = torch.optim.Adam(params, lr=lr)
         loss_fn = MaskedDiceBCELoss()
@@ -292,9 +308,10 @@ class IrisPredictor(nnUNetPredictor):
                 optimizer.zero_grad(set_to_none=True)
                 total = 0.0
                 with torch.set_grad_enabled(step < steps):
-                    for image, target, valid in items:
-                        current = TaskEmbedding(params, task.classes, task.present, task.model_id)
-                        loss = loss_fn(self.network(image, current), target, valid) / len(items)
+                    for image, target, valid, coordinates in items:
+                        current = self._with_position_choice(
+                            TaskEmbedding(params, task.classes, task.present, task.model_id, task.positions))
+                        loss = loss_fn(self.network(image, current, coordinates), target, valid) / len(items)
                         if step < steps:
                             loss.backward()
                         total += loss.item()
@@ -304,24 +321,32 @@ class IrisPredictor(nnUNetPredictor):
         finally:
             for p, flag in frozen:
                 p.requires_grad_(flag)
-        return TaskEmbedding([p.detach() for p in params], task.classes, task.present, task.model_id), losses
+        return TaskEmbedding([p.detach() for p in params], task.classes, task.present, task.model_id,
+                             task.positions), losses
 
     # ------------------------------------------------------------------------------------ sliding window
     @torch.inference_mode()
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
-        """nnU-Net's TTA with the task as second input; only the query is flipped."""
+        """nnU-Net's TTA with the task as second input; only the query is flipped. Channels beyond the image's are
+        the window's scan coordinates (segment_preprocessed appends them for models with a position grid)."""
         if self._task is None:
             raise RuntimeError("IrisPredictor needs a task: segment with predict_case / segment_preprocessed (or "
                                "inside `with predictor.conditioned_on(task)`), not nnU-Net's task-free entry points")
         axes = self.allowed_mirroring_axes if self.use_mirroring else None
-        prediction = self.network(x, self._task)
+        x, coordinates = x[:, :self.num_channels], (x[:, self.num_channels:] if x.shape[1] > self.num_channels
+                                                     else None)
+        prediction = self.network(x, self._task, coordinates)
         if axes:
             flips = [tuple(a + 2 for a in combo) for n in range(1, len(axes) + 1)
                      for combo in itertools.combinations(axes, n)]
             for dims in flips:
-                prediction += torch.flip(self.network(torch.flip(x, dims), self._task), dims)
+                flipped = None if coordinates is None else torch.flip(coordinates, dims)
+                prediction += torch.flip(self.network(torch.flip(x, dims), self._task, flipped), dims)
             prediction /= len(flips) + 1
         return prediction.clamp_(-LOGIT_LIMIT, LOGIT_LIMIT)
+
+    def _with_position_choice(self, task: TaskEmbedding) -> TaskEmbedding:
+        return task if self.position_prior else dataclasses.replace(task, positions=None)
 
     def classes_in_one_pass(self, preprocessed_shape: Sequence[int]) -> int:
         if self.classes_per_pass:
@@ -332,17 +357,19 @@ class IrisPredictor(nnUNetPredictor):
     @contextlib.contextmanager
     def conditioned_on(self, task: TaskEmbedding):
         """nnU-Net's sliding window calls the network with the image alone: within this block it gets `task` too."""
-        self._task = task.to(self.device)
+        self._task = self._with_position_choice(task).to(self.device)
         try:
             yield
         finally:
             self._task = None
 
     def segment_preprocessed(self, data: np.ndarray, properties: dict, task: TaskEmbedding, *, export: bool = True,
-                             probabilities: bool = False, preprocessed_labels: bool = False) -> QuerySegmentation:
+                             probabilities: bool = False, preprocessed_labels: bool = False,
+                             frame: ScanFrame | None = None) -> QuerySegmentation:
         """Segment a preprocessed query (nnU-Net's sliding window, conditioned on `task`); `export` asks for labels in
         the original geometry, `probabilities` for per-class probabilities there, `preprocessed_labels` for labels in
-        the model's space. Classes go in passes of `classes_in_one_pass`."""
+        the model's space. Classes go in passes of `classes_in_one_pass`. `frame`: where the query's body lies (default:
+        the one our preprocessing put in `properties`, else all of the volume)."""
         if task.batch_size != 1:
             task = task.mean()
         k_total = task.num_classes
@@ -353,6 +380,11 @@ class IrisPredictor(nnUNetPredictor):
         preprocessed = Winner(data.shape[1:]) if preprocessed_labels else None
         probs = np.zeros((k_total, *cropped_shape), dtype=np.float16) if probabilities else None
         image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+        if self.position_grid and self.position_prior:  # the window cuts them with the image: it knows its place
+            if frame is None:
+                frame = ScanFrame.from_dict(properties[SCAN_FRAME_KEY]) if SCAN_FRAME_KEY in properties \
+                    else ScanFrame.box(image.shape[1:])
+            image = torch.cat([image, frame.coordinates((0, 0, 0), image.shape[1:])])
         for start in range(0, k_total, per_pass):
             with self.conditioned_on(task.select(task.classes[start:start + per_pass])):
                 logits = self.predict_sliding_window_return_logits(image).cpu()
@@ -381,7 +413,7 @@ class IrisPredictor(nnUNetPredictor):
         present = [int(i) for i in np.unique(labels) if i != 0]
         if not present:
             return task, {}
-        crops = structure_crops(data, labels.astype(np.int16), present, self.patch_size)
+        crops = structure_crops(data, labels.astype(np.int16), present, self.patch_size)  # tokens only: no frame
         return select_references(pool, self.encode_crops(crops, task.classes), top_k)
 
     def predict_case(self, images: Sequence[str], task: TaskEmbedding, pool: TaskEmbedding | None = None,

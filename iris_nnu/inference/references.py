@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
 from scipy.ndimage import find_objects
 
@@ -28,7 +29,8 @@ from iris_nnu.inference.images import (
     reader_writer_for,
     strip_ending,
 )
-from iris_nnu.inference.plans import RunPreprocessing
+from iris_nnu.inference.plans import SCAN_FRAME_KEY, RunPreprocessing
+from iris_nnu.model.position import ScanFrame, position_prior_from_labels
 
 
 @dataclass
@@ -47,6 +49,8 @@ class Crop:
     image: np.ndarray
     labels: np.ndarray
     encode: list[int]  # class indices whose structures this window is centred on (encoded from it)
+    origin: tuple[int, ...] = (0, 0, 0)  # the window's first voxel in the preprocessed scan (negative: padded)
+    frame: ScanFrame | None = None  # where the scan's body lies (None: the window is the scan)
 
 
 @dataclass
@@ -58,6 +62,7 @@ class PreparedReference:
     crops: list[Crop] = field(default_factory=list)
     lost: list[int] = field(default_factory=list)  # label values too small to survive resampling
     held: list[int] = field(default_factory=list)  # every non-zero value of the label, selected or not
+    positions: torch.Tensor | None = None  # (len(values), G, G, G) where each class lies in the scan (position grid)
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -115,8 +120,9 @@ def _boxes(labels: np.ndarray, indices: list[int]) -> dict[int, tuple[np.ndarray
 
 
 def crop_window(data: np.ndarray, labels: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                patch: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The patch-sized window centred on box [lo, hi), shifted inside the volume, zero-padded where it is smaller."""
+                patch: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """The patch-sized window centred on box [lo, hi), shifted inside the volume, zero-padded where it is smaller;
+    also its first voxel's position in the volume."""
     shape = np.array(labels.shape)
     patch_arr = np.array(patch)
     start = np.round((lo + hi) / 2 - patch_arr / 2).astype(int)
@@ -126,11 +132,14 @@ def crop_window(data: np.ndarray, labels: np.ndarray, lo: np.ndarray, hi: np.nda
     pad_before = (patch_arr - (stop - start)) // 2
     pad = [(int(b), int(p - (e - s) - b)) for b, p, s, e in zip(pad_before, patch_arr, start, stop)]
     image = np.pad(data[(slice(None), *region)], [(0, 0), *pad]).astype(np.float32, copy=False)
-    return image, np.pad(labels[region], pad).astype(np.int16, copy=False)
+    origin = tuple(int(a - b) for a, b in zip(start, pad_before))
+    return image, np.pad(labels[region], pad).astype(np.int16, copy=False), origin
 
 
-def structure_crops(data: np.ndarray, labels: np.ndarray, indices: list[int], patch: tuple[int, ...]) -> list[Crop]:
-    """Crops centred on the structures of `indices`; classes whose boxes fit one window together share it."""
+def structure_crops(data: np.ndarray, labels: np.ndarray, indices: list[int], patch: tuple[int, ...],
+                    frame: ScanFrame | None = None) -> list[Crop]:
+    """Crops centred on the structures of `indices`; classes whose boxes fit one window together share it.
+    `frame`: where the scan's body lies (kept with each crop, for its coordinates)."""
     boxes = _boxes(labels, indices)
     groups: list[tuple[np.ndarray, np.ndarray, list[int]]] = []
     # largest structures first, so small ones join a window that already exists
@@ -145,23 +154,25 @@ def structure_crops(data: np.ndarray, labels: np.ndarray, indices: list[int], pa
             groups.append((lo, hi, [i]))
     crops = []
     for lo, hi, members in groups:
-        image, crop_labels = crop_window(data, labels, lo, hi, patch)
+        image, crop_labels, origin = crop_window(data, labels, lo, hi, patch)
         inside = [i for i in members if np.any(crop_labels == i)]
         if inside:
-            crops.append(Crop(image, crop_labels, sorted(inside)))
+            crops.append(Crop(image, crop_labels, sorted(inside), origin, frame))
         for i in set(members) - set(inside):
             # a structure larger than the window whose box centre misses it (a ring, a C shape): centre on a voxel
             voxels = np.argwhere(labels == i)
             voxel = voxels[len(voxels) // 2]
-            image, crop_labels = crop_window(data, labels, voxel, voxel + 1, patch)
-            crops.append(Crop(image, crop_labels, [i]))
+            image, crop_labels, origin = crop_window(data, labels, voxel, voxel + 1, patch)
+            crops.append(Crop(image, crop_labels, [i], origin, frame))
     return crops
 
 
 # -------------------------------------------------------------------------------------- preparation
 def prepare_reference(case: ReferenceCase, preprocessing: RunPreprocessing, plans_reader_writer: type[BaseReaderWriter],
-                      patch: tuple[int, ...], classes: list[int] | None = None) -> PreparedReference:
-    """Check, read, preprocess and crop one reference; `classes` limits it to those label values."""
+                      patch: tuple[int, ...], classes: list[int] | None = None,
+                      position_grid: int = 0) -> PreparedReference:
+    """Check, read, preprocess and crop one reference; `classes` limits it to those label values; with a
+    `position_grid`, also where each class lies in the whole preprocessed scan."""
     check_files_geometry(case.images, against=case.label)
     reader_writer = reader_writer_for(case.label, plans_reader_writer)
     data, properties = read_images(case.images, reader_writer_for(case.images[0], plans_reader_writer))
@@ -182,13 +193,28 @@ def prepare_reference(case: ReferenceCase, preprocessing: RunPreprocessing, plan
         raise IrisInputError(f"{case.label}: the labelled structures vanish when resampled to the model's spacing")
     remap = np.zeros(len(values) + 1, dtype=np.int16)
     remap[present] = np.arange(1, len(present) + 1)
-    crops = structure_crops(data, remap[seg], list(range(1, len(present) + 1)), patch)
+    seg = remap[seg]
+    frame = ScanFrame.from_dict(properties[SCAN_FRAME_KEY])
+    crops = structure_crops(data, seg, list(range(1, len(present) + 1)), patch, frame)
+    positions = position_prior_from_labels(torch.from_numpy(seg), range(1, len(present) + 1), position_grid,
+                                           frame) if position_grid else None
     return PreparedReference(case, [values[i - 1] for i in present], crops,
-                             lost=[v for i, v in enumerate(values, start=1) if i not in present], held=held)
+                             lost=[v for i, v in enumerate(values, start=1) if i not in present], held=held,
+                             positions=positions)
 
 
 def remap_crops(reference: PreparedReference, classes: list[int]) -> list[Crop]:
     """The reference's crops with labels and `encode` re-indexed to the run's classes (index i = classes[i-1])."""
     lookup = np.zeros(len(reference.values) + 1, dtype=np.int16)
     lookup[1:] = [classes.index(v) + 1 for v in reference.values]
-    return [Crop(c.image, lookup[c.labels], [int(lookup[i]) for i in c.encode]) for c in reference.crops]
+    return [Crop(c.image, lookup[c.labels], [int(lookup[i]) for i in c.encode], c.origin, c.frame)
+            for c in reference.crops]
+
+
+def remap_positions(reference: PreparedReference, classes: list[int]) -> torch.Tensor | None:
+    """The reference's position priors indexed by the run's classes (row i - 1 = classes[i-1]; zero if absent)."""
+    if reference.positions is None:
+        return None
+    out = reference.positions.new_zeros(len(classes), *reference.positions.shape[1:])
+    out[[classes.index(v) for v in reference.values]] = reference.positions
+    return out

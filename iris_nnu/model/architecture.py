@@ -24,13 +24,15 @@ class IrisArchitecture:
     task_scales: int = 3  # clamped to the number of stages (see levels)
     attention_heads: int = 8  # per scale, the largest count <= this that divides the width
     attention_depth: int = 1
+    position_grid: int = 32  # cells per axis of the position prior a task carries (model/position.py); 0: none
 
     def __post_init__(self) -> None:
         b = self.blocks_per_stage
         normalised = dict(features_per_stage=tuple(int(f) for f in self.features_per_stage),
                           blocks_per_stage=b if isinstance(b, int) else tuple(int(v) for v in b),
                           **{name: int(getattr(self, name))
-                             for name in ("num_query_tokens", "task_scales", "attention_heads", "attention_depth")})
+                             for name in ("num_query_tokens", "task_scales", "attention_heads", "attention_depth",
+                                       "position_grid")})
         for name, value in normalised.items():  # JSON lists become tuples (frozen, hashable)
             object.__setattr__(self, name, value)
         if len(self.features_per_stage) < 2 or len(self.blocks) != len(self.features_per_stage) \
@@ -39,15 +41,19 @@ class IrisArchitecture:
                              f"{self.blocks_per_stage}")
         if self.task_scales < 1 or self.num_query_tokens < 1 or self.attention_depth < 1:
             raise ValueError("task_scales, num_query_tokens and attention_depth must be >= 1")
+        if self.position_grid < 0:
+            raise ValueError(f"position_grid must be >= 0, got {self.position_grid}")
 
     @classmethod
     def from_kwargs(cls, arch_kwargs: Mapping[str, Any]) -> IrisArchitecture:
-        """From a plans' `arch_kwargs`; missing keys take the defaults, unknown keys raise ValueError."""
+        """From a plans' `arch_kwargs`; missing keys take the defaults, unknown keys raise ValueError.
+
+        Except `position_grid`: plans without it were written before position priors, and their models have none."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(arch_kwargs) - names - _CONSTRUCTION_KEYS)
         if unknown:
             raise ValueError(f"unknown IrisNetwork arch_kwargs {unknown}; known: {sorted(names)}")
-        return cls(**{k: v for k, v in arch_kwargs.items() if k in names})
+        return cls(**{"position_grid": 0, **{k: v for k, v in arch_kwargs.items() if k in names}})
 
     def to_kwargs(self) -> dict[str, Any]:
         """The plans' `arch_kwargs` (JSON types: lists, not tuples)."""

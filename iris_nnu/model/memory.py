@@ -59,7 +59,7 @@ def count_parameters(arch_kwargs: Mapping[str, Any] | IrisArchitecture, input_ch
     c_head = c_last + sum(f[s] for s in levels)  # decoded token + the class's reference tokens of every scale
     total += 2 * c_head + mlp(c_head, f[0], c_last)  # class head
     total += sum(linear(f[0], f[s]) for s in range(1, n)) + 1  # deep-supervision heads, logit bias
-    return total
+    return total + (1 if arch.position_grid else 0)  # position weight
 
 
 def _activation_elements(arch: IrisArchitecture, p: int, k: int, input_channels: int) -> float:

@@ -4,11 +4,14 @@ A 3D residual U-Net is shared by reference and query. `encode_task` turns a refe
 into per-class tokens (one foreground token + m context tokens) at the decoder scales nearest the bottleneck;
 `forward` decodes a query for all K classes in one pass: the K(m+1) tokens and the query features interact by
 self-attention and bidirectional cross-attention, and each class's vector is dotted with the final features.
+Ours, not the paper's: a task also carries where each class lies in its reference scan, and the logits get
+`w * log(prior)` at each query voxel's scan coordinates (position.py says why).
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 from typing import Sequence
 
 import torch
@@ -17,6 +20,7 @@ from torch import Tensor, nn
 
 from .architecture import CHUNK_ELEMENTS, FUSE_CHANNELS, MLP_RATIO, IrisArchitecture
 from .ops import Conv3d, attention_heads_for, full_res_masked_average, pixel_shuffle_3d, pixel_unshuffle_3d
+from .position import POSITION_FLOOR, position_prior, sample_prior, scan_coordinates
 from .task import TRAINING_MODEL_ID, TaskEmbedding, TaskMismatchError
 
 
@@ -194,12 +198,14 @@ class IrisNetwork(nn.Module):
                  task_scales: int = IrisArchitecture.task_scales,
                  attention_heads: int = IrisArchitecture.attention_heads,
                  attention_depth: int = IrisArchitecture.attention_depth,
+                 position_grid: int = IrisArchitecture.position_grid,
                  num_classes: int | None = None, deep_supervision: bool = False):
         super().__init__()
         del num_classes  # nnU-Net's get_network_from_plans passes it; K comes from the task
         arch = IrisArchitecture(features_per_stage=features_per_stage, blocks_per_stage=blocks_per_stage,
                                 num_query_tokens=num_query_tokens, task_scales=task_scales,
-                                attention_heads=attention_heads, attention_depth=attention_depth)
+                                attention_heads=attention_heads, attention_depth=attention_depth,
+                                position_grid=position_grid)
         features, n = list(arch.features_per_stage), len(arch.features_per_stage) - 1
         self.input_channels, self.features, self.num_query_tokens = input_channels, features, arch.num_query_tokens
         self.levels = arch.levels
@@ -218,6 +224,10 @@ class IrisNetwork(nn.Module):
         # kept even while deep supervision is off so the state_dict does not depend on the flag
         self.ds_heads = nn.ModuleList(nn.Linear(features[0], features[s]) for s in range(1, n))
         self.logit_bias = nn.Parameter(torch.zeros(1))
+        # weight of log(position prior) in the logits (softplus keeps it >= 0; starts at 1), see model/position.py
+        self.position_grid = arch.position_grid
+        if self.position_grid:
+            self.position_weight = nn.Parameter(torch.tensor(math.log(math.e - 1)))
         self._id_key: tuple | None = None
         self._id = ""
         self.apply(self.initialize)
@@ -270,8 +280,12 @@ class IrisNetwork(nn.Module):
                              f"(2**{len(self.features) - 1} for {len(self.features)} stages)")
 
     def encode_task(self, reference_image: Tensor, reference_masks: Tensor,
-                    classes: Sequence[int] | None = None) -> TaskEmbedding:
-        """Reference image (B,C,X,Y,Z) and K binary masks (B,K,X,Y,Z) -> TaskEmbedding (classes default 1..K)."""
+                    classes: Sequence[int] | None = None, positions: Tensor | None = None) -> TaskEmbedding:
+        """Reference image (B,C,X,Y,Z) and K binary masks (B,K,X,Y,Z) -> TaskEmbedding (classes default 1..K).
+
+        `positions` (B,K,G,G,G): where each class lies in its whole reference scan (`position_prior` of the scan's
+        masks); by default the masks given are taken to cover the whole scan. Ignored by models without a
+        position grid."""
         self._check_image(reference_image, "reference_image")
         b, k = reference_masks.shape[:2]
         if reference_masks.dim() != 5 or b != reference_image.shape[0] \
@@ -283,11 +297,22 @@ class IrisNetwork(nn.Module):
         tokens = [torch.cat([full_res_masked_average(feats[s], masks).unsqueeze(2), ctx(feats[s], masks)], 2)
                   for s, ctx in zip(self.levels, self.context)]
         classes = list(range(1, k + 1)) if classes is None else list(classes)
+        if not self.position_grid:
+            positions = None
+        elif positions is None:
+            positions = position_prior(masks, self.position_grid)
+        elif tuple(positions.shape) != (b, k, *(self.position_grid,) * 3):
+            raise ValueError(f"positions must be (B, K, G, G, G) = {(b, k, *(self.position_grid,) * 3)}, "
+                             f"got {tuple(positions.shape)}")
         return TaskEmbedding(tokens, classes, (masks > 0).flatten(2).any(-1),
-                             TRAINING_MODEL_ID if self.training else self.model_id())
+                             TRAINING_MODEL_ID if self.training else self.model_id(),
+                             None if positions is None else positions.to(reference_image.device, torch.float32))
 
-    def forward(self, query: Tensor, task: TaskEmbedding) -> Tensor | list[Tensor]:
-        """Query (B,C,X,Y,Z) -> logits (B,K,X,Y,Z) for all K task classes (a list, full res first, with DS)."""
+    def forward(self, query: Tensor, task: TaskEmbedding, coordinates: Tensor | None = None) -> Tensor | list[Tensor]:
+        """Query (B,C,X,Y,Z) -> logits (B,K,X,Y,Z) for all K task classes (a list, full res first, with DS).
+
+        `coordinates` (B,3,X,Y,Z): each query voxel's position in its whole scan (`scan_coordinates`,
+        `window_coordinates`); by default the query is taken to be the whole scan."""
         self._check_image(query, "query")
         # in training the weights change every step and tasks are re-encoded every step: hashing is skipped
         if not self.training and task.model_id != self.model_id():
@@ -307,8 +332,29 @@ class IrisNetwork(nn.Module):
         logits = [self._dot(vec, feats[0])]
         if self.deep_supervision:
             logits += [self._dot(head(vec), feats[s]) for s, head in enumerate(self.ds_heads, start=1)]
-            return logits
-        return logits[0]
+        if self.position_grid and task.positions is not None:
+            logits = self._add_position(logits, task, query, coordinates)
+        return logits if self.deep_supervision else logits[0]
+
+    def _add_position(self, logits: list[Tensor], task: TaskEmbedding, query: Tensor,
+                      coordinates: Tensor | None) -> list[Tensor]:
+        """logits + weight * log(prior + floor), the prior sampled at every voxel's scan coordinates."""
+        if tuple(task.positions.shape[2:]) != (self.position_grid,) * 3:
+            raise TaskMismatchError(f"task positions {tuple(task.positions.shape)} do not fit this model's "
+                                    f"{self.position_grid}^3 position grid")
+        if coordinates is None:
+            coordinates = scan_coordinates(query.shape[2:], query.device).expand(query.shape[0], -1, -1, -1, -1)
+        elif coordinates.shape[0] != query.shape[0] or coordinates.shape[1] != 3 \
+                or coordinates.shape[2:] != query.shape[2:]:
+            raise ValueError(f"coordinates must be (B, 3, X, Y, Z) = {(query.shape[0], 3, *query.shape[2:])}, "
+                             f"got {tuple(coordinates.shape)}")
+        prior = task.positions.to(query.device, torch.float32)
+        weight = F.softplus(self.position_weight)
+        out = []
+        for i, x in enumerate(logits):
+            c = coordinates.float() if i == 0 else F.avg_pool3d(coordinates.float(), 2**i)  # centres of pooled voxels
+            out.append(x + (weight * torch.log(sample_prior(prior, c) + POSITION_FLOOR)).to(x.dtype))
+        return out
 
     def _dot(self, vec: Tensor, feats: Tensor) -> Tensor:
         out = torch.bmm(vec, feats.flatten(2)) + self.logit_bias
@@ -328,5 +374,7 @@ def build_network(architecture: dict, input_channels: int, deep_supervision: boo
     for key in architecture.get("_kw_requires_import", []):
         if kwargs.get(key) is not None:
             kwargs[key] = locate(kwargs[key])
-    return locate(architecture["network_class_name"])(input_channels=input_channels,
-                                                      deep_supervision=deep_supervision, **kwargs)
+    network_class = locate(architecture["network_class_name"])
+    if isinstance(network_class, type) and issubclass(network_class, IrisNetwork):
+        kwargs["position_grid"] = IrisArchitecture.from_kwargs(kwargs).position_grid  # older plans: none
+    return network_class(input_channels=input_channels, deep_supervision=deep_supervision, **kwargs)

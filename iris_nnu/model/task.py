@@ -30,6 +30,7 @@ class TaskEmbedding:
     classes: list[int]  # label values of the K classes
     present: Tensor  # (B, K) bool: class k had a non-empty mask in reference b
     model_id: str  # IrisNetwork.model_id() of the network that made it
+    positions: Tensor | None = None  # (B, K, G, G, G) where each class lies in its reference scan (model/position.py)
 
     def __post_init__(self) -> None:
         self.tokens = list(self.tokens)
@@ -44,6 +45,9 @@ class TaskEmbedding:
         self.present = torch.as_tensor(self.present, dtype=torch.bool, device=self.tokens[0].device)
         if tuple(self.present.shape) != (b, k):
             raise ValueError(f"present must have shape {(b, k)}, got {tuple(self.present.shape)}")
+        if self.positions is not None and (self.positions.dim() != 5 or tuple(self.positions.shape[:2]) != (b, k)):
+            raise ValueError(f"positions must be (B, K, G, G, G) with (B, K) = {(b, k)}, "
+                             f"got {tuple(self.positions.shape)}")
 
     @property
     def batch_size(self) -> int:
@@ -61,7 +65,10 @@ class TaskEmbedding:
         if missing:
             raise ValueError(f"class(es) {missing} are present in none of the {self.batch_size} references")
         tokens = [(t * w[:, :, None, None]).sum(0, keepdim=True) / count[None, :, None, None] for t in self.tokens]
-        return TaskEmbedding(tokens, self.classes, torch.ones_like(self.present[:1]), self.model_id)
+        positions = None if self.positions is None else \
+            (self.positions * w[:, :, None, None, None].to(self.positions)).sum(0, keepdim=True) \
+            / count[None, :, None, None, None].to(self.positions)  # several references: a multi-atlas prior
+        return TaskEmbedding(tokens, self.classes, torch.ones_like(self.present[:1]), self.model_id, positions)
 
     def select(self, classes: Sequence[int]) -> TaskEmbedding:
         """Reorder / subset the classes by label value."""
@@ -70,7 +77,9 @@ class TaskEmbedding:
             raise KeyError(f"class(es) {unknown} not in this task (it has {self.classes})")
         idx = torch.tensor([self.classes.index(int(c)) for c in classes], device=self.present.device)
         return TaskEmbedding([t.index_select(1, idx) for t in self.tokens], [int(c) for c in classes],
-                             self.present.index_select(1, idx), self.model_id)
+                             self.present.index_select(1, idx), self.model_id,
+                             None if self.positions is None else self.positions.index_select(1, idx.to(
+                                 self.positions.device)))
 
     @staticmethod
     def concatenate(tasks: Sequence[TaskEmbedding]) -> TaskEmbedding:
@@ -84,8 +93,11 @@ class TaskEmbedding:
                 raise TaskMismatchError(f"tasks from different models: {first.model_id} vs {task.model_id}")
             if [t.shape[2:] for t in task.tokens] != shapes:
                 raise TaskMismatchError(f"token shapes differ: {shapes} vs {[t.shape[2:] for t in task.tokens]}")
+            if (task.positions is None) != (first.positions is None) or (
+                    task.positions is not None and task.positions.shape[2:] != first.positions.shape[2:]):
+                raise TaskMismatchError("tasks disagree on position priors")
         classes = sorted(set().union(*(t.classes for t in tasks)))
-        tokens, present = [[] for _ in shapes], []
+        tokens, present, positions = [[] for _ in shapes], [], []
         for task in tasks:
             pos = torch.tensor([classes.index(c) for c in task.classes], device=first.present.device)
             p = torch.zeros(task.batch_size, len(classes), dtype=torch.bool, device=first.present.device)
@@ -93,16 +105,22 @@ class TaskEmbedding:
             for i, t in enumerate(task.tokens):
                 z = first.tokens[i].new_zeros(task.batch_size, len(classes), *shapes[i])
                 tokens[i].append(z.index_copy(1, pos, t.to(z)))
-        return TaskEmbedding([torch.cat(t) for t in tokens], classes, torch.cat(present), first.model_id)
+            if task.positions is not None:
+                z = first.positions.new_zeros(task.batch_size, len(classes), *first.positions.shape[2:])
+                positions.append(z.index_copy(1, pos.to(z.device), task.positions.to(z)))
+        return TaskEmbedding([torch.cat(t) for t in tokens], classes, torch.cat(present), first.model_id,
+                             torch.cat(positions) if positions else None)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TaskEmbedding:
         return TaskEmbedding([t.to(device=device, dtype=dtype) for t in self.tokens], self.classes,
-                             self.present.to(device=device), self.model_id)
+                             self.present.to(device=device), self.model_id,
+                             None if self.positions is None else self.positions.to(device=device))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp file in the same folder, then os.replace)."""
         state = {"format": FORMAT_VERSION, "tokens": [t.detach().cpu() for t in self.tokens],
-                 "classes": list(self.classes), "present": self.present.cpu(), "model_id": self.model_id}
+                 "classes": list(self.classes), "present": self.present.cpu(), "model_id": self.model_id,
+                 "positions": None if self.positions is None else self.positions.detach().cpu()}
         write_atomic(path, lambda tmp: torch.save(state, tmp))
 
     @classmethod
@@ -111,7 +129,7 @@ class TaskEmbedding:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path} is not a task embedding file of format {FORMAT_VERSION}")
-        task = cls(state["tokens"], state["classes"], state["present"], state["model_id"])
+        task = cls(state["tokens"], state["classes"], state["present"], state["model_id"], state.get("positions"))
         if model is not None and model.model_id() != task.model_id:
             raise TaskMismatchError(
                 f"task file {path} was encoded by model {task.model_id}, not by this model {model.model_id()}")

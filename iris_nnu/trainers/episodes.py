@@ -21,6 +21,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from threadpoolctl import threadpool_limits
 
+from iris_nnu.model.position import ScanFrame, position_prior_from_labels
 from iris_nnu.preprocessing.raw_dataset import foreground_labels
 
 # Reference perturbation (imperfect references): probability of dilating or eroding the reference masks.
@@ -74,14 +75,18 @@ def perturb_masks(masks: torch.Tensor, generator: np.random.Generator) -> torch.
 
 
 class EpisodicDataLoader(DataLoader):
-    """Yields episodes: {'data', 'target', 'reference', 'reference_masks', 'present', 'classes', 'member', 'keys'}.
+    """Yields episodes: {'data', 'target', 'reference', 'reference_masks', 'present', 'classes', 'member', 'keys',
+    'coordinates', 'reference_positions'}.
 
     `target` is a list of (B,K,...) binary tensors per deep-supervision scale (or one tensor without it).
+    `coordinates` (B,3,X,Y,Z): where each query voxel lies in its scan (augmented with the image);
+    `reference_positions` (B,K,G,G,G): the classes' position priors in the whole reference scans (with
+    `position_grid` > 0; else None).
     """
 
     def __init__(self, members: list[MemberEpisodes], batch_size: int, initial_patch_size, patch_size,
                  max_classes: int, query_transforms, reference_transforms, mirror_axes: tuple[int, ...] = (),
-                 oversample_foreground_percent: float = 0.67, seed: int | None = None):
+                 oversample_foreground_percent: float = 0.67, seed: int | None = None, position_grid: int = 0):
         super().__init__(members, batch_size, 1, None, True, False, True)
         self.members = [m for m in members if m.query_cases]
         if not self.members:
@@ -94,6 +99,9 @@ class EpisodicDataLoader(DataLoader):
         self.mirror_axes = tuple(mirror_axes)
         self.oversample_foreground_percent = oversample_foreground_percent
         self.rng = np.random.default_rng(seed)
+        self.position_grid = position_grid
+        self._priors: dict[tuple[str, str], dict[int, torch.Tensor]] = {}  # (member, case) -> {label: (G,G,G)}
+        self._frames: dict[tuple[str, str], ScanFrame] = {}  # (member, case) -> where its body lies
         # nnU-Net's loaders, one per member: their dataset and patch placement (padding, foreground centring)
         self.samplers = {}
         for m in self.members:
@@ -103,9 +111,10 @@ class EpisodicDataLoader(DataLoader):
                                                      LabelManager(m.labels, None), oversample_foreground_percent)
 
     def _crop(self, member: MemberEpisodes, case: str, classes: list[int], force_fg: bool, off_anchor_p: float = 0.0
-              ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """A patch of the case (image, label map), centred on a voxel of one of `classes` when forced; with
-        `off_anchor_p`, placed anywhere instead with that probability where the case is larger than the patch."""
+              ) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor]:
+        """A patch of the case (image, label map, whether it was placed on a class, its voxels' scan coordinates),
+        centred on a voxel of one of `classes` when forced; with `off_anchor_p`, placed anywhere instead with that
+        probability where the case is larger than the patch."""
         sampler = self.samplers[member.name]
         data, seg, _, properties = sampler._data.load_case(case)
         if off_anchor_p and any(s > p for s, p in zip(data.shape[1:], sampler.patch_size)):
@@ -116,7 +125,15 @@ class EpisodicDataLoader(DataLoader):
         bbox = [[lo, hi] for lo, hi in zip(lbs, ubs)]
         image = torch.from_numpy(crop_and_pad_nd(data, bbox, 0)).float()
         labels = torch.from_numpy(crop_and_pad_nd(seg, bbox, -1, cast_cropped_to=np.int16)).to(torch.int16)
-        return image, labels, bool(locations)
+        key = (member.name, case)
+        if key not in self._frames:  # once per case; nnU-Net marks voxels outside the non-zero mask -1
+            scan_labels = torch.from_numpy(np.asarray(seg[0]))
+            self._frames[key] = ScanFrame.of(scan_labels >= 0)
+            if self.position_grid:
+                self._priors[key] = dict(zip(member.foreground_labels, position_prior_from_labels(
+                    scan_labels, member.foreground_labels, self.position_grid, self._frames[key])))
+        coordinates = self._frames[key].coordinates(lbs, [hi - lo for lo, hi in zip(lbs, ubs)])
+        return image, labels, bool(locations), coordinates
 
     def _reference_case(self, member: MemberEpisodes, query: str) -> str:
         """Another case than the query (the same only if the member has no other)."""
@@ -142,29 +159,36 @@ class EpisodicDataLoader(DataLoader):
                 query = str(self.rng.choice(member.query_cases))
                 force = anchor is not None or self.rng.random() < self.oversample_foreground_percent
                 off_anchor = OFF_ANCHOR_P if anchor is not None and b > 0 else 0.0
-                crops.append((query, *self._crop(member, query, classes, force, off_anchor)[:2]))
+                image, labels, _, coordinates = self._crop(member, query, classes, force, off_anchor)
+                crops.append((query, image, labels, coordinates))
             if anchor is not None:  # the anchor and others that the first query crop holds
                 held = [int(c) for c in np.unique(crops[0][2]) if c > 0 and c != anchor]
                 size = self._episode_size(min(self.max_classes, len(member.foreground_labels)))
                 classes += [int(c) for c in self.rng.choice(held, size=min(size - 1, len(held)), replace=False)]
             classes = sorted(int(c) for c in classes)
             centre_on = classes if anchor is None else [anchor]
-            for query, q_image, q_labels in crops:
+            priors, coordinates = [], []
+            for query, q_image, q_labels, q_coordinates in crops:
                 for _ in range(REFERENCE_ATTEMPTS):  # a reference crop must contain the structure
                     reference = self._reference_case(member, query)
-                    r_image, r_labels, has_class = self._crop(member, reference, centre_on, True)
+                    r_image, r_labels, has_class, _ = self._crop(member, reference, centre_on, True)
                     if has_class:
                         break
-                q = self.query_transforms(image=q_image, segmentation=q_labels)
+                # the coordinates travel as nnU-Net's regression target: spatially augmented with the image, but
+                # untouched by the intensity transforms
+                q = self.query_transforms(image=q_image, segmentation=q_labels, regression_target=q_coordinates)
                 r = self.reference_transforms(image=r_image, segmentation=r_labels)
                 q_seg = q["segmentation"] if isinstance(q["segmentation"], list) else [q["segmentation"]]
                 # mirror query and reference together: left/right structures must keep their side relative
                 # to the reference
                 flip = [a + 1 for a in self.mirror_axes if self.rng.random() < 0.5]
-                q_img, r_img, r_seg = q["image"], r["image"], r["segmentation"]
-                if flip:
-                    q_img, r_img, r_seg = q_img.flip(flip), r_img.flip(flip), r_seg.flip(flip)
+                q_img, r_img, r_seg, q_xyz = q["image"], r["image"], r["segmentation"], q["regression_target"]
+                if flip:  # the coordinates flip too: every voxel keeps its own position (and the prior its side)
+                    q_img, r_img, r_seg, q_xyz = q_img.flip(flip), r_img.flip(flip), r_seg.flip(flip), q_xyz.flip(flip)
                     q_seg = [s.flip(flip) for s in q_seg]
+                coordinates.append(q_xyz)
+                if self.position_grid:
+                    priors.append(torch.stack([self._priors[(member.name, reference)][c] for c in classes]))
                 class_values = torch.tensor(classes, dtype=q_seg[0].dtype).view(-1, 1, 1, 1)
                 queries.append(q_img)
                 references.append(r_img)
@@ -182,4 +206,6 @@ class EpisodicDataLoader(DataLoader):
             "classes": classes,
             "member": member.name,
             "keys": keys,
+            "coordinates": torch.stack(coordinates),
+            "reference_positions": torch.stack(priors) if priors else None,
         }

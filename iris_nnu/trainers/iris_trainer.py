@@ -194,7 +194,8 @@ class IrisTrainer(nnUNetTrainer):
         val_query_transforms = self.get_validation_transforms(ds_scales)
         val_reference_transforms = self.get_validation_transforms(None)
         train, val = self.do_split()
-        common = dict(batch_size=self.batch_size, max_classes=self.max_classes_per_episode)
+        common = dict(batch_size=self.batch_size, max_classes=self.max_classes_per_episode,
+                      position_grid=self.iris_network.position_grid)
         # each rank draws its own episodes (nnU-Net's loaders are random per process; ours are seeded)
         rank_seed = 1000 * self.local_rank
         dl_train = EpisodicDataLoader(self._members_for(train, train), initial_patch_size=initial_patch_size,
@@ -250,13 +251,19 @@ class IrisTrainer(nnUNetTrainer):
         masks = batch["reference_masks"].to(self.device, non_blocking=True)
         return query, target, reference, masks, batch["present"].to(self.device)
 
+    def _episode_positions(self, batch: dict) -> tuple[Tensor | None, Tensor | None]:
+        """The episode's query coordinates and reference position priors on the device (None where absent)."""
+        move = lambda key: None if batch.get(key) is None else batch[key].to(self.device, non_blocking=True)
+        return move("coordinates"), move("reference_positions")
+
     def _episode_forward(self, batch: dict) -> tuple[TaskEmbedding, Tensor | list[Tensor], Tensor | list[Tensor],
                                                      Tensor, Tensor]:
         """Encode the episode's references, segment its queries: (task, output, target, present, loss)."""
         query, target, reference, masks, present = self._episode_to_device(batch)
+        coordinates, positions = self._episode_positions(batch)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            task = self.iris_network.encode_task(reference, masks, batch["classes"])
-            output = self.network(query, task)
+            task = self.iris_network.encode_task(reference, masks, batch["classes"], positions)
+            output = self.network(query, task, coordinates)
             deep = isinstance(output, list)
             loss = self.loss(output, target, [present] * len(output) if deep else present)
         return task, output, target, present, loss
@@ -354,7 +361,12 @@ class IrisTrainer(nnUNetTrainer):
         weights_only=True, which nnU-Net's loader does not do); the architecture must be the same."""
         if not self.was_initialized:
             self.initialize()
-        self.iris_network.load_state_dict(load_network_weights(path))
+        missing, unexpected = self.iris_network.load_state_dict(load_network_weights(path), strict=False)
+        # a model from before position priors starts with the prior's default weight; nothing else may differ
+        if [k for k in missing if k != "position_weight"] or unexpected:
+            raise RuntimeError(f"{path}: weights of another architecture (missing {missing}, unexpected {unexpected})")
+        if missing:
+            self.print_to_log_file(f"{path} has no position weight (an older model): it starts at its default")
 
     def load_checkpoint(self, filename_or_checkpoint: str) -> None:
         # ours: nnU-Net's unpickles the file with weights_only=False (and its dict form is broken in 2.8.1)

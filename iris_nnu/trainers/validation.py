@@ -22,6 +22,7 @@ from iris_nnu.files import write_json_atomic
 from iris_nnu.inference.export import indices_to_values
 from iris_nnu.inference.predictor import CaseResult, IrisPredictor
 from iris_nnu.inference.references import structure_crops
+from iris_nnu.model.position import ScanFrame, position_prior_from_labels
 
 
 def choose_reference(dataset: nnUNetDatasetBlosc2, cases: list[str], labels: list[int]) -> str:
@@ -51,9 +52,9 @@ def one_shot_validation(trainer, folder_name: str = "validation", max_cases: int
             os.makedirs(output, exist_ok=True)
             for case in tqdm(cases, desc=f"{folder_name} {member.name}", unit="case",
                              disable=trainer.local_rank != 0):
-                data, _, _, properties = dataset.load_case(case)
+                data, seg, _, properties = dataset.load_case(case)
                 segmented = predictor.segment_preprocessed(np.asarray(data), properties, task,
-                                                           probabilities=save_probabilities)
+                                                           probabilities=save_probabilities, frame=body_frame(seg))
                 result = CaseResult(indices_to_values(segmented.labels, task.classes), properties, reader_writer,
                                     list(task.classes), segmented.probabilities)
                 predictor.write_result(result, os.path.join(output, case), ending, save_probabilities)
@@ -90,12 +91,18 @@ def reference_following(trainer, max_cases: int | None = None, max_classes: int 
                 truth += [m.sum() for m in masks]
                 for i, asked in enumerate(classes):
                     labels = predictor.segment_preprocessed(np.asarray(data), properties, task.select([asked]),
-                                                            export=False, preprocessed_labels=True).preprocessed_labels
+                                                            export=False, preprocessed_labels=True,
+                                                            frame=ScanFrame.of(seg >= 0)).preprocessed_labels
                     mask = labels > 0
                     predicted[i] += mask.sum()
                     overlap[i] += [(mask & m).sum() for m in masks]
             out[member.name] = 2 * overlap / np.maximum(predicted[:, None] + truth[None, :], 1)
     return out
+
+
+def body_frame(seg: np.ndarray) -> ScanFrame:
+    """The frame of a preprocessed case from its (1, X, Y, Z) label map (nnU-Net marks voxels outside the body -1)."""
+    return ScanFrame.of(np.asarray(seg)[0] >= 0)
 
 
 @contextlib.contextmanager
@@ -138,6 +145,10 @@ def _member_tasks(trainer, predictor: IrisPredictor, max_cases: int | None):
         for i, label in enumerate(labels, start=1):
             indices[seg[0] == label] = i
         present = [i for i in range(1, len(labels) + 1) if (indices == i).any()]
-        task = predictor.encode_crops(structure_crops(np.asarray(data), indices, present, predictor.patch_size),
-                                      [labels[i - 1] for i in present])
+        classes = [labels[i - 1] for i in present]
+        frame = body_frame(seg)
+        positions = position_prior_from_labels(torch.from_numpy(indices), range(1, len(classes) + 1),
+                                               predictor.position_grid, frame) if predictor.position_grid else None
+        crops = structure_crops(np.asarray(data), indices, present, predictor.patch_size, frame)
+        task = predictor.encode_crops(crops, classes, positions)
         yield member, dataset, task, sorted(val_cases[member.name])[:max_cases]
