@@ -29,7 +29,7 @@ def predict(model: Path, refs: Path, out: Path) -> np.ndarray:
 
 @pytest.fixture
 def exported(tmp_path: Path) -> dict:
-    model = build_model_folder(tmp_path / "results" / ROOT, seed=2)
+    model = build_model_folder(tmp_path / "results" / ROOT, seed=3)  # random weights with foreground on the query
     (model / "MODEL_CARD.md").write_text("# a card\n")
     manifest = json.loads((model / "manifest.json").read_text())
     (model / "manifest.json").write_text(json.dumps({**manifest, "collection": "Dataset900_Synth",

@@ -81,7 +81,7 @@ def world(tmp_path_factory) -> dict:
     """A model folder, three reference pairs and two queries (one .nii.gz, one rotated .mha)."""
     root = tmp_path_factory.mktemp("predict")
     # seed: random weights whose outputs hold foreground on both queries (the geometry checks need labels)
-    model = build_model_folder(root / "model", seed=2,
+    model = build_model_folder(root / "model", seed=5,
                                checkpoint_names=("checkpoint_final.pth", "checkpoint_best.pth"))
     refs = root / "refs"
     refs.mkdir()
