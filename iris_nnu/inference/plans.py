@@ -84,6 +84,12 @@ class InferencePreprocessor(IrisPreprocessor):
 SCAN_FRAME_KEY = "iris_scan_frame"
 
 
+def body_frame(seg: np.ndarray) -> ScanFrame:
+    """The frame of a preprocessed scan from its (1, X, Y, Z) label map: nnU-Net marks voxels outside the non-zero
+    mask -1, also in the label map its preprocessor makes for an image alone."""
+    return ScanFrame.of(np.asarray(seg)[0] >= 0)
+
+
 class RunPreprocessing:
     """Preprocess images (and labels) of one run with its specialised plan: transpose, crop, normalise, resample."""
 
@@ -113,8 +119,7 @@ class RunPreprocessing:
         properties also get SCAN_FRAME_KEY: where the scan's body lies in it (the position prior's frame)."""
         out, out_seg, properties = self._preprocessor.run_case_npy(
             data, seg, properties, self.plans_manager, self.configuration_for(data), PREPROCESSOR_DATASET_JSON)
-        # nnU-Net marks voxels outside the non-zero mask -1, also in the label it makes for an image alone
-        properties[SCAN_FRAME_KEY] = ScanFrame.of(out_seg[0] >= 0).to_dict()
+        properties[SCAN_FRAME_KEY] = body_frame(out_seg).to_dict()
         if seg is None:
             return out, None, properties
         out_seg = out_seg[0]

@@ -21,6 +21,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from threadpoolctl import threadpool_limits
 
+from iris_nnu.inference.plans import body_frame
 from iris_nnu.model.position import ScanFrame, position_prior_from_labels
 from iris_nnu.preprocessing.raw_dataset import foreground_labels
 
@@ -126,9 +127,9 @@ class EpisodicDataLoader(DataLoader):
         image = torch.from_numpy(crop_and_pad_nd(data, bbox, 0)).float()
         labels = torch.from_numpy(crop_and_pad_nd(seg, bbox, -1, cast_cropped_to=np.int16)).to(torch.int16)
         key = (member.name, case)
-        if key not in self._frames:  # once per case; nnU-Net marks voxels outside the non-zero mask -1
+        if key not in self._frames:  # once per case
             scan_labels = torch.from_numpy(np.asarray(seg[0]))
-            self._frames[key] = ScanFrame.of(scan_labels >= 0)
+            self._frames[key] = body_frame(seg)
             if self.position_grid:
                 self._priors[key] = dict(zip(member.foreground_labels, position_prior_from_labels(
                     scan_labels, member.foreground_labels, self.position_grid, self._frames[key])))

@@ -22,7 +22,8 @@ from iris_nnu.files import write_json_atomic
 from iris_nnu.inference.export import indices_to_values
 from iris_nnu.inference.predictor import CaseResult, IrisPredictor
 from iris_nnu.inference.references import structure_crops
-from iris_nnu.model.position import ScanFrame, position_prior_from_labels
+from iris_nnu.inference.plans import body_frame
+from iris_nnu.model.position import position_prior_from_labels
 
 
 def choose_reference(dataset: nnUNetDatasetBlosc2, cases: list[str], labels: list[int]) -> str:
@@ -86,23 +87,19 @@ def reference_following(trainer, max_cases: int | None = None, max_classes: int 
                                          np.zeros(len(classes)))
             for case in cases:
                 data, seg, _, properties = dataset.load_case(case)
+                frame = body_frame(seg)  # once per case, not per class asked
                 seg = np.asarray(seg)[0]
                 masks = [seg == c for c in classes]
                 truth += [m.sum() for m in masks]
                 for i, asked in enumerate(classes):
                     labels = predictor.segment_preprocessed(np.asarray(data), properties, task.select([asked]),
                                                             export=False, preprocessed_labels=True,
-                                                            frame=ScanFrame.of(seg >= 0)).preprocessed_labels
+                                                            frame=frame).preprocessed_labels
                     mask = labels > 0
                     predicted[i] += mask.sum()
                     overlap[i] += [(mask & m).sum() for m in masks]
             out[member.name] = 2 * overlap / np.maximum(predicted[:, None] + truth[None, :], 1)
     return out
-
-
-def body_frame(seg: np.ndarray) -> ScanFrame:
-    """The frame of a preprocessed case from its (1, X, Y, Z) label map (nnU-Net marks voxels outside the body -1)."""
-    return ScanFrame.of(np.asarray(seg)[0] >= 0)
 
 
 @contextlib.contextmanager
