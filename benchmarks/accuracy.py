@@ -228,23 +228,25 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
     cases = [case for r in refs for case in parse_reference(f"{image_file(folder, r)}:{label_file(folder, r)}", 1)]
     methods: dict[str, dict] = {}
     # method name -> (--methods option, strategy, references, classes per pass, largest component only,
-    # position prior)
-    iris = {"iris oneshot": ("oneshot", "oneshot", 1, None, False, True),
-            "iris oneshot 1/pass": ("oneshot-1-per-pass", "oneshot", 1, 1, False, True),
-            "iris oneshot 8/pass": ("oneshot-8-per-pass", "oneshot", 1, 8, False, True),
-            "iris oneshot largest component": ("oneshot-largest-component", "oneshot", 1, None, True, True),
-            "iris oneshot no position prior": ("oneshot-no-position", "oneshot", 1, None, False, False),
-            f"iris ensemble-{n}": ("ensemble", "ensemble", n, None, False, True),
-            f"iris retrieval-{n}": ("retrieval", "retrieval", n, None, False, True),
-            "iris tune": ("tune", "tune", 1, None, False, True)}
-    for name, (option, strategy, k, per_pass, largest_component, position) in iris.items():
+    # position prior, mirrored TTA)
+    iris = {"iris oneshot": ("oneshot", "oneshot", 1, None, False, True, False),
+            "iris oneshot 1/pass": ("oneshot-1-per-pass", "oneshot", 1, 1, False, True, False),
+            "iris oneshot 8/pass": ("oneshot-8-per-pass", "oneshot", 1, 8, False, True, False),
+            "iris oneshot largest component": ("oneshot-largest-component", "oneshot", 1, None, True, True, False),
+            "iris oneshot no position prior": ("oneshot-no-position", "oneshot", 1, None, False, False, False),
+            "iris oneshot mirrored TTA": ("oneshot-tta", "oneshot", 1, None, False, True, True),
+            f"iris ensemble-{n}": ("ensemble", "ensemble", n, None, False, True, False),
+            f"iris retrieval-{n}": ("retrieval", "retrieval", n, None, False, True, False),
+            "iris tune": ("tune", "tune", 1, None, False, True, False)}
+    for name, (option, strategy, k, per_pass, largest_component, position, tta) in iris.items():
         if option in args.methods:
             start = time.perf_counter()  # mirrors iris_predict: encode, task for the strategy, pool for retrieval
+            predictor.use_mirroring = tta
             encoded = predictor.encode_references(cases[:k])
             task, losses = predictor.task_for_strategy(encoded.pool, strategy, encoded, args.tune_steps, args.tune_lr)
             methods[name] = {"encode_s": time.perf_counter() - start, "tune_losses": losses, "lost": encoded.lost,
                              "classes_per_pass": per_pass, "largest_component": largest_component,
-                             "position_prior": position,
+                             "position_prior": position, "tta": tta,
                              "task": task, "pool": encoded.pool if strategy == "retrieval" else None, "per_query": {}}
             print(f"[{folder.name}] {name}: task encoded in {methods[name]['encode_s']:.1f} s", file=sys.stderr)
     for option, name in (("registration", "registration"), ("ants-syn", "ants syn"),
@@ -271,6 +273,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                     predictor.classes_per_pass = m["classes_per_pass"]
                     predictor.largest_component = m["largest_component"]
                     predictor.position_prior = m["position_prior"]
+                    predictor.use_mirroring = m["tta"]
                     result = predictor.predict_case([image_file(folder, case)], m["task"], m["pool"], 1)
                     write_segmentation(result.segmentation, os.path.join(tmp, f"{case}.nii.gz"), result.properties,
                                        result.reader_writer)
@@ -362,13 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["oneshot", "ensemble", "retrieval", "tune", "registration",
                                                     "multi-atlas"],
                    choices=["oneshot", "oneshot-1-per-pass", "oneshot-8-per-pass", "oneshot-largest-component",
-                            "oneshot-no-position", "ensemble", "retrieval", "tune", "registration", "ants-syn",
+                            "oneshot-no-position", "oneshot-tta", "ensemble", "retrieval", "tune", "registration", "ants-syn",
                             "multi-atlas", "box-alignment"],
                    help="oneshot-N-per-pass: oneshot decoding N classes per pass (1: the joint-decoding check; 8: "
                         "as many as a training episode holds); oneshot-largest-component: oneshot keeping each "
                         "class's largest connected component (iris_predict --postprocess largest_component); "
                         "oneshot-no-position: oneshot without the position prior (iris_predict "
-                        "--no_position_prior); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
+                        "--no_position_prior); oneshot-tta: oneshot with mirrored test-time augmentation (iris_predict "
+                        "--tta: 8 flips of query and reference together); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
                         "box-alignment: reference #1's label carried over by aligning the scans' non-zero boxes "
                         "(what the position prior alone knows)")
     p.add_argument("--seed", type=int, default=0, help="picks the references; seeds the registration sampling")
@@ -401,7 +405,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     model_folder = os.path.normpath(args.m or DEFAULT_MODEL_FOLDER)
-    predictor = IrisPredictor(use_mirroring=True, device=args.device, modality=args.modality)  # iris_predict's defaults
+    predictor = IrisPredictor(device=args.device, modality=args.modality)  # mirroring is set per method
     predictor.initialize_from_model_folder(args.m, args.f, args.chk)
     held_out_file = args.held_out or os.path.join(model_folder, HELD_OUT_FILE)
     held_out = read_held_out(model_folder, args.held_out)

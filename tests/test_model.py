@@ -1,6 +1,8 @@
 """Tests of the Iris network (iris_nnu.model) on tiny CPU configurations."""
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from unittest import mock
 
@@ -395,6 +397,28 @@ def test_task_positions_survive_mean_select_concatenate_and_files(net, tmp_path)
     assert not both.positions[:2, 1].any()  # class 7 is absent from the first task
     task.save(tmp_path / "t.pt")
     torch.testing.assert_close(TaskEmbedding.load(tmp_path / "t.pt", net).positions, task.positions)
+
+
+def test_mirrored_tokens_follow_the_tokens_through_mean_select_concatenate_and_files(net, tmp_path):
+    """Mirrored TTA's tokens (per flip, of the references flipped) are averaged, subset and stored like the tokens."""
+    image, masks = make_pair(3, batch=2)
+    with torch.no_grad():
+        plain = net.encode_task(image, masks, classes=[5, 7, 9])
+        flipped = net.encode_task(image.flip(2), masks.flip(2), classes=[5, 7, 9])
+    task = dataclasses.replace(plain, mirrored={(0,): flipped.tokens})
+    assert all(torch.equal(a, b) for a, b in zip(task.flipped((0,)).tokens, flipped.tokens))
+    assert all(not torch.equal(a, b) for a, b in zip(flipped.tokens, plain.tokens))  # flipping changes tokens
+    for derived, expected in ((task.mean(), flipped.mean()), (task.select([9, 5]), flipped.select([9, 5])),
+                              (TaskEmbedding.concatenate([task.select([5]), task.select([7, 9])]),
+                               TaskEmbedding.concatenate([flipped.select([5]), flipped.select([7, 9])]))):
+        assert all(torch.equal(a, b) for a, b in zip(derived.flipped((0,)).tokens, expected.tokens))
+    task.save(tmp_path / "t.pt")
+    loaded = TaskEmbedding.load(tmp_path / "t.pt", net)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.flipped((0,)).tokens, flipped.tokens))
+    with pytest.raises(KeyError, match=r"\(1,\)"):
+        task.flipped((1,))
+    with pytest.raises(TaskMismatchError, match="mirrored"):
+        TaskEmbedding.concatenate([task, plain])
 
 
 def test_plans_without_position_grid_build_a_model_without_one():

@@ -125,7 +125,7 @@ def leftovers(folder: Path) -> list[str]:
 # ------------------------------------------------------------------------------- geometry and values
 def test_outputs_in_each_query_geometry_with_reference_values(world, tmp_path, capsys):
     out = tmp_path / "out"
-    main(["-m", world["model"], "-i", str(world["queries"]), "-o", str(out), "-r", world["ref"][0]])  # TTA on
+    main(["-m", world["model"], "-i", str(world["queries"]), "-o", str(out), "-r", world["ref"][0], "--tta"])
     assert "2 of 2 queries segmented" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["caseA.nii.gz", "scanB.mha"]
     for query, output in (("caseA_0000.nii.gz", "caseA.nii.gz"), ("scanB.mha", "scanB.mha")):
@@ -540,6 +540,31 @@ def test_bad_queries_are_reported_and_good_ones_still_segmented(world, tmp_path,
     assert "good.nii.gz: its output would overwrite it" in msg and (queries / "good.nii.gz").read_bytes() == before
 
 
+def test_background_workers_give_the_same_outputs(world, tmp_path, capsys):
+    """-npp (preprocessing processes) and -nps (writing threads) change when work is done, not what is written;
+    a bad query is still reported by name, from a worker process too."""
+    queries = tmp_path / "q"
+    queries.mkdir()
+    for name in ("caseA_0000.nii.gz", "scanB.mha"):
+        (queries / name).write_bytes((world["queries"] / name).read_bytes())
+    (queries / "bad_0000.nii.gz").write_bytes(b"not an image")
+    outputs = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"out{workers}"
+        msg = expect_error(capsys, world, "-i", str(queries), "-o", str(out), "-r", world["ref"][0],
+                           "--save_probabilities", "-npp", workers, "-nps", workers)
+        assert "1 of 3 queries failed" in msg and "bad_0000.nii.gz: unreadable image" in msg
+        outputs[workers] = {p.name: p for p in out.iterdir()}
+    assert sorted(outputs["0"]) == sorted(outputs["2"]) == ["caseA.nii.gz", "caseA.npz", "caseA.pkl", "scanB.mha",
+                                                            "scanB.npz", "scanB.pkl"]
+    for name in ("caseA.nii.gz", "scanB.mha"):
+        np.testing.assert_array_equal(read(outputs["0"][name])[0], read(outputs["2"][name])[0])
+        np.testing.assert_array_equal(np.load(outputs["0"][name.split(".")[0] + ".npz"])["probabilities"],
+                                      np.load(outputs["2"][name.split(".")[0] + ".npz"])["probabilities"])
+    assert "-npp and -nps must be >= 0" in expect_error(capsys, world, "-i", str(queries), "-o", str(tmp_path / "o"),
+                                                        "-r", world["ref"][0], "-npp", "-1")
+
+
 def test_task_file_from_another_model_or_not_a_task(world, tmp_path, capsys):
     other = build_model_folder(tmp_path / "other", seed=1)
     main(["-m", str(other), "-r", world["ref"][0], "--save_task", str(tmp_path / "other.pt")])
@@ -588,14 +613,130 @@ def test_parts_and_continue_prediction(world, tmp_path, capsys):
     assert read(out / "caseA.nii.gz")[0].shape == read(world["queries"] / "caseA_0000.nii.gz")[0].shape
 
 
+def test_fold_ensemble_is_the_mean_of_the_folds_probabilities(world, tmp_path, capsys):
+    """-f 0 1: each fold encodes the references; the probabilities are the mean of the two folds' sigmoid maps."""
+    model = tmp_path / "model"
+    build_model_folder(model, seed=5, fold=0)
+    build_model_folder(model, seed=3, fold=1)
+    query = tmp_path / "q"
+    query.mkdir()
+    make_case(query / "one_0000.nii.gz", None, seed=20, spacing=(1.0, 1.0, 1.0))  # the model's spacing: no resampling
+    maps = {}
+    for folds in (["0"], ["1"], ["0", "1"], ["all"]):
+        out = tmp_path / "_".join(folds)
+        main(["-m", str(model), "-i", str(query), "-o", str(out), "-r", *world["ref"][:2], "--disable_tta",
+              "-f", *folds, "--save_probabilities"])
+        maps[" ".join(folds)] = np.load(out / "one.npz")["probabilities"].astype(np.float32), read(out / "one.nii.gz")[0]
+    assert "by each of 2 folds" in capsys.readouterr().out
+    (p0, s0), (p1, s1), (both, seg) = maps["0"], maps["1"], maps["0 1"]
+    assert (s0 > 0).sum() > 100 and (s1 > 0).sum() > 100 and np.abs(p0 - p1).mean() > 0.05  # two different models
+    np.testing.assert_allclose(both, (p0 + p1) / 2, atol=2e-3)
+    np.testing.assert_array_equal(maps["all"][0], both)
+    mean = (p0 + p1) / 2
+    expected = np.where(mean.max(0) > 0.5, np.array(VALUES)[np.argmax(mean, 0)], 0)
+    top2 = np.sort(mean, 0)[-2:]
+    decisive = (np.abs(top2[1] - 0.5) > 5e-3) & ((top2[0] < 0.5) | (top2[1] - top2[0] > 5e-3))
+    assert decisive.mean() > 0.9 and np.array_equal(expected[decisive], seg[decisive])
+    for strategy in ("retrieval", "tune"):  # each fold picks / tunes with its own embeddings
+        out = tmp_path / strategy
+        main(["-m", str(model), "-i", str(query), "-o", str(out), "-r", *world["ref"][:2], "--disable_tta",
+              "-f", "0", "1", "--strategy", strategy, "--tune_steps", "2"])
+        assert (read(out / "one.nii.gz")[0] > 0).sum() > 100
+    for extra in (["--save_task", str(tmp_path / "t.pt")], ["--task", str(tmp_path / "t.pt")]):
+        args = ["-m", str(model), "--disable_tta", "-f", "0", "1", "-i", str(query), "-o", str(tmp_path / "o")]
+        msg = cli_error(capsys, main, "iris_predict", [*args, *([] if "--task" in extra else ["-r", world["ref"][0]]),
+                                                     *extra])
+        assert "a task file holds one fold's embedding" in msg
+
+
+def flip_file(source: Path, target: Path, axis: int) -> None:
+    """The image's voxels mirrored on array axis `axis`, same geometry."""
+    image = sitk.ReadImage(str(source))
+    flipped = sitk.GetImageFromArray(np.flip(sitk.GetArrayFromImage(image), axis).copy())
+    flipped.CopyInformation(image)
+    sitk.WriteImage(flipped, str(target))
+
+
+def test_mirrored_tta_flips_the_references_with_the_query(world, predictor):
+    """Each TTA flip of a window is segmented with the tokens of the reference crops flipped the same way."""
+    tta = IrisPredictor(use_mirroring=True)
+    tta.initialize_from_model_folder(world["model"])
+    refs = parse_reference(world["ref"][0], 1)
+    task = tta.encode_references(refs).pool.mean()
+    assert sorted(task.mirrored) == [(0,), (0, 1), (0, 1, 2), (0, 2), (1,), (1, 2), (2,)]
+    assert predictor.encode_references(refs).pool.mirrored is None  # without TTA nothing extra is encoded
+    encoded = predictor.encode_references(refs)
+    flipped_crops = [dataclasses.replace(c, image=np.flip(c.image, (1, 3)).copy(), labels=np.flip(c.labels, (0, 2)).copy())
+                     for c in encoded.crops[0]]
+    expected = predictor.encode_crops(flipped_crops, encoded.classes)
+    for a, b in zip(task.flipped((0, 2)).tokens, expected.tokens):
+        torch.testing.assert_close(a, b)
+    window = torch.randn(1, 4, 32, 32, 32)
+    window[:, 1:] = window[:, 1:].clamp(-1, 1)  # the scan-coordinate channels
+    network = tta.network
+    with torch.no_grad():
+        image, coordinates = window[:, :1], window[:, 1:]
+        total, query_only = network(image, task, coordinates), network(image, task, coordinates)
+        for axes in task.mirrored:
+            dims = [a + 2 for a in axes]
+            total += network(image.flip(dims), task.flipped(axes), coordinates.flip(dims)).flip(dims)
+            query_only += network(image.flip(dims), task, coordinates.flip(dims)).flip(dims)
+    with tta.conditioned_on(task):
+        got = tta._internal_maybe_mirror_and_predict(window)
+    torch.testing.assert_close(got, (total / 8).clamp(-16, 16), atol=1e-4, rtol=1e-4)
+    assert (got - (query_only / 8).clamp(-16, 16)).abs().mean() > 0.1  # flipping the query alone is another thing
+
+
+def test_mirrored_tta_makes_the_segmentation_follow_a_mirrored_scan(world, tmp_path):
+    """Query and reference mirrored left-right: with TTA the segmentation is the mirror of the unmirrored one (the
+    flips form a group); a single pass of the random-weight model is far from that."""
+    (tmp_path / "q").mkdir()
+    flip_file(world["queries"] / "caseA_0000.nii.gz", tmp_path / "q" / "caseA_0000.nii.gz", 2)
+    for name in ("ref0.nii.gz", "ref0_seg.nii.gz"):
+        flip_file(world["refs"] / name, tmp_path / name, 2)
+    agreement = {}
+    for extra in ([], ["--tta"]):
+        segmentations = []
+        for query, ref in ((world["queries"] / "caseA_0000.nii.gz", world["ref"][0]),
+                           (tmp_path / "q", f"{tmp_path}/ref0.nii.gz:{tmp_path}/ref0_seg.nii.gz")):
+            out = tmp_path / f"out{len(segmentations)}{''.join(extra)}"
+            main(["-m", world["model"], "-i", str(query), "-o", str(out), "-r", ref, *extra])
+            segmentations.append(read(out / "caseA.nii.gz")[0])
+        a, b = segmentations[0], np.flip(segmentations[1], 2)
+        agreement[" ".join(extra)] = [2 * ((a == v) & (b == v)).sum() / max(1, (a == v).sum() + (b == v).sum())
+                                      for v in VALUES]
+    assert min(agreement["--tta"]) > 0.9, agreement  # measured 0.94-0.96 (crop centres round differently)
+    assert np.mean(agreement[""]) < np.mean(agreement["--tta"]) - 0.3, agreement  # measured 0.29 mean
+
+
+def test_tta_task_files_and_problems(world, tmp_path, capsys):
+    """--save_task with --tta keeps the flipped references' tokens: the task file segments as the references do."""
+    query = world["queries"] / "caseA_0000.nii.gz"
+    main(["-m", world["model"], "-i", str(query), "-o", str(tmp_path / "r"), "-r", world["ref"][0], "--tta",
+          "--save_task", str(tmp_path / "tta.pt")])
+    main(["-m", world["model"], "-i", str(query), "-o", str(tmp_path / "t"), "--task", str(tmp_path / "tta.pt"),
+          "--tta"])
+    np.testing.assert_array_equal(read(tmp_path / "r" / "caseA.nii.gz")[0], read(tmp_path / "t" / "caseA.nii.gz")[0])
+    run(world, "-r", world["ref"][0], "--save_task", str(tmp_path / "plain.pt"))
+    io = ["-i", str(query), "-o", str(tmp_path / "o")]
+    msg = cli_error(capsys, main, "iris_predict", ["-m", world["model"], *io, "--task", str(tmp_path / "plain.pt"),
+                                                   "--tta"])
+    assert "plain.pt: the task file holds no mirrored embeddings" in msg
+    msg = cli_error(capsys, main, "iris_predict", ["-m", world["model"], *io, "-r", world["ref"][0], "--tta",
+                                                   "--strategy", "tune"])
+    assert "--tta with --strategy tune" in msg
+    assert cli_error(capsys, main, "iris_predict", ["-m", world["model"], *io, "-r", world["ref"][0], "--tta",
+                                                    "--disable_tta"])
+
+
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     for flag in ("-i", "-o", "-r", "--task", "-m", "-f", "-chk", "--classes", "--strategy", "--save_task",
-                 "--disable_tta", "-step_size", "-device", "--save_probabilities", "--modality", "--tune_steps",
-                 "--tune_lr", "--retrieval_top_k", "--classes_per_pass", "-num_parts", "-part_id",
+                 "--tta", "--disable_tta", "-step_size", "-device", "--save_probabilities", "--modality", "--tune_steps",
+                 "--tune_lr", "--retrieval_top_k", "--classes_per_pass", "-num_parts", "-part_id", "-npp", "-nps",
                  "--continue_prediction", "--postprocess"):
         assert f"  {flag} " in out or f"  {flag}\n" in out, flag
 

@@ -332,6 +332,8 @@ def test_model_folder_and_exact_continuation(collection_env, monkeypatch):
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["current_epoch"] == 4
     assert not (fold / "checkpoint_latest.pth").exists()
+    # the axes the loader mirrored query and reference together on: what inference's mirrored TTA flips
+    assert tuple(final["inference_allowed_mirroring_axes"]) == (0, 1, 2)
 
     # --val --npz: the final validation alone, with per-class probabilities beside each segmentation
     monkeypatch.setattr(IrisTrainer, "perform_actual_validation", original_validation)

@@ -1,26 +1,35 @@
 """IrisPredictor: reference-conditioned segmentation on nnU-Net's predictor.
 
 What stays nnU-Net's: preprocessing (transpose, crop to non-zero, normalise, resample), the sliding window with
-Gaussian weights and optional mirroring TTA, and the resampling/crop/transpose reversal of the export. What is
-Iris's: the network also takes a task (the encoded references), only the query is flipped for TTA, and the
-output is K independent sigmoid maps decided per voxel (see export.py).
+Gaussian weights, and the resampling/crop/transpose reversal of the export. What is Iris's: the network also takes
+a task (the encoded references); mirroring TTA flips the references with the query (each flip has its own task
+tokens, encoded from equally flipped reference crops: flipping the query alone would move left/right classes to
+the other side); the output is K independent sigmoid maps decided per voxel (see export.py).
 
 Strategies (Iris, "Inference strategies"):
 - oneshot: one reference; ensemble: per class, the mean of the references' embeddings where the class is present;
 - retrieval: segment with the ensemble, encode the query's own predicted structures, keep per class the
   reference(s) whose embedding is most similar (cosine), segment again;
 - tune: the network frozen, only the task embedding is optimised on the references (Dice + BCE, as in training).
+
+Fold ensemble (nnU-Net's `-f 0 1 2 3 4`): the predictor holds one network per fold; a task is then a list with one
+TaskEmbedding per fold network (each fold encodes the references itself), and a query's per-class probability is
+the mean of the folds' sigmoid maps.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import functools
 import io
 import itertools
+import multiprocessing
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -79,14 +88,27 @@ DEFAULT_TUNE_STEPS = 20
 DEFAULT_TUNE_LR = 1e-2  # Adam on the tokens; the paper gives no value: a few steps should move them noticeably
 
 
+# A task of a run: one TaskEmbedding, or for a fold ensemble one per fold network (in the predictor's fold order)
+Tasks = TaskEmbedding | Sequence[TaskEmbedding]
+
+
 @dataclass
 class EncodedReferences:
-    """The references of a run: their embeddings (pool, B = references) and their crops (for tuning)."""
+    """The references of a run: their embeddings (pools: B = references, one per fold network) and their crops."""
 
-    pool: TaskEmbedding
+    pools: list[TaskEmbedding]
     names: list[str]
-    crops: list[list[Crop]]  # per reference; labels index pool.classes (i = pool.classes[i - 1])
+    crops: list[list[Crop]]  # per reference; labels index the pools' classes (i = classes[i - 1])
     lost: dict[str, list[int]] = field(default_factory=dict)  # reference -> values lost by resampling
+
+    @property
+    def pool(self) -> Tasks:
+        """The embeddings: one TaskEmbedding, or a list with one per fold network of a fold ensemble."""
+        return self.pools[0] if len(self.pools) == 1 else list(self.pools)
+
+    @property
+    def classes(self) -> list[int]:
+        return self.pools[0].classes
 
 
 @dataclass
@@ -100,6 +122,7 @@ class CaseResult:
     probabilities: np.ndarray | None = None  # (K, ...) float16, per class, same geometry
     warnings: list[str] = field(default_factory=list)
     retrieved: dict[int, list[int]] | None = None  # retrieval: class value -> indices of the chosen references
+    # (a fold ensemble: those any fold chose)
 
 
 @dataclass
@@ -125,6 +148,65 @@ class _TaskOutputs:
         return self._predictor._task.num_classes
 
 
+@dataclass
+class PreparedQuery:
+    """A query read and preprocessed (the model's space), its properties, reader and input warnings."""
+
+    data: np.ndarray
+    properties: dict
+    reader_writer: BaseReaderWriter
+    warnings: list[str]
+
+
+@dataclass
+class QueryPreparation:
+    """Reads and preprocesses queries as a run's predictor does; picklable, so worker processes can run it."""
+
+    preprocessing: RunPreprocessing
+    reader_writer_class: type[BaseReaderWriter]
+    modality: str
+    num_channels: int
+
+    def __call__(self, images: Sequence[str]) -> PreparedQuery:
+        """Channel files (or a DICOM folder) of one query."""
+        reader_writer = reader_writer_for(images[0], self.reader_writer_class)
+        data, properties = read_images(list(images), reader_writer)
+        return self.array(data, properties, reader_writer)
+
+    def array(self, data: np.ndarray, properties: dict, reader_writer: BaseReaderWriter) -> PreparedQuery:
+        """(C, Z, Y, X) as nnU-Net's readers return it, and its properties (not modified)."""
+        if data.ndim != 4 or data.shape[0] != self.num_channels:
+            raise IrisInputError(f"query array must be (C={self.num_channels}, Z, Y, X), got {tuple(data.shape)}")
+        properties = copy.deepcopy(properties)  # nnU-Net's preprocessing writes into it
+        warnings = self.preprocessing.input_warnings(data, properties, self.modality)
+        data, _, properties = self.preprocessing(data, None, properties)
+        return PreparedQuery(data, properties, reader_writer, warnings)
+
+
+def prepared_in_turn(prepare: QueryPreparation, queries: Sequence[Sequence[str]],
+                     executor: concurrent.futures.Executor | None, ahead: int) -> Iterator[Callable[[], PreparedQuery]]:
+    """Per query, in order, a call that returns it prepared (or raises its error); with `executor`, up to `ahead`
+    queries beyond the current one are prepared in the background."""
+    if executor is None:
+        for images in queries:
+            yield functools.partial(prepare, images)
+        return
+    pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    for images in queries:
+        pending.append(executor.submit(prepare, images))
+        if len(pending) > ahead:
+            yield pending.popleft().result
+    while pending:
+        yield pending.popleft().result
+
+
+def failure_line(query: Query, error: Exception) -> str:
+    """One line for a query that failed: the error itself for bad input, else its type and message."""
+    if isinstance(error, IrisInputError):
+        return str(error)
+    return f"{query.images[0]}: failed ({type(error).__name__}: {str(error).strip()[:200]})"
+
+
 def cosine_similarity(a: TaskEmbedding, a_index: tuple[int, int], b: TaskEmbedding, b_index: tuple[int, int]) -> float:
     """Cosine similarity of two classes' full embeddings (all scales, foreground and context tokens)."""
     va = torch.cat([t[a_index].flatten().float() for t in a.tokens])
@@ -148,13 +230,13 @@ def select_references(pool: TaskEmbedding, query: TaskEmbedding, top_k: int = 1,
         keep[:, k] = False
         keep[chosen, k] = True
         picks[value] = sorted(chosen)
-    return TaskEmbedding(pool.tokens, pool.classes, keep, pool.model_id, pool.positions).mean(), picks
+    return dataclasses.replace(pool, present=keep).mean(), picks
 
 
 class IrisPredictor(nnUNetPredictor):
     """Segment queries given references (or a task file) with an Iris model; see the module docstring."""
 
-    def __init__(self, tile_step_size: float = 0.5, use_mirroring: bool = True,
+    def __init__(self, tile_step_size: float = 0.5, use_mirroring: bool = False,
                  device: torch.device | str = "cpu", modality: str = "other", classes_per_pass: int | None = None,
                  map_memory_gb: float = DEFAULT_MAP_MEMORY_GB, largest_component: bool = False,
                  position_prior: bool = True, verbose: bool = False, allow_tqdm: bool = False):
@@ -175,13 +257,22 @@ class IrisPredictor(nnUNetPredictor):
         self.map_memory_bytes = map_memory_gb * 1024**3
         self._task: TaskEmbedding | None = None
         self.preprocessing: RunPreprocessing | None = None
+        self.fold_networks: list[IrisNetwork] = []  # self.network is the one in use (the first outside a fold)
+        self.folds: list[str] = []
 
     # ------------------------------------------------------------------------------------ set-up
-    def initialize_from_model_folder(self, folder: str | None, fold: int | str = 0,
+    def initialize_from_model_folder(self, folder: str | None, fold: int | str | Sequence[int | str] = 0,
                                      checkpoint_name: str = DEFAULT_CHECKPOINT) -> None:
-        """Load an iris_train model folder (nnU-Net's own loader imports trainers, which needs torchvision)."""
-        model = load_model_folder(folder, fold, checkpoint_name)
-        self.initialize(model.network, model.plans, model.dataset_json, model.inference_allowed_mirroring_axes)
+        """Load an iris_train model folder (nnU-Net's own loader imports trainers, which needs torchvision); several
+        folds make a fold ensemble (tasks are then lists, one TaskEmbedding per fold)."""
+        folds = [fold] if isinstance(fold, (int, str)) else list(fold)
+        if not folds:
+            raise IrisInputError("no fold given (-f)")
+        models = [load_model_folder(folder, f, checkpoint_name) for f in folds]
+        first = models[0]
+        self.initialize(first.network, first.plans, first.dataset_json, first.inference_allowed_mirroring_axes)
+        self.fold_networks = [m.network.to(self.device).eval() for m in models]
+        self.folds = [m.fold for m in models]
 
     def initialize(self, network: IrisNetwork, plans: dict, dataset_json: dict,
                    inference_allowed_mirroring_axes: tuple[int, ...] | None = (0, 1, 2)) -> None:
@@ -192,6 +283,7 @@ class IrisPredictor(nnUNetPredictor):
                                    self.preprocessing.configuration_manager, None, dataset_json, TRAINER_NAME,
                                    inference_allowed_mirroring_axes)
         self.label_manager = _TaskOutputs(self)
+        self.fold_networks, self.folds = [self.network], ["0"]
         self.joint_plans = plans
         self.num_channels = num_channels
         self.patch_size = tuple(int(p) for p in self.configuration_manager.patch_size)
@@ -200,20 +292,62 @@ class IrisPredictor(nnUNetPredictor):
     def reader_writer_class(self) -> type[BaseReaderWriter]:
         return self.plans_manager.image_reader_writer_class
 
+    # ------------------------------------------------------------------------------------ folds
+    @property
+    def num_folds(self) -> int:
+        return len(self.fold_networks)
+
+    @contextlib.contextmanager
+    def using_fold(self, index: int):
+        """Within this block self.network is fold `index`'s network (what encoding, tuning and the window use)."""
+        network, self.network = self.network, self.fold_networks[index]
+        try:
+            yield
+        finally:
+            self.network = network
+
+    def per_fold(self, task: Tasks) -> list[TaskEmbedding]:
+        """The task as one TaskEmbedding per fold network."""
+        tasks = [task] if isinstance(task, TaskEmbedding) else list(task)
+        if len(tasks) != self.num_folds:
+            raise ValueError(f"{len(tasks)} task(s) for {self.num_folds} fold network(s): give one per fold")
+        return tasks
+
+    def for_folds(self, make: Callable[[int], TaskEmbedding]) -> Tasks:
+        """`make(i)` inside each fold i, as one task (a single fold) or a list (a fold ensemble)."""
+        tasks = []
+        for i in range(self.num_folds):
+            with self.using_fold(i):
+                tasks.append(make(i))
+        return tasks[0] if len(tasks) == 1 else tasks
+
     # ------------------------------------------------------------------------------------ tasks
+    @property
+    def mirror_flips(self) -> list[tuple[int, ...]]:
+        """The flips of mirrored TTA (every combination of the model's mirroring axes); none without TTA."""
+        axes = tuple(self.allowed_mirroring_axes or ()) if self.use_mirroring else ()
+        return [combo for n in range(1, len(axes) + 1) for combo in itertools.combinations(axes, n)]
+
     def encode_crops(self, crops: Sequence[Crop], classes: Sequence[int],
-                     positions: torch.Tensor | None = None) -> TaskEmbedding:
+                     positions: torch.Tensor | None = None, mirrored: bool = True) -> TaskEmbedding:
         """One embedding (B = 1) from crops of one image; crop labels index `classes` (i = classes[i - 1]);
-        `positions` (len(classes), G, G, G): the classes' position priors in the whole image (position_prior)."""
+        `positions` (len(classes), G, G, G): the classes' position priors in the whole image (position_prior).
+        With mirrored TTA (and `mirrored`) the task also holds the tokens of the crops flipped by each TTA flip;
+        the priors stay: a flipped window keeps its voxels' scan coordinates."""
         parts = []
         with torch.no_grad():
             for crop in crops:
                 image = torch.from_numpy(crop.image)[None].to(self.device)
-                masks = torch.from_numpy(np.stack([crop.labels == i for i in crop.encode]))[None]
+                masks = torch.from_numpy(np.stack([crop.labels == i for i in crop.encode]))[None].to(
+                    self.device, torch.float32)
                 prior = None if positions is None else positions[[i - 1 for i in crop.encode]][None].to(self.device)
-                parts.append(self.network.encode_task(image, masks.to(self.device, torch.float32),
-                                                      classes=[classes[i - 1] for i in crop.encode],
-                                                      positions=prior))
+                crop_classes = [classes[i - 1] for i in crop.encode]
+                task = self.network.encode_task(image, masks, classes=crop_classes, positions=prior)
+                flips = {axes: self.network.encode_task(torch.flip(image, [a + 2 for a in axes]),
+                                                        torch.flip(masks, [a + 2 for a in axes]),
+                                                        classes=crop_classes, positions=prior).tokens
+                         for axes in (self.mirror_flips if mirrored else [])}
+                parts.append(dataclasses.replace(task, mirrored=flips or None))
         return TaskEmbedding.concatenate(parts).mean()
 
     @property
@@ -243,14 +377,22 @@ class IrisPredictor(nnUNetPredictor):
                                          if vanished else ""))
         run_classes = wanted or found
         crops = [remap_crops(p, run_classes) for p in used]
-        tasks = [self.encode_crops(c, run_classes, remap_positions(p, run_classes)) for c, p in zip(crops, used)]
-        return EncodedReferences(TaskEmbedding.concatenate(tasks), [p.case.name for p in used], crops,
+        positions = [remap_positions(p, run_classes) for p in used]
+        pools = []
+        for i in range(self.num_folds):
+            with self.using_fold(i):
+                pools.append(TaskEmbedding.concatenate([self.encode_crops(c, run_classes, pos)
+                                                        for c, pos in zip(crops, positions)]))
+        return EncodedReferences(pools, [p.case.name for p in used], crops,
                                  {p.case.label: p.lost for p in prepared if p.lost})
 
     def load_task(self, path: str, classes: Sequence[int] | None = None) -> TaskEmbedding:
         """A task file written by save_task / --save_task, checked to come from this model."""
         if not os.path.isfile(path):
             raise IrisInputError(f"{path}: task file not found")
+        if self.num_folds > 1:
+            raise IrisInputError(f"{path}: a task file holds one fold's embedding; a fold ensemble (-f "
+                                 f"{' '.join(self.folds)}) encodes the references with each fold: give them with -r")
         try:
             task = TaskEmbedding.load(path, model=self.network)
         except TaskMismatchError as e:
@@ -265,22 +407,29 @@ class IrisPredictor(nnUNetPredictor):
             task = task.select(sorted(set(int(c) for c in classes)))
         return task
 
-    def task_for_strategy(self, pool: TaskEmbedding, strategy: str, references: EncodedReferences | None = None,
+    def task_for_strategy(self, pool: Tasks, strategy: str, references: EncodedReferences | None = None,
                           tune_steps: int = DEFAULT_TUNE_STEPS, tune_lr: float = DEFAULT_TUNE_LR,
-                          ) -> tuple[TaskEmbedding, list[float]]:
-        """The task the queries start from (B = 1) and, for tune, the reference loss at each step (first: untuned)."""
+                          ) -> tuple[Tasks, list[float]]:
+        """The task the queries start from (B = 1) and, for tune, the reference loss at each step (first: untuned;
+        a fold ensemble: summed over the folds)."""
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        if strategy == "oneshot" and pool.batch_size != 1:
-            raise IrisInputError(f"--strategy oneshot uses one reference, {pool.batch_size} given (use --strategy "
+        pools = self.per_fold(pool)
+        if strategy == "oneshot" and pools[0].batch_size != 1:
+            raise IrisInputError(f"--strategy oneshot uses one reference, {pools[0].batch_size} given (use --strategy "
                                  f"ensemble to average them, or retrieval to pick per class)")
-        task = pool.mean()
         if strategy != "tune":
-            return task, []
+            return self.for_folds(lambda i: pools[i].mean()), []
         if references is None:
             raise IrisInputError("--strategy tune optimises the task on the reference images: give them with -r "
                                  "(a task file holds no images)")
-        return self.tune(task, references, tune_steps, tune_lr)
+        losses: list[list[float]] = []
+
+        def tuned(i: int) -> TaskEmbedding:
+            task, fold_losses = self.tune(pools[i].mean(), references, tune_steps, tune_lr)
+            losses.append(fold_losses)
+            return task
+        return self.for_folds(tuned), [sum(step) for step in zip(*losses)]
 
     def tune(self, task: TaskEmbedding, references: EncodedReferences, steps: int = DEFAULT_TUNE_STEPS,
              lr: float = DEFAULT_TUNE_LR) -> tuple[TaskEmbedding, list[float]]:
@@ -289,7 +438,7 @@ class IrisPredictor(nnUNetPredictor):
             raise ValueError(f"tune needs steps >= 0 and lr > 0, got {steps}, {lr}")
         items = []
         for r, crops in enumerate(references.crops):
-            valid = references.pool.present[r].to(self.device)[None]  # a reference says nothing of its absent classes
+            valid = references.pools[0].present[r].to(self.device)[None]  # a reference says nothing of its absent classes
             for crop in crops:
                 target = np.stack([crop.labels == i for i in range(1, task.num_classes + 1)])
                 coordinates = None if crop.frame is None else \
@@ -327,21 +476,22 @@ class IrisPredictor(nnUNetPredictor):
     # ------------------------------------------------------------------------------------ sliding window
     @torch.inference_mode()
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
-        """nnU-Net's TTA with the task as second input; only the query is flipped. Channels beyond the image's are
-        the window's scan coordinates (segment_preprocessed appends them for models with a position grid)."""
+        """nnU-Net's window prediction with the task as second input; mirrored TTA (the task holds tokens of flipped
+        references) flips the window with them and averages the logits, as nnU-Net does. Channels beyond the
+        image's are the window's scan coordinates (segment_preprocessed appends them for models with a position
+        grid); they flip with the voxels, so each voxel keeps its place in the scan."""
         if self._task is None:
             raise RuntimeError("IrisPredictor needs a task: segment with predict_case / segment_preprocessed (or "
                                "inside `with predictor.conditioned_on(task)`), not nnU-Net's task-free entry points")
-        axes = self.allowed_mirroring_axes if self.use_mirroring else None
         x, coordinates = x[:, :self.num_channels], (x[:, self.num_channels:] if x.shape[1] > self.num_channels
                                                      else None)
         prediction = self.network(x, self._task, coordinates)
-        if axes:
-            flips = [tuple(a + 2 for a in combo) for n in range(1, len(axes) + 1)
-                     for combo in itertools.combinations(axes, n)]
-            for dims in flips:
-                flipped = None if coordinates is None else torch.flip(coordinates, dims)
-                prediction += torch.flip(self.network(torch.flip(x, dims), self._task, flipped), dims)
+        flips = [axes for axes in self.mirror_flips if axes in (self._task.mirrored or {})]
+        for axes in flips:
+            dims = [a + 2 for a in axes]
+            flipped = None if coordinates is None else torch.flip(coordinates, dims)
+            prediction += torch.flip(self.network(torch.flip(x, dims), self._task.flipped(axes), flipped), dims)
+        if flips:
             prediction /= len(flips) + 1
         return prediction.clamp_(-LOGIT_LIMIT, LOGIT_LIMIT)
 
@@ -352,7 +502,21 @@ class IrisPredictor(nnUNetPredictor):
         if self.classes_per_pass:
             return self.classes_per_pass
         voxels = float(np.prod([max(s, p) for s, p in zip(preprocessed_shape, self.patch_size)]))
-        return max(1, int(self.map_memory_bytes // (2 * voxels)))
+        per_voxel = 2 if self.num_folds == 1 else 10  # fp16 logits; an ensemble adds its fp32 sum and a sigmoid
+        return max(1, int(self.map_memory_bytes // (per_voxel * voxels)))
+
+    def pass_logits(self, image: torch.Tensor, tasks: Sequence[TaskEmbedding], classes: Sequence[int]) -> torch.Tensor:
+        """Sliding-window logits (K, ...) of `classes` on CPU; a fold ensemble gives the logit of the mean of the
+        folds' sigmoid maps (the decision and the probabilities written are then the mean probability's)."""
+        total = None
+        for i, task in enumerate(tasks):
+            with self.using_fold(i), self.conditioned_on(task.select(classes)):
+                logits = self.predict_sliding_window_return_logits(image).cpu()
+            if len(tasks) == 1:
+                return logits
+            probability = torch.sigmoid(logits.float())
+            total = probability if total is None else total.add_(probability)
+        return torch.logit(total.div_(len(tasks))).clamp_(-LOGIT_LIMIT, LOGIT_LIMIT).to(logits.dtype)
 
     @contextlib.contextmanager
     def conditioned_on(self, task: TaskEmbedding):
@@ -363,16 +527,18 @@ class IrisPredictor(nnUNetPredictor):
         finally:
             self._task = None
 
-    def segment_preprocessed(self, data: np.ndarray, properties: dict, task: TaskEmbedding, *, export: bool = True,
+    def segment_preprocessed(self, data: np.ndarray, properties: dict, task: Tasks, *, export: bool = True,
                              probabilities: bool = False, preprocessed_labels: bool = False,
                              frame: ScanFrame | None = None) -> QuerySegmentation:
         """Segment a preprocessed query (nnU-Net's sliding window, conditioned on `task`); `export` asks for labels in
         the original geometry, `probabilities` for per-class probabilities there, `preprocessed_labels` for labels in
         the model's space. Classes go in passes of `classes_in_one_pass`. `frame`: where the query's body lies (default:
         the one our preprocessing put in `properties`, else all of the volume)."""
-        if task.batch_size != 1:
-            task = task.mean()
-        k_total = task.num_classes
+        tasks = [t if t.batch_size == 1 else t.mean() for t in self.per_fold(task)]
+        classes = tasks[0].classes
+        if any(t.classes != classes for t in tasks[1:]):
+            raise ValueError(f"the folds' tasks hold different classes: {[t.classes for t in tasks]}")
+        k_total = len(classes)
         per_pass = self.classes_in_one_pass(data.shape[1:])
         cropped_shape = tuple(properties["shape_after_cropping_and_before_resampling"])
         per_export = max(1, int(self.map_memory_bytes // (8 * np.prod(data.shape[1:]) + 4 * np.prod(cropped_shape))))
@@ -386,8 +552,7 @@ class IrisPredictor(nnUNetPredictor):
                     else ScanFrame.box(image.shape[1:])
             image = torch.cat([image, frame.coordinates((0, 0, 0), image.shape[1:])])
         for start in range(0, k_total, per_pass):
-            with self.conditioned_on(task.select(task.classes[start:start + per_pass])):
-                logits = self.predict_sliding_window_return_logits(image).cpu()
+            logits = self.pass_logits(image, tasks, classes[start:start + per_pass])
             if preprocessed is not None:
                 preprocessed.update(logits, start)
             if original is not None:
@@ -405,46 +570,60 @@ class IrisPredictor(nnUNetPredictor):
             preprocessed.index if preprocessed else None)
 
     # ------------------------------------------------------------------------------------ queries
-    def retrieve(self, data: np.ndarray, properties: dict, task: TaskEmbedding, pool: TaskEmbedding,
-                 top_k: int = 1) -> tuple[TaskEmbedding, dict[int, list[int]]]:
-        """Segment with `task`, encode the query's predicted structures, pick per class the closest references."""
+    def retrieve(self, data: np.ndarray, properties: dict, task: Tasks, pool: Tasks,
+                 top_k: int = 1) -> tuple[Tasks, dict[int, list[int]]]:
+        """Segment with `task`, encode the query's predicted structures, pick per class the closest references
+        (a fold ensemble: each fold picks with its own embeddings; the picks returned are any fold's)."""
         labels = self.segment_preprocessed(data, properties, task, export=False,
                                            preprocessed_labels=True).preprocessed_labels
         present = [int(i) for i in np.unique(labels) if i != 0]
         if not present:
             return task, {}
         crops = structure_crops(data, labels.astype(np.int16), present, self.patch_size)  # tokens only: no frame
-        return select_references(pool, self.encode_crops(crops, task.classes), top_k)
+        tasks, pools = self.per_fold(task), self.per_fold(pool)
+        picks: dict[int, set[int]] = {}
 
-    def predict_case(self, images: Sequence[str], task: TaskEmbedding, pool: TaskEmbedding | None = None,
+        def select(i: int) -> TaskEmbedding:
+            query_task = self.encode_crops(crops, tasks[i].classes, mirrored=False)  # compared by its tokens only
+            chosen, fold_picks = select_references(pools[i], query_task, top_k)
+            for value, references in fold_picks.items():
+                picks.setdefault(value, set()).update(references)
+            return chosen
+        return self.for_folds(select), {value: sorted(references) for value, references in picks.items()}
+
+    @property
+    def _preparation(self) -> QueryPreparation:
+        return QueryPreparation(self.preprocessing, self.reader_writer_class, self.modality, self.num_channels)
+
+    def predict_case(self, images: Sequence[str], task: Tasks, pool: Tasks | None = None,
                      retrieval_top_k: int = 1, save_probabilities: bool = False) -> CaseResult:
         """Segment one query (channel files or a DICOM folder); with `pool`, by retrieval from it."""
-        reader_writer = reader_writer_for(images[0], self.reader_writer_class)
-        data, properties = read_images(list(images), reader_writer)
-        return self.predict_array(data, properties, task, pool, retrieval_top_k, save_probabilities, reader_writer)
+        return self.predict_prepared(self._preparation(images), task, pool, retrieval_top_k, save_probabilities)
 
-    def predict_array(self, data: np.ndarray, properties: dict, task: TaskEmbedding, pool: TaskEmbedding | None = None,
+    def predict_array(self, data: np.ndarray, properties: dict, task: Tasks, pool: Tasks | None = None,
                       retrieval_top_k: int = 1, save_probabilities: bool = False,
                       reader_writer: BaseReaderWriter | None = None) -> CaseResult:
         """Segment one query given as nnU-Net's readers return it: (C, Z, Y, X) and its properties (not modified)."""
-        if data.ndim != 4 or data.shape[0] != self.num_channels:
-            raise IrisInputError(f"query array must be (C={self.num_channels}, Z, Y, X), got {tuple(data.shape)}")
-        reader_writer = reader_writer or self.reader_writer_class()
-        properties = copy.deepcopy(properties)  # nnU-Net's preprocessing writes into it
-        warnings = self.preprocessing.input_warnings(data, properties, self.modality)
-        data, _, properties = self.preprocessing(data, None, properties)
+        prepared = self._preparation.array(data, properties, reader_writer or self.reader_writer_class())
+        return self.predict_prepared(prepared, task, pool, retrieval_top_k, save_probabilities)
+
+    def predict_prepared(self, query: PreparedQuery, task: Tasks, pool: Tasks | None = None,
+                         retrieval_top_k: int = 1, save_probabilities: bool = False) -> CaseResult:
+        """Segment a query preprocessed by QueryPreparation; with `pool`, by retrieval from it."""
+        data, properties = query.data, query.properties
         retrieved = None
         if pool is not None:
             task, retrieved = self.retrieve(data, properties, task, pool, retrieval_top_k)
         result = self.segment_preprocessed(data, properties, task, probabilities=save_probabilities)
-        segmentation = indices_to_values(result.labels, task.classes)
+        classes = list(self.per_fold(task)[0].classes)
+        segmentation = indices_to_values(result.labels, classes)
         if self.largest_component:  # the probabilities stay as the network gave them
-            segmentation = keep_largest_components(segmentation, list(task.classes))
-        return CaseResult(segmentation, properties, reader_writer, list(task.classes), result.probabilities,
-                          warnings, retrieved)
+            segmentation = keep_largest_components(segmentation, classes)
+        return CaseResult(segmentation, properties, query.reader_writer, classes, result.probabilities, query.warnings,
+                          retrieved)
 
     # nnU-Net's entry points (nnUNetPredictor's names), each with the task as an argument
-    def predict_single_npy_array(self, input_image: np.ndarray, image_properties: dict, task: TaskEmbedding,
+    def predict_single_npy_array(self, input_image: np.ndarray, image_properties: dict, task: Tasks,
                                  save_or_return_probabilities: bool = False,
                                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """(C, Z, Y, X) image and its properties (as SimpleITKIO().read_images gives them) -> label values (Z, Y, X)
@@ -453,7 +632,7 @@ class IrisPredictor(nnUNetPredictor):
         return (result.segmentation, result.probabilities) if save_or_return_probabilities else result.segmentation
 
     def predict_from_list_of_npy_arrays(self, image_or_list_of_images: np.ndarray | list[np.ndarray],
-                                        properties_or_list_of_properties: dict | list[dict], task: TaskEmbedding,
+                                        properties_or_list_of_properties: dict | list[dict], task: Tasks,
                                         save_probabilities: bool = False) -> list:
         """predict_single_npy_array for each image (one process: the task is shared, nothing to fork for)."""
         images = image_or_list_of_images if isinstance(image_or_list_of_images, list) else [image_or_list_of_images]
@@ -464,7 +643,7 @@ class IrisPredictor(nnUNetPredictor):
         return [self.predict_single_npy_array(i, p, task, save_probabilities) for i, p in zip(images, properties)]
 
     def predict_from_files(self, list_of_lists_or_source_folder: str | list[list[str]], output_folder: str,
-                           task: TaskEmbedding, save_probabilities: bool = False) -> list[str]:
+                           task: Tasks, save_probabilities: bool = False) -> list[str]:
         """Segment a folder (or lists of channel files, one list per query) into output_folder, as iris_predict;
         returns one line per query that failed."""
         if isinstance(list_of_lists_or_source_folder, str):
@@ -476,41 +655,64 @@ class IrisPredictor(nnUNetPredictor):
         return problems + self.predict_queries(queries, output_folder, task, save_probabilities=save_probabilities,
                                                progress=self.allow_tqdm)
 
-    def predict_sitk(self, image: sitk.Image | Sequence[sitk.Image], task: TaskEmbedding) -> sitk.Image:
+    def predict_sitk(self, image: sitk.Image | Sequence[sitk.Image], task: Tasks) -> sitk.Image:
         """A SimpleITK image (or one per channel) -> its label image, same geometry."""
         data, properties = sitk_to_array([image] if isinstance(image, sitk.Image) else list(image))
         return label_to_sitk(self.predict_single_npy_array(data, properties, task), properties)
 
-    def predict_queries(self, queries: Sequence[Query], output_folder: str, task: TaskEmbedding,
-                        pool: TaskEmbedding | None = None, retrieval_top_k: int = 1,
+    def predict_queries(self, queries: Sequence[Query], output_folder: str, task: Tasks,
+                        pool: Tasks | None = None, retrieval_top_k: int = 1,
                         save_probabilities: bool = False, progress: bool = True,
                         report: Callable[[str], None] = print, reference_names: Sequence[str] | None = None,
-                        ) -> list[str]:
+                        preprocessing_workers: int = 0, export_workers: int = 0) -> list[str]:
         """Segment every query into output_folder/{case}{ending}; returns one line per query that failed.
 
-        A failing query (unreadable, not 3D, ...) does not stop the others; nothing of it is written."""
+        A failing query (unreadable, not 3D, ...) does not stop the others; nothing of it is written.
+        `preprocessing_workers` processes read and preprocess the next queries while the network segments one
+        (nnU-Net's -npp); `export_workers` threads write finished ones (-nps); 0: in this process, in turn."""
         os.makedirs(output_folder, exist_ok=True)
-        failures = []
-        for query in tqdm(queries, desc="iris_predict", unit="query", disable=not progress):
+        failures, runnable = [], []
+        for query in queries:
             target = os.path.join(output_folder, query.name)
             if os.path.abspath(target + query.output_ending) in {os.path.abspath(p) for p in query.images}:
                 failures.append(f"{query.images[0]}: its output would overwrite it; choose another OUTPUT folder")
-                continue
-            try:
-                result = self.predict_case(query.images, task, pool, retrieval_top_k, save_probabilities)
-                for warning in result.warnings:
-                    report(f"warning: {query.images[0]}: {warning}")
-                if result.retrieved:
-                    def name(i: int) -> str:
-                        return reference_names[i] if reference_names else f"#{i}"
-                    picks = "; ".join(f"{value}: {', '.join(name(i) for i in refs)}"
-                                      for value, refs in result.retrieved.items())
-                    report(f"{query.name}: retrieval picked, per class, {picks}")
-                self.write_result(result, target, query.output_ending, save_probabilities)
-            except IrisInputError as e:
-                failures.append(str(e))
-            except Exception as e:  # noqa: BLE001 - one bad query must not stop the batch; reported at the end
-                failures.append(f"{query.images[0]}: failed ({type(e).__name__}: {str(e).strip()[:200]})")
+            else:
+                runnable.append(query)
+        with contextlib.ExitStack() as stack:
+            preparing = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+                preprocessing_workers, mp_context=multiprocessing.get_context("spawn"))) \
+                if preprocessing_workers else None
+            writing = stack.enter_context(concurrent.futures.ThreadPoolExecutor(export_workers)) \
+                if export_workers else None
+            prepared = prepared_in_turn(self._preparation, [q.images for q in runnable], preparing,
+                                        preprocessing_workers)
+            written = []
+            for query, get in tqdm(zip(runnable, prepared), total=len(runnable), desc="iris_predict", unit="query",
+                                   disable=not progress):
+                target = os.path.join(output_folder, query.name)
+                try:
+                    result = self.predict_prepared(get(), task, pool, retrieval_top_k, save_probabilities)
+                    for warning in result.warnings:
+                        report(f"warning: {query.images[0]}: {warning}")
+                    if result.retrieved:
+                        def name(i: int) -> str:
+                            return reference_names[i] if reference_names else f"#{i}"
+                        picks = "; ".join(f"{value}: {', '.join(name(i) for i in refs)}"
+                                          for value, refs in result.retrieved.items())
+                        report(f"{query.name}: retrieval picked, per class, {picks}")
+                    if writing is None:
+                        self.write_result(result, target, query.output_ending, save_probabilities)
+                    else:
+                        written.append((query, writing.submit(self.write_result, result, target, query.output_ending,
+                                                              save_probabilities)))
+                    del result
+                except Exception as e:  # noqa: BLE001 - one bad query must not stop the batch; reported at the end
+                    failures.append(failure_line(query, e))
+            for query, future in written:
+                try:
+                    future.result()
+                except Exception as e:  # noqa: BLE001 - as above
+                    failures.append(failure_line(query, e))
         return failures
 
     @staticmethod

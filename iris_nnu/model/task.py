@@ -31,9 +31,16 @@ class TaskEmbedding:
     present: Tensor  # (B, K) bool: class k had a non-empty mask in reference b
     model_id: str  # IrisNetwork.model_id() of the network that made it
     positions: Tensor | None = None  # (B, K, G, G, G) where each class lies in its reference scan (model/position.py)
+    # mirrored test-time augmentation: tokens (as `tokens`) encoded from the reference crops flipped on these spatial
+    # axes (0, 1, 2 = X, Y, Z of the network's input); a query flipped the same way is segmented with them
+    mirrored: dict[tuple[int, ...], list[Tensor]] | None = None
 
     def __post_init__(self) -> None:
         self.tokens = list(self.tokens)
+        if self.mirrored is not None:
+            self.mirrored = {tuple(sorted(int(a) for a in axes)): list(t) for axes, t in self.mirrored.items()}
+            if any([u.shape for u in t] != [u.shape for u in self.tokens] for t in self.mirrored.values()):
+                raise ValueError("mirrored tokens must have the shapes of the tokens")
         self.classes = [int(c) for c in self.classes]
         if not self.tokens or any(t.dim() != 4 for t in self.tokens):
             raise ValueError("tokens must be a non-empty list of (B, K, m+1, C) tensors")
@@ -48,6 +55,18 @@ class TaskEmbedding:
         if self.positions is not None and (self.positions.dim() != 5 or tuple(self.positions.shape[:2]) != (b, k)):
             raise ValueError(f"positions must be (B, K, G, G, G) with (B, K) = {(b, k)}, "
                              f"got {tuple(self.positions.shape)}")
+
+    def _map_tokens(self, fn) -> tuple[list[Tensor], dict[tuple[int, ...], list[Tensor]] | None]:
+        """`fn(token list)` applied to the tokens and to each mirrored token list."""
+        mirrored = None if self.mirrored is None else {axes: fn(t) for axes, t in self.mirrored.items()}
+        return fn(self.tokens), mirrored
+
+    def flipped(self, axes: tuple[int, ...]) -> TaskEmbedding:
+        """The task encoded from the references flipped on `axes` (a key of `mirrored`)."""
+        if not self.mirrored or tuple(axes) not in self.mirrored:
+            raise KeyError(f"no tokens for the references flipped on axes {tuple(axes)} "
+                           f"(this task has {sorted(self.mirrored or {})})")
+        return TaskEmbedding(self.mirrored[tuple(axes)], self.classes, self.present, self.model_id, self.positions)
 
     @property
     def batch_size(self) -> int:
@@ -64,11 +83,12 @@ class TaskEmbedding:
         missing = [c for c, n in zip(self.classes, count.tolist()) if n == 0]
         if missing:
             raise ValueError(f"class(es) {missing} are present in none of the {self.batch_size} references")
-        tokens = [(t * w[:, :, None, None]).sum(0, keepdim=True) / count[None, :, None, None] for t in self.tokens]
+        tokens, mirrored = self._map_tokens(
+            lambda ts: [(t * w[:, :, None, None]).sum(0, keepdim=True) / count[None, :, None, None] for t in ts])
         positions = None if self.positions is None else \
             (self.positions * w[:, :, None, None, None].to(self.positions)).sum(0, keepdim=True) \
             / count[None, :, None, None, None].to(self.positions)  # several references: a multi-atlas prior
-        return TaskEmbedding(tokens, self.classes, torch.ones_like(self.present[:1]), self.model_id, positions)
+        return TaskEmbedding(tokens, self.classes, torch.ones_like(self.present[:1]), self.model_id, positions, mirrored)
 
     def select(self, classes: Sequence[int]) -> TaskEmbedding:
         """Reorder / subset the classes by label value."""
@@ -76,10 +96,10 @@ class TaskEmbedding:
         if unknown:
             raise KeyError(f"class(es) {unknown} not in this task (it has {self.classes})")
         idx = torch.tensor([self.classes.index(int(c)) for c in classes], device=self.present.device)
-        return TaskEmbedding([t.index_select(1, idx) for t in self.tokens], [int(c) for c in classes],
-                             self.present.index_select(1, idx), self.model_id,
+        tokens, mirrored = self._map_tokens(lambda ts: [t.index_select(1, idx) for t in ts])
+        return TaskEmbedding(tokens, [int(c) for c in classes], self.present.index_select(1, idx), self.model_id,
                              None if self.positions is None else self.positions.index_select(1, idx.to(
-                                 self.positions.device)))
+                                 self.positions.device)), mirrored)
 
     @staticmethod
     def concatenate(tasks: Sequence[TaskEmbedding]) -> TaskEmbedding:
@@ -96,31 +116,42 @@ class TaskEmbedding:
             if (task.positions is None) != (first.positions is None) or (
                     task.positions is not None and task.positions.shape[2:] != first.positions.shape[2:]):
                 raise TaskMismatchError("tasks disagree on position priors")
+            if sorted(task.mirrored or {}) != sorted(first.mirrored or {}):
+                raise TaskMismatchError(f"tasks disagree on mirrored tokens: {sorted(first.mirrored or {})} vs "
+                                        f"{sorted(task.mirrored or {})}")
         classes = sorted(set().union(*(t.classes for t in tasks)))
-        tokens, present, positions = [[] for _ in shapes], [], []
-        for task in tasks:
-            pos = torch.tensor([classes.index(c) for c in task.classes], device=first.present.device)
+        where = [torch.tensor([classes.index(c) for c in t.classes], device=first.present.device) for t in tasks]
+
+        def stacked(token_lists: list[list[Tensor]]) -> list[Tensor]:
+            """Per scale, each task's tokens placed at its classes' columns, concatenated along B."""
+            return [torch.cat([first.tokens[i].new_zeros(task.batch_size, len(classes), *shapes[i]).index_copy(
+                1, pos, ts[i].to(first.tokens[i])) for task, pos, ts in zip(tasks, where, token_lists)])
+                for i in range(len(shapes))]
+
+        present, positions = [], []
+        for task, pos in zip(tasks, where):
             p = torch.zeros(task.batch_size, len(classes), dtype=torch.bool, device=first.present.device)
             present.append(p.index_copy(1, pos, task.present.to(p.device)))
-            for i, t in enumerate(task.tokens):
-                z = first.tokens[i].new_zeros(task.batch_size, len(classes), *shapes[i])
-                tokens[i].append(z.index_copy(1, pos, t.to(z)))
             if task.positions is not None:
                 z = first.positions.new_zeros(task.batch_size, len(classes), *first.positions.shape[2:])
                 positions.append(z.index_copy(1, pos.to(z.device), task.positions.to(z)))
-        return TaskEmbedding([torch.cat(t) for t in tokens], classes, torch.cat(present), first.model_id,
-                             torch.cat(positions) if positions else None)
+        mirrored = None if first.mirrored is None else \
+            {axes: stacked([t.mirrored[axes] for t in tasks]) for axes in first.mirrored}
+        return TaskEmbedding(stacked([t.tokens for t in tasks]), classes, torch.cat(present), first.model_id,
+                             torch.cat(positions) if positions else None, mirrored)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TaskEmbedding:
-        return TaskEmbedding([t.to(device=device, dtype=dtype) for t in self.tokens], self.classes,
-                             self.present.to(device=device), self.model_id,
-                             None if self.positions is None else self.positions.to(device=device))
+        tokens, mirrored = self._map_tokens(lambda ts: [t.to(device=device, dtype=dtype) for t in ts])
+        return TaskEmbedding(tokens, self.classes, self.present.to(device=device), self.model_id,
+                             None if self.positions is None else self.positions.to(device=device), mirrored)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp file in the same folder, then os.replace)."""
         state = {"format": FORMAT_VERSION, "tokens": [t.detach().cpu() for t in self.tokens],
                  "classes": list(self.classes), "present": self.present.cpu(), "model_id": self.model_id,
-                 "positions": None if self.positions is None else self.positions.detach().cpu()}
+                 "positions": None if self.positions is None else self.positions.detach().cpu(),
+                 "mirrored": None if self.mirrored is None else
+                 [[list(axes), [t.detach().cpu() for t in ts]] for axes, ts in self.mirrored.items()]}
         write_atomic(path, lambda tmp: torch.save(state, tmp))
 
     @classmethod
@@ -129,7 +160,9 @@ class TaskEmbedding:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path} is not a task embedding file of format {FORMAT_VERSION}")
-        task = cls(state["tokens"], state["classes"], state["present"], state["model_id"], state.get("positions"))
+        mirrored = state.get("mirrored")  # absent from files written before mirrored TTA
+        task = cls(state["tokens"], state["classes"], state["present"], state["model_id"], state.get("positions"),
+                   None if mirrored is None else {tuple(axes): ts for axes, ts in mirrored})
         if model is not None and model.model_id() != task.model_id:
             raise TaskMismatchError(
                 f"task file {path} was encoded by model {task.model_id}, not by this model {model.model_id()}")

@@ -184,9 +184,9 @@ class IrisTrainer(nnUNetTrainer):
         ds_scales = self._get_deep_supervision_scales()
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        # Mirroring TTA would flip the query but not the reference, a pairing training never shows the network
-        # (it flips both together): left/right classes would be voted onto the wrong side. No TTA mirroring.
-        self.inference_allowed_mirroring_axes = None
+        # the axes the loader mirrors query and reference together on; inference's mirrored TTA flips both the same
+        # way (flipping the query alone, as nnU-Net does, would vote left/right classes onto the wrong side)
+        self.inference_allowed_mirroring_axes = mirror_axes
         use_mask = self.configuration_manager.use_mask_for_norm
         # mirroring is applied to query and reference together in the loader, so it is left out here
         query_transforms = self.get_training_transforms(patch_size, rotation, ds_scales, None, dummy_2d, use_mask)

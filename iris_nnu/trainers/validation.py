@@ -118,7 +118,8 @@ def _inference_mode(trainer):
 
 
 def _predictor(trainer, network, classes_per_pass: int | None) -> IrisPredictor:
-    predictor = IrisPredictor(tile_step_size=0.5, use_mirroring=True, device=trainer.device,
+    # no mirrored TTA: validation tracks the model, and TTA would cost 8 passes per window
+    predictor = IrisPredictor(tile_step_size=0.5, use_mirroring=False, device=trainer.device,
                               classes_per_pass=classes_per_pass)
     predictor.initialize(network, trainer.plans_manager.plans, trainer.dataset_json,
                          trainer.inference_allowed_mirroring_axes)
