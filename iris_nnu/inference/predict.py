@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     tta.add_argument("--tta", action="store_true",
                      help="mirrored test-time augmentation: each of the 8 flips of the query is segmented with the "
                           "task encoded from the references flipped the same way, and the logits are averaged "
-                          "(measured: +0.007 Dice for 5.5-6.6x the time per query; see the README's Results)")
+                          "(measured: +0.01 Dice for 5.4-6.5x the time per query; see the README's Results)")
     tta.add_argument("--disable_tta", action="store_true", help="no test-time augmentation (the default; nnU-Net's flag)")
     p.add_argument("-step_size", type=float, default=0.5,
                    help=f"sliding-window step as a fraction of the patch ({MIN_STEP_SIZE} to 1)")
