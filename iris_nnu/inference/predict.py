@@ -183,10 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                               largest_component=args.postprocess == "largest_component",
                               position_prior=not args.no_position_prior)
     predictor.initialize_from_model_folder(args.m, resolve_folds(args.f, args.m), args.chk)
-    if predictor.num_folds > 1 and (args.task or args.save_task):
-        raise IrisInputError(f"{'--task' if args.task else '--save_task'}: a task file holds one fold's embedding; a "
-                             f"fold ensemble (-f {' '.join(predictor.folds)}) encodes the references with each fold "
-                             f"(-r)")
+    if predictor.num_folds > 1 and args.save_task:  # --task: load_task says the same
+        raise IrisInputError(f"--save_task {args.save_task}: a task file holds one fold's embedding; a fold ensemble "
+                             f"(-f {' '.join(predictor.folds)}) encodes the references with each fold (-r)")
     if args.tta and not predictor.mirror_flips:
         report("warning: the model was trained without mirroring (no mirror axes in its checkpoint): --tta ignored")
     if args.modality == "other" and trained_on_ct_only(predictor.joint_plans):

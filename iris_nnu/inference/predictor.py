@@ -256,6 +256,7 @@ class IrisPredictor(nnUNetPredictor):
         self.position_prior = position_prior
         self.map_memory_bytes = map_memory_gb * 1024**3
         self._task: TaskEmbedding | None = None
+        self._flipped_tasks: dict[tuple[int, ...], TaskEmbedding] = {}
         self.preprocessing: RunPreprocessing | None = None
         self.fold_networks: list[IrisNetwork] = []  # self.network is the one in use (the first outside a fold)
         self.folds: list[str] = []
@@ -388,11 +389,11 @@ class IrisPredictor(nnUNetPredictor):
 
     def load_task(self, path: str, classes: Sequence[int] | None = None) -> TaskEmbedding:
         """A task file written by save_task / --save_task, checked to come from this model."""
-        if not os.path.isfile(path):
-            raise IrisInputError(f"{path}: task file not found")
         if self.num_folds > 1:
             raise IrisInputError(f"{path}: a task file holds one fold's embedding; a fold ensemble (-f "
                                  f"{' '.join(self.folds)}) encodes the references with each fold: give them with -r")
+        if not os.path.isfile(path):
+            raise IrisInputError(f"{path}: task file not found")
         try:
             task = TaskEmbedding.load(path, model=self.network)
         except TaskMismatchError as e:
@@ -486,13 +487,12 @@ class IrisPredictor(nnUNetPredictor):
         x, coordinates = x[:, :self.num_channels], (x[:, self.num_channels:] if x.shape[1] > self.num_channels
                                                      else None)
         prediction = self.network(x, self._task, coordinates)
-        flips = [axes for axes in self.mirror_flips if axes in (self._task.mirrored or {})]
-        for axes in flips:
+        for axes, flipped_task in self._flipped_tasks.items():
             dims = [a + 2 for a in axes]
             flipped = None if coordinates is None else torch.flip(coordinates, dims)
-            prediction += torch.flip(self.network(torch.flip(x, dims), self._task.flipped(axes), flipped), dims)
-        if flips:
-            prediction /= len(flips) + 1
+            prediction += torch.flip(self.network(torch.flip(x, dims), flipped_task, flipped), dims)
+        if self._flipped_tasks:
+            prediction /= len(self._flipped_tasks) + 1
         return prediction.clamp_(-LOGIT_LIMIT, LOGIT_LIMIT)
 
     def _with_position_choice(self, task: TaskEmbedding) -> TaskEmbedding:
@@ -520,12 +520,15 @@ class IrisPredictor(nnUNetPredictor):
 
     @contextlib.contextmanager
     def conditioned_on(self, task: TaskEmbedding):
-        """nnU-Net's sliding window calls the network with the image alone: within this block it gets `task` too."""
+        """nnU-Net's sliding window calls the network with the image alone: within this block it gets `task` too
+        (and, with mirrored TTA, each flip's task, made once here rather than per window)."""
         self._task = self._with_position_choice(task).to(self.device)
+        self._flipped_tasks = {axes: self._task.flipped(axes) for axes in self.mirror_flips
+                               if axes in (self._task.mirrored or {})}
         try:
             yield
         finally:
-            self._task = None
+            self._task, self._flipped_tasks = None, {}
 
     def segment_preprocessed(self, data: np.ndarray, properties: dict, task: Tasks, *, export: bool = True,
                              probabilities: bool = False, preprocessed_labels: bool = False,
