@@ -121,3 +121,105 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path, capsys):
     assert not marker.exists()
     line = cli_error(capsys, export_main, "iris_export_model", ["-m", str(model), "-o", str(tmp_path / "m.zip")])
     assert str(checkpoint) in line and not marker.exists() and not (tmp_path / "m.zip").exists()
+
+
+def copy_zip(source: Path, target: Path, rename=lambda name: name, extra: dict[str, bytes] | None = None,
+             skip=lambda name: False, compression=zipfile.ZIP_DEFLATED) -> Path:
+    """A copy of an exported zip with entries renamed or left out, and extra entries {name: bytes}."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w", compression) as dst:
+        for info in src.infolist():
+            if not skip(info.filename):
+                dst.writestr(rename(info.filename), src.read(info))
+        for name, data in (extra or {}).items():
+            dst.writestr(name, data)
+    return target
+
+
+def declare_size(zip_path: Path, name: str, size: int) -> None:
+    """Rewrite the uncompressed size the zip's central directory declares for entry `name`."""
+    data = bytearray(zip_path.read_bytes())
+    at = 0
+    while True:
+        at = data.index(b"PK\x01\x02", at)
+        name_length = int.from_bytes(data[at + 28:at + 30], "little")
+        if data[at + 46:at + 46 + name_length] == name.encode():
+            data[at + 24:at + 28] = size.to_bytes(4, "little")
+            break
+        at += 4
+    zip_path.write_bytes(bytes(data))
+
+
+def nothing_left(folder: Path) -> bool:
+    return not [p for p in folder.iterdir() if p.name.startswith((".iris_install_", ".iris_replaced_"))]
+
+
+def test_extra_slashes_in_entry_names_write_nothing_outside(exported: dict, tmp_path: Path, capsys):
+    # the raw-name slice of the old extraction put 'A////B../.bashrc' at home/.bashrc (issue 22)
+    assert export_main(["-m", str(exported["model"]), "-o", str(exported["zip"])]) == 0
+    bad = copy_zip(exported["zip"], tmp_path / "slashes.zip", lambda n: n.replace(ROOT, "A/B.."),
+                   {"A////B../.bashrc": b"echo owned\n"})
+    home = tmp_path / "home"
+    home.mkdir()
+    line = cli_error(capsys, install_main, "iris_install_model", [str(bad), "-o", str(home / "iris_model")])
+    assert "'A////B../.bashrc'" in line and "not a plain relative path" in line
+    assert [p.name for p in home.iterdir()] == [] and not (tmp_path / ".bashrc").exists()
+    # the same entries without the odd one install by their checked names, inside the target only
+    good = copy_zip(exported["zip"], tmp_path / "dots.zip", lambda n: n.replace(ROOT, "A/B.."))
+    assert install_main([str(good), "-o", str(home / "iris_model")]) == 0
+    assert sorted(p.name for p in home.iterdir()) == ["iris_model"]
+    assert (home / "iris_model" / "plans.json").is_file()
+
+
+def test_a_zip_bomb_is_refused_before_it_is_written(exported: dict, tmp_path: Path, capsys):
+    assert export_main(["-m", str(exported["model"]), "-o", str(exported["zip"])]) == 0
+    target = tmp_path / "target"
+    # an entry that declares 4 GiB (over the 1 GiB per-file cap): refused from the zip's directory, nothing unpacked
+    declared = copy_zip(exported["zip"], tmp_path / "declared.zip", extra={f"{ROOT}/fold_0/big.bin": b"x" * 1000})
+    declare_size(declared, f"{ROOT}/fold_0/big.bin", 4 * 2**30 - 1)
+    line = cli_error(capsys, install_main, "iris_install_model", [str(declared), "-o", str(target)])
+    assert "unpacks to 4096 MiB" in line and "1024 MiB per file" in line
+    assert not target.exists() and nothing_left(tmp_path)
+    # 64 MiB of zeros deflate to ~64 KB: 1000x, over the 100x allowed above 1 MiB
+    zeros = copy_zip(exported["zip"], tmp_path / "zeros.zip", extra={f"{ROOT}/fold_0/zeros.bin": bytes(64 << 20)})
+    assert zeros.stat().st_size - exported["zip"].stat().st_size < 1 << 20
+    line = cli_error(capsys, install_main, "iris_install_model", [str(zeros), "-o", str(target)])
+    assert "unpacks to 64 MiB" in line and "100x" in line
+    assert not target.exists() and nothing_left(tmp_path)
+    # a zip that declares less than it holds: the bytes past the declared size are never written
+    lying = copy_zip(exported["zip"], tmp_path / "lying.zip",
+                     extra={f"{ROOT}/fold_0/noise.bin": np.random.default_rng(0).bytes(300_000)})
+    declare_size(lying, f"{ROOT}/fold_0/noise.bin", 1000)
+    line = cli_error(capsys, install_main, "iris_install_model", [str(lying), "-o", str(target)])
+    assert "is corrupt" in line and "noise.bin" in line
+    assert not target.exists() and nothing_left(tmp_path)
+
+
+def test_a_zip_without_a_fold_or_with_broken_plans_leaves_the_installed_model_intact(exported: dict, tmp_path: Path,
+                                                                                      capsys):
+    assert export_main(["-m", str(exported["model"]), "-o", str(exported["zip"])]) == 0
+    target = tmp_path / "installed"
+    assert install_main([str(exported["zip"]), "-o", str(target)]) == 0
+    before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    no_fold = copy_zip(exported["zip"], tmp_path / "nofold.zip", skip=lambda n: "/fold_" in n)
+    line = cli_error(capsys, install_main, "iris_install_model", [str(no_fold), "-o", str(target), "--overwrite"])
+    assert "holds no fold" in line
+    plans = json.loads((target / "plans.json").read_text())
+    del plans["configurations"]["3d_fullres"]["architecture"]
+    broken = copy_zip(exported["zip"], tmp_path / "broken.zip", skip=lambda n: n.endswith("plans.json"),
+                      extra={f"{ROOT}/plans.json": json.dumps(plans).encode()})
+    line = cli_error(capsys, install_main, "iris_install_model", [str(broken), "-o", str(target), "--overwrite"])
+    assert "does not load" in line and "plans.json" in line
+    after = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    assert after == before and load_model_folder(str(target)).network is not None
+    assert nothing_left(tmp_path)
+
+
+def test_export_never_follows_links(exported: dict, tmp_path: Path, capsys):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for sharing")
+    card = exported["model"] / "MODEL_CARD.md"
+    card.unlink()
+    card.symlink_to(secret)
+    line = cli_error(capsys, export_main, "iris_export_model", ["-m", str(exported["model"]), "-o",
+                                                                 str(exported["zip"])])
+    assert str(card) in line and "symbolic link" in line and not exported["zip"].exists()

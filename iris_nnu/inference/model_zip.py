@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from pathlib import PurePosixPath
+import zlib
 
 from iris_nnu.cli import HelpFormatter
 from iris_nnu.errors import IrisInputError, cli_entry, require_env_folder
@@ -23,7 +23,7 @@ from iris_nnu.inference.model_folder import (
     HELD_OUT_FILE,
     MODEL_CARD_FILE,
     TRAINER_NAME,
-    load_model_folder,
+    fold_folder_name,
     model_folder_folds,
     pack_model_folder,
     read_json_file,
@@ -33,6 +33,15 @@ from iris_nnu.preprocessing.planner import CONFIGURATION
 
 EXPORT_PROGRAM = "iris_export_model"
 INSTALL_PROGRAM = "iris_install_model"
+# Limits on what a zip may unpack to, checked from the zip's directory before anything is written and again while
+# bytes are written (a zip can lie about sizes): a fold's inference weights are ~9 MB (the bundled model, fp16) to a
+# few hundred MB (large GPU plans, fp32), so 1 GiB per file and 8 GiB in all (5 folds of the largest, with room)
+# refuse only zip bombs. An entry over 1 MiB may also expand at most 100-fold: weights hardly compress (the bundled
+# model's 1.1x); a bomb expands ~1000-fold.
+MAX_FILE_BYTES = 1 << 30
+MAX_TOTAL_BYTES = 8 << 30
+MAX_RATIO = 100
+RATIO_FROM_BYTES = 1 << 20
 
 
 def _held_out_of_collection(manifest: dict, plans_name: str, fold: str) -> dict[str, list[str]] | None:
@@ -47,6 +56,7 @@ def export_model(folder: str, zip_path: str, folds: list[str] | None = None,
                  checkpoint_name: str = DEFAULT_CHECKPOINT, half: bool = True) -> list[str]:
     """Write `folder`'s model (the given folds, default all) to `zip_path` atomically; returns the zip's entries."""
     folds = folds or model_folder_folds(folder) or ["0"]  # no fold: pack_model_folder names the missing one
+    _refuse_links(folder, folds, checkpoint_name)
     manifest = read_json_file(os.path.join(folder, "manifest.json"))
     collection = manifest.get("collection") or os.path.basename(os.path.dirname(os.path.abspath(folder)))
     plans_name = read_json_file(os.path.join(folder, "plans.json"))["plans_name"]
@@ -74,22 +84,102 @@ def export_model(folder: str, zip_path: str, folds: list[str] | None = None,
     return [f"{root}/{e}" for e in entries]
 
 
-def _check_entries(zip_path: str, z: zipfile.ZipFile) -> str:
-    """The model folder's path inside the zip; refuses absolute paths, `..`, links and stray files."""
-    roots = set()
+def _refuse_links(folder: str, folds: list[str], checkpoint_name: str) -> None:
+    """Export packs only the model folder's own regular files: a link (to a key, another patient's data, ...) would
+    put whatever it points at into a zip meant to be shared."""
+    names = ["plans.json", "dataset.json", "manifest.json", MODEL_CARD_FILE, HELD_OUT_FILE]
+    for fold in folds:
+        names += [fold_folder_name(fold), os.path.join(fold_folder_name(fold), checkpoint_name)]
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.islink(path):
+            raise IrisInputError(f"{path}: a symbolic link; {EXPORT_PROGRAM} packs only the model folder's own "
+                                 f"files (copy it in place of the link)")
+
+
+def _entry_parts(zip_path: str, info: zipfile.ZipInfo) -> tuple[str, ...]:
+    """The path parts of an entry, refused unless its name is a plain relative path in normal form (no absolute
+    path, drive, '..', '.', empty part, backslash or link): what is written is exactly what was checked."""
+    name = info.filename
+    parts = tuple(name.rstrip("/").split("/")) if info.is_dir() else tuple(name.split("/"))
+    if name.startswith(("/", "\\")) or ".." in parts or ":" in name or "\\" in name:
+        raise IrisInputError(f"{zip_path}: refused, entry {name!r} would be written outside the install folder")
+    if any(p in ("", ".") for p in parts):
+        raise IrisInputError(f"{zip_path}: refused, entry {name!r} is not a plain relative path (empty or '.' "
+                             f"parts); {EXPORT_PROGRAM} never writes such names")
+    if (info.external_attr >> 16) & 0o170000 == 0o120000:
+        raise IrisInputError(f"{zip_path}: refused, entry {name!r} is a symbolic link")
+    return parts
+
+
+def _check_entries(zip_path: str, z: zipfile.ZipFile) -> tuple[str, dict[tuple[str, ...], zipfile.ZipInfo]]:
+    """The model folder's path inside the zip and its files {path parts inside it: entry}; refuses absolute paths,
+    `..`, links, names not in normal form, duplicates, stray files, sizes over the caps and a zip without a fold."""
+    roots, entries, total = set(), {}, 0
     for info in z.infolist():
-        name = info.filename
-        parts = PurePosixPath(name.replace("\\", "/")).parts
-        if name.startswith(("/", "\\")) or (parts and ":" in parts[0]) or ".." in parts:
-            raise IrisInputError(f"{zip_path}: refused, entry {name!r} would be written outside the install folder")
-        if (info.external_attr >> 16) & 0o170000 == 0o120000:
-            raise IrisInputError(f"{zip_path}: refused, entry {name!r} is a symbolic link")
-        if not info.is_dir():
-            roots.add("/".join(parts[:2]) if len(parts) > 2 else "")
-    if len(roots) != 1 or "" in roots or f"{next(iter(roots))}/plans.json" not in z.namelist():
+        parts = _entry_parts(zip_path, info)
+        if info.is_dir():
+            continue
+        roots.add("/".join(parts[:2]) if len(parts) > 2 else "")
+        if parts in entries:
+            raise IrisInputError(f"{zip_path}: refused, entry {info.filename!r} is in the zip twice")
+        entries[parts] = info
+        total += info.file_size
+        _check_size(zip_path, info, info.file_size, total)
+    files = {parts[2:]: info for parts, info in entries.items()}
+    if len(roots) != 1 or "" in roots or ("plans.json",) not in files:
         raise IrisInputError(f"{zip_path}: not an {EXPORT_PROGRAM} zip (expected one DATASET/"
                              f"{TRAINER_NAME}__PLANS__{CONFIGURATION}/ folder with plans.json)")
-    return next(iter(roots))
+    if not any(len(p) == 2 and p[0].startswith("fold_") and p[1] == DEFAULT_CHECKPOINT for p in files):
+        raise IrisInputError(f"{zip_path}: refused, the zip holds no fold (fold_F/{DEFAULT_CHECKPOINT}): "
+                             f"not a model")
+    return next(iter(roots)), files
+
+
+def _check_size(zip_path: str, info: zipfile.ZipInfo, size: int, total: int) -> None:
+    """Refuse an entry whose (declared or written) size passes the caps: a zip bomb."""
+    ratio = size / max(info.compress_size, 1)
+    if size > MAX_FILE_BYTES or total > MAX_TOTAL_BYTES or (size > RATIO_FROM_BYTES and ratio > MAX_RATIO):
+        raise IrisInputError(f"{zip_path}: refused, entry {info.filename!r} unpacks to {size / 2**20:.0f} MiB "
+                             f"({ratio:.0f}x its {info.compress_size / 2**20:.1f} MiB in the zip; the zip "
+                             f"{total / 2**20:.0f} MiB so far); the limits are {MAX_FILE_BYTES >> 20} MiB per file, "
+                             f"{MAX_TOTAL_BYTES >> 20} MiB in all and {MAX_RATIO}x for files over "
+                             f"{RATIO_FROM_BYTES >> 20} MiB")
+
+
+def _extract(zip_path: str, z: zipfile.ZipFile, files: dict[tuple[str, ...], zipfile.ZipInfo], staging: str) -> None:
+    """Write each checked entry under `staging` by its checked path parts, counting the bytes as they come."""
+    total = 0
+    for parts, info in files.items():
+        path = os.path.join(staging, *parts)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        written = 0
+        try:
+            with z.open(info) as src, open(path, "xb") as dst:
+                while chunk := src.read(1 << 20):
+                    written += len(chunk)
+                    total += len(chunk)
+                    _check_size(zip_path, info, written, total)
+                    dst.write(chunk)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            raise IrisInputError(f"{zip_path}: entry {info.filename!r} is corrupt ({e})") from None
+
+
+def _test_load(folder: str) -> None:
+    """Load the plans as iris_predict does and every fold's network: a broken model never replaces anything."""
+    from iris_nnu.inference.predictor import IrisPredictor  # heavy; only needed here
+
+    folds = model_folder_folds(folder)
+    for name in ("dataset.json", "manifest.json", HELD_OUT_FILE):
+        if os.path.isfile(os.path.join(folder, name)):
+            read_json_file(os.path.join(folder, name))
+    try:
+        IrisPredictor(device="cpu").initialize_from_model_folder(folder, folds)
+    except IrisInputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - plans that nnU-Net cannot use: one line
+        raise IrisInputError(f"plans.json: not usable by iris_predict ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
 
 
 def install_model(zip_path: str, destination: str | None = None, overwrite: bool = False) -> str:
@@ -102,28 +192,39 @@ def install_model(zip_path: str, destination: str | None = None, overwrite: bool
     except zipfile.BadZipFile:
         raise IrisInputError(f"{zip_path}: not a zip file") from None
     with z:
-        root = _check_entries(zip_path, z)
+        root, files = _check_entries(zip_path, z)
         target = os.path.abspath(destination or os.path.join(require_env_folder("nnUNet_results"), *root.split("/")))
+        if os.path.islink(target) or (os.path.exists(target) and not os.path.isdir(target)):
+            raise IrisInputError(f"{target}: exists and is not a folder")
         if os.path.exists(target) and os.listdir(target) and not overwrite:
             raise IrisInputError(f"{target}: already exists and is not empty (--overwrite replaces it)")
         os.makedirs(os.path.dirname(target), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".iris_install_", dir=os.path.dirname(target))
+        aside, installed = None, False
         try:
-            for info in z.infolist():
-                if not info.is_dir():
-                    relative = info.filename[len(root) + 1:]
-                    path = os.path.join(staging, *relative.split("/"))
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    with z.open(info) as src, open(path, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-            for fold in model_folder_folds(staging):
-                load_model_folder(staging, fold)  # a broken model is refused before it replaces anything
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            os.replace(staging, target)
+            _extract(zip_path, z, files, staging)
+            try:
+                _test_load(staging)
+            except IrisInputError as e:
+                raise IrisInputError(f"{zip_path}: refused, the model does not load: "
+                                     f"{str(e).replace(staging, '<zip>')}") from None
+            if os.path.exists(target):  # swap: the old model aside, the new one in, then the old one deleted
+                aside = tempfile.mkdtemp(prefix=".iris_replaced_", dir=os.path.dirname(target))
+                os.replace(target, os.path.join(aside, "model"))
+            try:
+                os.replace(staging, target)
+                installed = True
+            except OSError:
+                if aside is not None:
+                    os.replace(os.path.join(aside, "model"), target)
+                    os.rmdir(aside)
+                    aside = None
+                raise
         finally:
             if os.path.exists(staging):
                 shutil.rmtree(staging)
+            if aside is not None and installed:
+                shutil.rmtree(aside, ignore_errors=True)
     return target
 
 
@@ -167,7 +268,9 @@ def build_install_parser() -> argparse.ArgumentParser:
         prog=INSTALL_PROGRAM, formatter_class=HelpFormatter,
         description=f"Install a model zip written by {EXPORT_PROGRAM} (nnU-Net's "
                     "nnUNetv2_install_pretrained_model_from_zip). Paths in the zip are checked (no absolute paths, "
-                    "no '..', no links) and the model must load before it is put in place.")
+                    "no '..', no odd names, no links), sizes are capped (1 GiB per file, 8 GiB in all, 100x "
+                    "compression above 1 MiB), a zip with no fold is refused, and the plans and every fold must load "
+                    "before the model is swapped in: a failed install leaves the old folder as it was.")
     p.add_argument("zip", help="the model zip")
     p.add_argument("-o", default=None, metavar="FOLDER", help="install into this model folder (default: "
                    "$nnUNet_results/DatasetXXX_Name/IrisTrainer__PLANS__3d_fullres as stored in the zip)")
