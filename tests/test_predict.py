@@ -737,7 +737,7 @@ def test_help_explains_every_flag(capsys):
     for flag in ("-i", "-o", "-r", "--task", "-m", "-f", "-chk", "--classes", "--strategy", "--save_task",
                  "--tta", "--disable_tta", "-step_size", "-device", "--save_probabilities", "--modality", "--tune_steps",
                  "--tune_lr", "--retrieval_top_k", "--classes_per_pass", "-num_parts", "-part_id", "-npp", "-nps",
-                 "--continue_prediction", "--postprocess"):
+                 "--continue_prediction", "--overwrite", "--postprocess"):
         assert f"  {flag} " in out or f"  {flag}\n" in out, flag
 
 
@@ -751,3 +751,77 @@ def test_option_problems(world, tmp_path, capsys):
     assert "nothing to do" in expect_error(capsys, world, "-r", world["ref"][0])
     assert "-part_id" in expect_error(capsys, world, *io, "-r", world["ref"][0], "-num_parts", "2", "-part_id", "2")
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------- inputs and existing outputs
+def raw_layout(world, root: Path) -> Path:
+    """An nnU-Net raw folder holding two labelled cases (ref0, ref1) of the world's references."""
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True)
+    for i in range(2):
+        (root / "imagesTr" / f"ref{i}_0000.nii.gz").write_bytes((world["refs"] / f"ref{i}.nii.gz").read_bytes())
+        (root / "labelsTr" / f"ref{i}.nii.gz").write_bytes((world["refs"] / f"ref{i}_seg.nii.gz").read_bytes())
+    return root
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_outputs_never_overwrite_inputs(world, tmp_path, capsys):
+    raw = raw_layout(world, tmp_path / "raw")
+    before = contents(raw)
+    images, labels = raw / "imagesTr", raw / "labelsTr"
+    ref = f"{images}/ref0_0000.nii.gz:{labels}/ref0.nii.gz"
+    # issue 22: -i imagesTr -o labelsTr overwrote every ground-truth label, the reference's own included
+    msg = expect_error(capsys, world, "-i", str(images), "-o", str(labels), "-r", ref, "--overwrite")
+    assert f"{labels}/ref0.nii.gz: its output would overwrite it (a reference label)" in msg
+    msg = expect_error(capsys, world, "-i", str(images), "-o", str(raw / "predicted"), "-r", str(raw))
+    assert "inside reference folder" in msg and str(raw) in msg
+    assert not (raw / "predicted").exists()  # the output folder made for the run is removed again
+    # a reference scan named as the task file: refused even with --overwrite (issue 22: it was replaced)
+    msg = expect_error(capsys, world, "-r", ref, "--save_task", f"{images}/ref0_0000.nii.gz", "--overwrite")
+    assert "exists and is not a task file" in msg
+    # labels that are not inputs are existing outputs: refused, named
+    msg = expect_error(capsys, world, "-i", str(images), "-o", str(labels), "-r", world["ref"][2])
+    assert "2 output file(s) exist: ref0.nii.gz, ref1.nii.gz" in msg and "--overwrite" in msg
+    assert contents(raw) == before
+    # the --task file as --save_task
+    task = tmp_path / "task.pt"
+    run(world, "-r", world["ref"][0], "--save_task", str(task))
+    msg = expect_error(capsys, world, "--task", str(task), "--save_task", str(task), "--overwrite")
+    assert "its output would overwrite it (the --task file)" in msg
+
+
+def test_existing_outputs_are_replaced_only_with_overwrite(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    io = ["-i", str(world["queries"]), "-o", str(out), "-r", world["ref"][0], "--save_probabilities"]
+    run(world, *io)
+    (out / "scanB.mha").write_bytes(b"an earlier result")
+    before = contents(out)
+    msg = expect_error(capsys, world, *io)
+    assert "-o" in msg and "6 output file(s) exist: caseA.nii.gz, caseA.npz, caseA.pkl and 3 more" in msg
+    assert contents(out) == before
+    run(world, *io, "--overwrite")
+    assert (out / "scanB.mha").read_bytes() != b"an earlier result" and read(out / "scanB.mha")[0].any()
+    assert not leftovers(out)
+    assert "not allowed with" in expect_error(capsys, world, *io, "--overwrite", "--continue_prediction")
+
+
+def test_unwritable_output_and_save_task_problems(world, tmp_path, capsys, monkeypatch):
+    def must_not_run(args):
+        raise AssertionError("the model was loaded / the task encoded before the output was checked")
+
+    monkeypatch.setattr("iris_nnu.inference.predict.run_prediction", must_not_run)
+    msg = expect_error(capsys, world, "-i", str(world["queries"]), "-o", "/proc/iris_x", "-r", world["ref"][0])
+    assert "-o /proc/iris_x: cannot create the output folder" in msg
+    msg = expect_error(capsys, world, "-r", world["ref"][0], "--save_task", str(tmp_path))
+    assert f"--save_task {tmp_path}: a folder" in msg
+    monkeypatch.undo()
+    task = tmp_path / "t.pt"
+    run(world, "-r", world["ref"][0], "--save_task", str(task))
+    first = task.read_bytes()
+    msg = expect_error(capsys, world, "-r", world["ref"][1], "--save_task", str(task))
+    assert "the task file exists (--overwrite replaces it)" in msg and task.read_bytes() == first
+    run(world, "-r", world["ref"][1], "--save_task", str(task), "--overwrite")
+    assert task.read_bytes() != first

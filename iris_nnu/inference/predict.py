@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
 from tqdm import tqdm
 
@@ -20,13 +21,15 @@ from iris_nnu.inference.predictor import (
     STRATEGIES,
     IrisPredictor,
 )
-from iris_nnu.inference.references import parse_reference
+from iris_nnu.inference.references import ReferenceCase, parse_reference
+from iris_nnu.model.task import FORMAT_VERSION as TASK_FORMAT
 
 PROGRAM = "iris_predict"
 # -npp / -nps by device: on CPU the network already uses every core and background workers only compete with it
 # (measured with benchmarks/worker_speed.py on 2 cores: 1.65x the time for 20 hippocampi, 1.01x for 3 brains); on a
 # GPU the CPU is free while the network runs, and nnU-Net's default of 3 applies (not measured here)
 DEFAULT_WORKERS = {"cpu": 0, "cuda": 3}
+LISTED_EXISTING = 3  # existing outputs named in the refusal
 
 
 def report(message: str) -> None:
@@ -45,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="query image file, folder of images (nnU-Net {case}_0000 naming or plain names; .nii.gz .nii "
                         ".mha .mhd .nrrd .nhdr .gipl) or DICOM series folder(s); required unless only --save_task")
     p.add_argument("-o", metavar="OUTPUT", default=None,
-                   help="output folder: one segmentation per query named by case (DICOM queries: .nii.gz)")
+                   help="output folder (created if missing): one segmentation per query named by case (DICOM "
+                        "queries: .nii.gz); existing outputs need --overwrite or --continue_prediction, and no output "
+                        "may be an input or lie in a reference folder")
     task = p.add_mutually_exclusive_group(required=True)
     task.add_argument("-r", nargs="+", metavar="REF",
                       help="references: IMAGE:LABEL pairs, or folders in nnU-Net raw layout (imagesTr/ + labelsTr/) "
@@ -70,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "references, the network frozen")
     p.add_argument("--save_task", metavar="FILE",
                    help="write the encoded task (the references' embeddings; with tune, the tuned embedding) for "
-                        "--task; a task file shares a segmentation task without sharing patients")
+                        "--task; a task file shares a segmentation task without sharing patients. An existing task "
+                        "file is replaced only with --overwrite, any other existing file never")
     tta = p.add_mutually_exclusive_group()
     tta.add_argument("--tta", action="store_true",
                      help="mirrored test-time augmentation: each of the 8 flips of the query is segmented with the "
@@ -105,9 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-nps", type=int, default=None, metavar="N",
                    help="background threads that write finished segmentations (compression, --save_probabilities) "
                         "while the next query is segmented (nnU-Net's option); 0: in turn. Default as -npp")
-    p.add_argument("--continue_prediction", action="store_true",
-                   help="skip queries whose output (and, with --save_probabilities, .npz) already exists: resume an "
-                        "interrupted run (an output is written last and atomically, so one that exists is complete)")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--continue_prediction", action="store_true",
+                          help="skip queries whose output (and, with --save_probabilities, .npz) already exists: "
+                               "resume an interrupted run (an output is written last and atomically, so one that "
+                               "exists is complete)")
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace existing outputs (segmentations, .npz/.pkl, the --save_task file); without "
+                               "it or --continue_prediction an existing output is an error. An input (query, "
+                               "reference image or label, --task file, any file of a reference folder) is never "
+                               "overwritten")
     p.add_argument("--no_position_prior", action="store_true",
                    help="segment from the image alone, ignoring where in their scans the references hold each class "
                         "(use it when queries and references cover different extents: crops of other regions, CT of "
@@ -149,6 +162,85 @@ def check_arguments(args: argparse.Namespace) -> None:
         folder = os.path.dirname(os.path.abspath(args.save_task))
         if not os.path.isdir(folder):
             raise IrisInputError(f"--save_task {args.save_task}: folder {folder} does not exist")
+        if os.path.isdir(args.save_task):
+            raise IrisInputError(f"--save_task {args.save_task}: a folder; give the task file's name, e.g. "
+                                 f"{os.path.join(args.save_task, 'task.pt')}")
+        if os.path.exists(args.save_task):
+            if not is_task_file(args.save_task):
+                raise IrisInputError(f"--save_task {args.save_task}: exists and is not a task file; it is never "
+                                     f"replaced (choose another name)")
+            if not args.overwrite:
+                raise IrisInputError(f"--save_task {args.save_task}: the task file exists (--overwrite replaces it)")
+        check_writable(folder, f"--save_task {args.save_task}")
+
+
+def is_task_file(path: str) -> bool:
+    """Whether `path` is a task file written by --save_task (loaded as TaskEmbedding.load does: no code runs)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - anything unreadable is not a task file
+        return False
+    return isinstance(state, dict) and state.get("format") == TASK_FORMAT
+
+
+def check_writable(folder: str, what: str) -> None:
+    """A file can be created in `folder` (a probe, removed at once): a run never fails at its first write."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".iris_write_test_"):
+            pass
+    except OSError as e:
+        raise IrisInputError(f"{what}: cannot write in {folder} ({e.strerror or e})") from None
+
+
+def prepare_output_folder(path: str) -> bool:
+    """Create -o if needed and check that files can be written there; returns whether it was created."""
+    created = not os.path.exists(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise IrisInputError(f"-o {path}: cannot create the output folder ({e.strerror or e})") from None
+    check_writable(path, f"-o {path}")
+    return created
+
+
+def output_files(query: Query, output_folder: str, with_probabilities: bool) -> list[str]:
+    target = os.path.join(output_folder, query.name)
+    return [target + query.output_ending] + ([target + ".npz", target + ".pkl"] if with_probabilities else [])
+
+
+def check_outputs(args: argparse.Namespace, queries: list[Query], pending: list[Query],
+                  references: list[ReferenceCase], reference_folders: list[str]) -> None:
+    """No output may be an input or lie in a reference folder; existing outputs of the `pending` queries (those
+    --continue_prediction did not skip) only with --overwrite or --continue_prediction (which resumes them). One
+    line, before anything is encoded or written."""
+    inputs = {}
+    for query in queries:
+        inputs.update({os.path.realpath(p): "a query" for p in query.images})
+    for case in references:
+        inputs.update({os.path.realpath(p): "a reference image" for p in case.images})
+        inputs[os.path.realpath(case.label)] = "a reference label"
+    if args.task:
+        inputs[os.path.realpath(args.task)] = "the --task file"
+    folders = [os.path.realpath(f) for f in reference_folders]
+    outputs = [f for q in queries for f in output_files(q, args.o, args.save_probabilities)] if args.o else []
+    for path in outputs + ([args.save_task] if args.save_task else []):
+        real = os.path.realpath(path)
+        if real in inputs:
+            raise IrisInputError(f"{real}: its output would overwrite it ({inputs[real]}); choose another "
+                                 f"{'--save_task file' if path == args.save_task else 'OUTPUT folder'}")
+        inside = next((f for f in folders if os.path.commonpath([f, real]) == f), None)
+        if inside:
+            raise IrisInputError(f"{path}: an output inside reference folder {inside}, whose files are inputs; "
+                                 f"choose another {'--save_task file' if path == args.save_task else 'OUTPUT folder'}")
+    pending_outputs = [f for q in pending for f in output_files(q, args.o, args.save_probabilities)] if args.o else []
+    existing = [p for p in pending_outputs if os.path.lexists(p)]
+    if existing and not (args.overwrite or args.continue_prediction):
+        names = ", ".join(os.path.basename(p) for p in existing[:LISTED_EXISTING])
+        more = f" and {len(existing) - LISTED_EXISTING} more" if len(existing) > LISTED_EXISTING else ""
+        raise IrisInputError(f"-o {args.o}: {len(existing)} output file(s) exist: {names}{more}; --overwrite "
+                             f"replaces them, --continue_prediction skips finished queries")
 
 
 def resolve_folds(folds: list[str], model_folder: str | None) -> list[str]:
@@ -174,6 +266,16 @@ def finished(query: Query, output_folder: str, with_probabilities: bool) -> bool
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_arguments(args)
+    created = prepare_output_folder(args.o) if args.o else False
+    try:
+        return run_prediction(args)
+    except BaseException:
+        if created and os.path.isdir(args.o) and not os.listdir(args.o):
+            os.rmdir(args.o)  # a run that failed before writing anything leaves no empty folder behind
+        raise
+
+
+def run_prediction(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     workers = DEFAULT_WORKERS.get(device.type, 0)
     npp, nps = (workers if args.npp is None else args.npp), (workers if args.nps is None else args.nps)
@@ -192,16 +294,18 @@ def main(argv: list[str] | None = None) -> int:
         report("warning: the model was trained on CT only; pass --modality CT for CT scans")
     queries, problems = find_queries(args.i, predictor.num_channels) if args.i else ([], [])
     queries = sorted(queries, key=lambda q: q.name)[args.part_id::args.num_parts]
+    pending = queries
     if args.continue_prediction:
         pending = [q for q in queries if not finished(q, args.o, args.save_probabilities)]
-        if len(pending) < len(queries):
-            print(f"{PROGRAM}: {len(queries) - len(pending)} queries already segmented in {args.o}, skipped "
-                  f"(--continue_prediction)")
-        queries = pending
+    cases = [case for spec in args.r or [] for case in parse_reference(spec, predictor.num_channels)]
+    check_outputs(args, queries, pending, cases, [spec for spec in args.r or [] if os.path.isdir(spec)])
+    if len(pending) < len(queries):
+        print(f"{PROGRAM}: {len(queries) - len(pending)} queries already segmented in {args.o}, skipped "
+              f"(--continue_prediction)")
+    queries = pending
 
     references = None
     if args.r:
-        cases = [case for spec in args.r for case in parse_reference(spec, predictor.num_channels)]
         references = predictor.encode_references(cases, args.classes)
         for label, values in references.lost.items():
             report(f"warning: {label}: label value(s) {' '.join(map(str, values))} vanish at the model's spacing")
