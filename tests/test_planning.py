@@ -281,6 +281,23 @@ def test_verify_finds_undeclared_label_values(nnunet_env, capsys):
     assert "case_004.nii.gz" in msg and "[7]" in msg
 
 
+def test_verify_refuses_truncated_and_nan_nifti(nnunet_env, capsys):
+    # SimpleITK reads a truncated .nii.gz with zeros for the missing part and NaN in NIfTI as 0 (issue 22)
+    folder = Path(make_raw_dataset(str(nnunet_env["nnUNet_raw"]), 26, "Cut", num_cases=5))
+    image = folder / "imagesTr" / "case_003_0000.nii.gz"
+    whole = image.read_bytes()
+    image.write_bytes(whole[:len(whole) // 2])
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(image))).shape == (24, 32, 32)  # what let it pass
+    msg = expect_error(capsys, "-d", "26", "--verify_dataset_integrity", "-np", "1")
+    assert "Dataset026_Cut" in msg and "case_003_0000.nii.gz: truncated" in msg
+    image.write_bytes(whole)
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(image)))
+    array[3, 4, 5] = np.nan
+    write_volume(array, (1.0, 1.0, 1.0), str(image))
+    msg = expect_error(capsys, "-d", "26", "--verify_dataset_integrity", "-np", "1")
+    assert "case_003_0000.nii.gz: contains NaN or infinite values" in msg
+
+
 def test_members_with_different_channel_counts(nnunet_env, capsys):
     make_raw_dataset(str(nnunet_env["nnUNet_raw"]), 26, "One", num_cases=5)
     folder = Path(make_raw_dataset(str(nnunet_env["nnUNet_raw"]), 27, "Two", num_cases=5))

@@ -825,3 +825,30 @@ def test_unwritable_output_and_save_task_problems(world, tmp_path, capsys, monke
     assert "the task file exists (--overwrite replaces it)" in msg and task.read_bytes() == first
     run(world, "-r", world["ref"][1], "--save_task", str(task), "--overwrite")
     assert task.read_bytes() != first
+
+
+def test_truncated_or_nan_nifti_queries_and_references_are_refused(world, tmp_path, capsys):
+    # SimpleITK zero-fills a truncated .nii.gz and reads NaN in NIfTI as 0: a half query segmented with exit 0
+    queries = tmp_path / "q"
+    queries.mkdir()
+    whole = (world["queries"] / "caseA_0000.nii.gz").read_bytes()
+    (queries / "cut_0000.nii.gz").write_bytes(whole[:len(whole) // 2])
+    out = tmp_path / "out"
+    msg = expect_error(capsys, world, "-i", str(queries), "-o", str(out), "-r", world["ref"][0])
+    assert f"1 of 1 queries failed: {queries}/cut_0000.nii.gz: truncated" in msg
+    image = sitk.ReadImage(str(world["queries"] / "caseA_0000.nii.gz"))
+    array = sitk.GetArrayFromImage(image)
+    array[5, 6, 7] = np.inf
+    nan = sitk.GetImageFromArray(array)
+    nan.CopyInformation(image)
+    sitk.WriteImage(nan, str(queries / "nan_0000.nii.gz"))
+    (queries / "cut_0000.nii.gz").unlink()
+    msg = expect_error(capsys, world, "-i", str(queries), "-o", str(out), "-r", world["ref"][0])
+    assert "nan_0000.nii.gz: contains NaN or infinite values" in msg
+    assert not out.exists() or not list(out.iterdir())
+    # references: refused before the task is encoded, naming the file
+    label = world["refs"] / "ref0_seg.nii.gz"
+    (tmp_path / "cut_seg.nii.gz").write_bytes(label.read_bytes()[:200])
+    msg = expect_error(capsys, world, "-i", str(world["queries"]), "-o", str(out), "-r",
+                       f"{world['refs']}/ref0.nii.gz:{tmp_path}/cut_seg.nii.gz")
+    assert f"{tmp_path}/cut_seg.nii.gz: truncated" in msg

@@ -17,6 +17,7 @@ from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
 from iris_nnu.errors import IrisInputError
 from iris_nnu.files import write_atomic
+from iris_nnu.preprocessing.image_data import check_voxel_data
 from iris_nnu.preprocessing.raw_dataset import (
     Geometry,
     check_3d,
@@ -119,11 +120,14 @@ def label_to_sitk(segmentation: np.ndarray, properties: dict) -> sitk.Image:
 
 
 def read_images(paths: list[str], reader_writer: BaseReaderWriter) -> tuple[np.ndarray, dict]:
-    """Channels (C, Z, Y, X) float32 and nnU-Net properties; geometry checked; finite values checked."""
+    """Channels (C, Z, Y, X) float32 and nnU-Net properties; geometry checked; NIfTI files checked complete (the
+    gzip stream too: SimpleITK zero-fills a truncated one); finite values checked in every format."""
     check_files_geometry(paths)
     if os.path.isdir(paths[0]):
         data, properties = sitk_to_array([read_dicom_series(paths[0])])
     else:
+        for path in paths:
+            check_voxel_data(path)  # also NaN / inf in NIfTI, which SimpleITK reads as 0
         try:
             data, properties = reader_writer.read_images(paths)
         except Exception as e:  # noqa: BLE001 - a reader's error on a corrupt file becomes one line naming it
@@ -138,6 +142,7 @@ def read_label(path: str, reader_writer: BaseReaderWriter) -> np.ndarray:
     """A label image (1, Z, Y, X) as int64, checked to hold non-negative integers only."""
     if os.path.isdir(path):
         raise IrisInputError(f"{path}: a label must be an image file, not a folder")
+    check_voxel_data(path)
     try:
         seg, _ = reader_writer.read_seg(path)
     except Exception as e:  # noqa: BLE001

@@ -18,6 +18,7 @@ from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 from tqdm import tqdm
 
 from iris_nnu.errors import IrisInputError, require_env_folder
+from iris_nnu.preprocessing.image_data import check_voxel_data
 
 # Geometry of image channels and label must agree to this (relative) tolerance, as in nnU-Net's checks.
 GEOMETRY_TOLERANCE = 1e-3
@@ -198,6 +199,11 @@ def check_case(case: str, images: list[str], label: str, num_channels: int, labe
     except IrisInputError as e:
         return str(e)
     if label_values is not None:
+        try:
+            for path in [label, *images]:
+                check_voxel_data(path)  # truncated NIfTI / gzip (SimpleITK zero-fills), NaN in NIfTI (read as 0)
+        except IrisInputError as e:
+            return str(e)
         try:
             seg = sitk.GetArrayFromImage(sitk.ReadImage(label))
             images_data = [sitk.GetArrayFromImage(sitk.ReadImage(p)) for p in images]
