@@ -47,11 +47,13 @@ def test_joint_plan_two_modalities(two_datasets):
     plans_ct = json.loads((pre / "Dataset011_SynthCT" / "IrisPlans.json").read_text())
     plans_mr = json.loads((pre / "Dataset012_SynthMR" / "IrisPlans.json").read_text())
     cfg_ct, cfg_mr = plans_ct["configurations"]["3d_fullres"], plans_mr["configurations"]["3d_fullres"]
-    # one spacing, patch and network for every member
-    assert cfg_ct["spacing"] == cfg_mr["spacing"] == collection.plans["configurations"]["3d_fullres"]["spacing"]
+    # the native spacing rule: each member at max(finest, its own native edge), the finest = the finest member's;
+    # one patch and network for every member
+    ct_edge = round((0.8 * 0.8 * 2.5) ** (1 / 3) / 0.05) * 0.05  # 1.17 -> 1.15 mm
+    assert cfg_mr["spacing"] == collection.plans["configurations"]["3d_fullres"]["spacing"] == [1.0] * 3
+    assert cfg_ct["spacing"] == pytest.approx([ct_edge] * 3)
+    assert collection.plans["iris"]["spacing_rule"] == "native"
     spacing = cfg_ct["spacing"][0]
-    assert cfg_ct["spacing"] == [spacing] * 3
-    assert spacing == pytest.approx(round(np.median([(0.8 * 0.8 * 2.5) ** (1 / 3), 1.0]) / 0.05) * 0.05)
     assert cfg_ct["patch_size"] == cfg_mr["patch_size"]
     assert all(p % 16 == 0 for p in cfg_ct["patch_size"])
     assert cfg_ct["architecture"] == cfg_mr["architecture"]
@@ -91,7 +93,7 @@ def test_joint_plan_two_modalities(two_datasets):
     lo = (fg["percentile_00_5"] - fg["mean"]) / fg["std"]
     hi = (fg["percentile_99_5"] - fg["mean"]) / fg["std"]
     assert ct.min() >= lo - 0.1 and ct.max() <= hi + 0.1  # clipped to the dataset window (then smoothed)
-    # CT spacing 2.5 mm in z -> resampled to the joint spacing: 12 slices * 2.5 / spacing
+    # CT spacing 2.5 mm in z -> resampled to its member spacing: 12 slices * 2.5 / spacing
     assert ct.shape[0] == round(12 * 2.5 / spacing)
 
 
@@ -147,6 +149,38 @@ def test_memory_budget_sizes_patch_and_network():
     assert cl["patch_size"] == [128, 128, 128]  # the paper's patch caps the target
     assert large["iris"]["estimated_training_memory_gb"] <= 40
     assert small["iris"]["estimated_training_memory_gb"] <= 0.5 or cs["patch_size"] == [64, 64, 64]
+
+
+def test_native_spacing_rule_keeps_coarse_members_coarse_and_inference_follows_the_references():
+    """The four real members' voxel sizes: 1 mm MR crops and brains, 3.9 x 3.9 x 2.5 mm CT, 1.25 x 1.25 x 7.7 mm MR."""
+    from iris_nnu.preprocessing.planner import member_spacing, plans_for_member, run_spacing
+
+    def member(name: str, spacing_zyx: list[float], shape: list[int]) -> MemberSummary:
+        fingerprint = {"spacings": [spacing_zyx] * 3, "shapes_after_crop": [shape] * 3,
+                       "foreground_intensity_properties_per_channel": {"0": {}},
+                       "median_relative_size_after_cropping": 1.0}
+        return MemberSummary(name, {"channel_names": {"0": "MR"}, "labels": {"background": 0, "a": 1}}, fingerprint)
+
+    members = [member("Dataset001_Crops", [1, 1, 1], [36, 50, 35]), member("Dataset002_Brain", [1, 1, 1], [134, 138, 173]),
+               member("Dataset003_CT", [2.5, 3.906, 3.906], [128, 128, 128]),
+               member("Dataset004_Abdomen", [7.7, 1.25, 1.25], [35, 248, 256])]
+    plans = plan_collection(members, hardware="cpu")
+    assert plans["configurations"]["3d_fullres"]["spacing"] == [1.5] * 3  # the finest: the CPU plan's floor
+    spacings = {m.name: member_spacing(plans, m.name) for m in members}
+    assert spacings == {"Dataset001_Crops": 1.5, "Dataset002_Brain": 1.5, "Dataset003_CT": 3.35,
+                        "Dataset004_Abdomen": 2.3}
+    assert plans_for_member(plans, "Dataset003_CT")["configurations"]["3d_fullres"]["spacing"] == [3.35] * 3
+    # the CT keeps about its voxel count (128^3 = 2.1 M; at 1.5 mm it would be 23 M voxels)
+    ct_shape = plans["iris"]["members"]["Dataset003_CT"]["median_shape_at_target_spacing"]
+    assert 1.5e6 < np.prod(ct_shape) < 3e6
+    # a run follows its references by the same rule; a fixed plan (and plans from before the rule) keep theirs
+    assert run_spacing(plans, [[3.906, 3.906, 2.5]]) == 3.35
+    assert run_spacing(plans, [[0.8, 0.8, 0.8], [1, 1, 1]]) == 1.5
+    fixed = plan_collection(members, hardware="cpu", spacing_rule="fixed")
+    assert {member_spacing(fixed, m.name) for m in members} == {1.65}  # the median native edge
+    assert run_spacing(fixed, [[3.906, 3.906, 2.5]]) == 1.65
+    del fixed["iris"]["spacing_rule"]
+    assert run_spacing(fixed, [[3.906, 3.906, 2.5]]) == 1.65
 
 
 def test_cpu_plan_is_small_and_coarse_gpu_plan_is_paper_like():

@@ -28,6 +28,7 @@ from iris_nnu.preprocessing.planner import (
     CONFIGURATION,
     HARDWARE,
     PLANS_IDENTIFIER,
+    SPACING_RULES,
     MemberSummary,
     plan_collection,
     plans_for_member,
@@ -117,8 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "spacing, patch up to 128, sized to the GPU's memory); cpu = a plan that learns per "
                         "CPU-hour (spacing >= 1.5 mm, 32^3 patch, 0.5 GB); auto: gpu if torch sees one, else cpu")
     p.add_argument("--target_spacing", type=parse_spacing, default=None, metavar="auto|MM",
-                   help="isotropic spacing in mm for all members; auto: median over members of the cube root of "
-                        "the median voxel volume (default: auto; for a CPU plan at least 1.5)")
+                   help="isotropic spacing in mm: the finest (rule native) or every member's (rule fixed); auto: "
+                        "the finest member's native edge (cube root of its median voxel volume) with rule native, "
+                        "the median of the members' with rule fixed (default: auto; for a CPU plan at least 1.5)")
+    p.add_argument("--spacing_rule", choices=SPACING_RULES, default="native",
+                   help="native: each member at max(target spacing, its own native edge), so coarse members (3.9 mm "
+                        "CT, 7.7 mm slices) are not blown up to the finest member's resolution, and inference runs "
+                        "at the spacing the same rule gives its references; fixed: every member and run at the "
+                        "target spacing")
     p.add_argument("--patch_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="training patch in voxels at the target spacing, multiples of 16; the memory budget then "
                         "sets only width and batch (default for a GPU plan: the largest member's median shape, "
@@ -182,14 +189,16 @@ def main(argv: list[str] | None = None) -> int:
                                                       next(iter(datasets[0].cases.values()))["images"][0])
     try:
         plans = plan_collection(summaries, args.target_spacing, args.memory_gb, reader.__name__, args.patch_size,
-                                args.plan_for, plans_name)
+                                args.plan_for, plans_name, args.spacing_rule)
     except ValueError as e:
         raise IrisInputError(str(e)) from None
     configuration = plans["configurations"][CONFIGURATION]
     arch = configuration["architecture"]["arch_kwargs"]
-    print(f"joint plan: spacing {configuration['spacing'][0]:g} mm, patch {configuration['patch_size']}, "
-          f"batch {configuration['batch_size']}, widths {arch['features_per_stage']}, estimated "
-          f"{plans['iris']['estimated_training_memory_gb']:.2f} of {plans['iris']['memory_budget_gb']:.2f} GB")
+    print(f"joint plan: spacing {configuration['spacing'][0]:g} mm ({args.spacing_rule}), patch "
+          f"{configuration['patch_size']}, batch {configuration['batch_size']}, widths {arch['features_per_stage']}, "
+          f"estimated {plans['iris']['estimated_training_memory_gb']:.2f} of {plans['iris']['memory_budget_gb']:.2f} GB")
+    for name, entry in plans["iris"]["members"].items():
+        print(f"  {name}: {entry['spacing'][0]:g} mm, median shape {entry['median_shape_at_target_spacing']}")
 
     for d in datasets:
         member_folder = os.path.join(root, d.name)

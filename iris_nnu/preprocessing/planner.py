@@ -3,10 +3,16 @@
 nnU-Net plans each dataset alone; Iris trains one network on all members, so they must share the spacing,
 the patch and the network. The rules, in order:
 
-1. Target spacing (isotropic). `auto`: the median, over members, of each member's median voxel size expressed
-   as an isotropic edge, (sx*sy*sz)^(1/3). An anisotropic 0.8x0.8x5 mm CT counts as 1.47 mm, a 1 mm MR as
-   1 mm: the voxel count of each member is kept on average. (The Iris paper fixes 1.5 mm for its 12 datasets.)
-2. Target patch: per axis, the largest member median shape at that spacing, rounded up to a multiple of the
+1. Spacing (isotropic). A member's *native edge* is its median voxel size expressed as an isotropic edge,
+   (sx*sy*sz)^(1/3): an anisotropic 0.8x0.8x5 mm CT counts as 1.47 mm, a 1 mm MR as 1 mm. Rule `native` (the
+   default): each member is preprocessed at max(finest spacing, its native edge), so a coarse member (3.9 x 3.9 x
+   2.5 mm CT: 3.35 mm) keeps about its own voxel count instead of being blown up to the MR members' resolution
+   (1.5 mm would make that CT 333 x 333 x 213 voxels, 8 minutes per query on a CPU), and a fine member is
+   resampled to the finest spacing. `auto` finest spacing: the finest native edge. At inference a run uses the
+   same rule on its references (`run_spacing`), so query and reference share one
+   spacing that the model saw in training. Rule `fixed`: every member at one spacing, `auto` = the median native
+   edge (the Iris paper fixes 1.5 mm for its 12 datasets). Edges are rounded to 0.05 mm.
+2. Target patch: per axis, the largest member median shape at its spacing, rounded up to a multiple of the
    network's down-sampling factor and capped at 128 (the paper's patch).
 3. Network and patch from the memory budget: for base widths 32, 24, 16, 8 (doubling per stage, 5 stages),
    shrink the patch (largest axis first, down to 64 per axis) until the model's memory estimate for one
@@ -15,7 +21,7 @@ the patch and the network. The rules, in order:
 
 Hardware. The rules above make the paper-like plan for a GPU (`hardware="gpu"`, or `auto` with a GPU visible).
 For a CPU (`cpu`, or `auto` without a GPU) what is not given is chosen for learning per CPU-hour instead:
-spacing no finer than 1.5 mm (the paper's), a fixed 32^3 patch and a 0.5 GB budget (widths 8..128). Measured on
+finest spacing no finer than 1.5 mm (the paper's), a fixed 32^3 patch and a 0.5 GB budget (widths 8..128). Measured on
 2 cores (benchmarks/learning_curves.py, issue 10): the automatic 1 mm / 64^3 / widths 16..256 plan takes ~13 s
 per iteration; 32^3 takes ~1.3 s, and after 300 iterations the hippocampus reached held-out one-shot Dice 0.50 at
 1.5 mm against 0.34 at 2 mm.
@@ -45,6 +51,7 @@ CPU_MEMORY_GB = 0.5
 CPU_PATCH = [32, 32, 32]
 CPU_MIN_SPACING = 1.5
 HARDWARE = ("auto", "cpu", "gpu")
+SPACING_RULES = ("native", "fixed")
 # Leave room for the CUDA context and allocator fragmentation when the budget is a GPU's whole memory.
 GPU_MEMORY_FRACTION = 0.85
 
@@ -96,10 +103,23 @@ def default_memory_gb(hardware: str = "auto") -> float:
     return CPU_MEMORY_GB
 
 
+def round_spacing(mm: float) -> float:
+    return max(0.05, round(round(float(mm) / 0.05) * 0.05, 4))
+
+
+def native_edge(spacing) -> float:
+    """An anisotropic voxel size (mm per axis) as the edge of an isotropic voxel of the same volume."""
+    return float(np.prod(np.asarray(spacing, dtype=float))) ** (1 / 3)
+
+
 def auto_target_spacing(members: list[MemberSummary]) -> float:
-    """Rule 1 of the module docstring, rounded to 0.05 mm."""
-    edges = [float(np.prod(m.median_spacing)) ** (1 / 3) for m in members]
-    return max(0.05, round(float(np.median(edges)) / 0.05) * 0.05)
+    """The `fixed` rule's automatic spacing (module docstring, rule 1): the median native edge."""
+    return round_spacing(float(np.median([native_edge(m.median_spacing) for m in members])))
+
+
+def native_spacing(voxel_spacing, finest: float) -> float:
+    """The `native` rule (module docstring, rule 1): max(finest, the voxel size's native edge)."""
+    return max(float(finest), round_spacing(native_edge(voxel_spacing)))
 
 
 def shape_at_spacing(member: MemberSummary, spacing: float) -> np.ndarray:
@@ -156,25 +176,35 @@ def normalization_for_member(member: MemberSummary) -> tuple[list[str], list[boo
 def plan_collection(members: list[MemberSummary], target_spacing: float | None = None,
                     memory_gb: float | None = None, image_reader_writer: str = "SimpleITKIO",
                     patch_size: list[int] | None = None, hardware: str = "auto",
-                    plans_name: str = PLANS_IDENTIFIER) -> dict:
-    """The joint plan: configuration shared by all members, plus per-member normalisation in `iris.members`.
+                    plans_name: str = PLANS_IDENTIFIER, spacing_rule: str = "native") -> dict:
+    """The joint plan: configuration shared by all members, plus per-member spacing and normalisation in
+    `iris.members`.
 
-    `patch_size` (multiples of 16) replaces the automatic patch; `hardware` ('auto', 'cpu', 'gpu') picks the
-    defaults of what is not given (module docstring, "Hardware").
+    `target_spacing`: the finest spacing (rule `native`) or every member's (`fixed`); `patch_size` (multiples of 16)
+    replaces the automatic patch; `hardware` ('auto', 'cpu', 'gpu') picks the defaults of what is not given (module
+    docstring, "Hardware").
     """
     hardware = resolve_hardware(hardware)
+    if spacing_rule not in SPACING_RULES:
+        raise ValueError(f"spacing rule must be one of {SPACING_RULES}, got {spacing_rule!r}")
+    if not target_spacing:
+        target_spacing = (auto_target_spacing(members) if spacing_rule == "fixed" else
+                          min(round_spacing(native_edge(m.median_spacing)) for m in members))
+        if hardware == "cpu":
+            target_spacing = max(CPU_MIN_SPACING, target_spacing)
     if hardware == "cpu":
         patch_size = CPU_PATCH if patch_size is None else patch_size
-        target_spacing = target_spacing or max(CPU_MIN_SPACING, auto_target_spacing(members))
     channels = {m.num_channels for m in members}
     if len(channels) != 1:
         detail = ", ".join(f"{m.name}: {m.num_channels}" for m in members)
         raise ValueError(f"members have different numbers of input channels ({detail}); one network needs one")
     input_channels = channels.pop()
-    spacing = float(target_spacing) if target_spacing else auto_target_spacing(members)
+    spacing = float(target_spacing)
+    member_spacing = {m.name: spacing if spacing_rule == "fixed" else native_spacing(m.median_spacing, spacing)
+                      for m in members}
     memory_gb = float(memory_gb) if memory_gb else default_memory_gb(hardware)
     divisor = 2 ** (NUM_STAGES - 1)
-    largest = np.max([shape_at_spacing(m, spacing) for m in members], axis=0)
+    largest = np.max([shape_at_spacing(m, member_spacing[m.name]) for m in members], axis=0)
     if patch_size is not None:
         if len(patch_size) != 3 or any(p < divisor or p % divisor for p in patch_size):
             raise ValueError(f"patch size {patch_size}: give 3 edge lengths, each a positive multiple of {divisor}")
@@ -191,7 +221,9 @@ def plan_collection(members: list[MemberSummary], target_spacing: float | None =
             "normalization_schemes": schemes,
             "use_mask_for_norm": use_mask,
             "foreground_intensity_properties_per_channel": m.fingerprint["foreground_intensity_properties_per_channel"],
-            "median_shape_at_target_spacing": [round(float(s), 1) for s in shape_at_spacing(m, spacing)],
+            "spacing": [member_spacing[m.name]] * 3,
+            "median_shape_at_target_spacing": [round(float(s), 1) for s in
+                                               shape_at_spacing(m, member_spacing[m.name])],
             "original_median_spacing": [float(s) for s in m.median_spacing],
             "original_median_shape": [float(s) for s in m.median_shape],
         }
@@ -202,7 +234,7 @@ def plan_collection(members: list[MemberSummary], target_spacing: float | None =
         "batch_size": batch,
         "patch_size": patch,
         "median_image_size_in_voxels": [float(s) for s in np.median(
-            [shape_at_spacing(m, spacing) for m in members], axis=0)],
+            [shape_at_spacing(m, member_spacing[m.name]) for m in members], axis=0)],
         "spacing": [spacing] * 3,
         "normalization_schemes": first["normalization_schemes"],
         "use_mask_for_norm": first["use_mask_for_norm"],
@@ -233,6 +265,8 @@ def plan_collection(members: list[MemberSummary], target_spacing: float | None =
             "memory_budget_gb": round(memory_gb, 3),
             "estimated_training_memory_gb": round(estimate / 1024**3, 3),
             "max_classes_per_episode": num_classes,
+            # configuration spacing = the finest; with `native` a run's spacing follows its references (rule 1)
+            "spacing_rule": spacing_rule,
             "target_patch_size": target_patch,
             "members": member_entries,
         },
@@ -249,5 +283,22 @@ def plans_for_member(joint_plans: dict, member_name: str) -> dict:
     configuration = dict(joint_plans["configurations"][CONFIGURATION])
     configuration["normalization_schemes"] = entry["normalization_schemes"]
     configuration["use_mask_for_norm"] = entry["use_mask_for_norm"]
+    configuration["spacing"] = list(entry.get("spacing", configuration["spacing"]))  # plans before the rule: one
     plans["configurations"] = {CONFIGURATION: configuration}
     return plans
+
+
+def member_spacing(joint_plans: dict, member_name: str) -> float:
+    """The isotropic spacing a member was preprocessed at (plans made before per-member spacing: the plan's)."""
+    entry = joint_plans.get("iris", {}).get("members", {}).get(member_name, {})
+    return float(entry.get("spacing", joint_plans["configurations"][CONFIGURATION]["spacing"])[0])
+
+
+def run_spacing(plans: dict, voxel_spacings) -> float:
+    """The spacing of an inference run whose references have these voxel sizes (mm per axis, one row each): the
+    plan's own with rule `fixed` (and in plans made before the rules), else the `native` rule on their median
+    native edge, never finer than the plan's finest spacing (rule 1)."""
+    finest = float(plans["configurations"][CONFIGURATION]["spacing"][0])
+    if plans.get("iris", {}).get("spacing_rule", "fixed") != "native" or not len(voxel_spacings):
+        return finest
+    return max(finest, round_spacing(float(np.median([native_edge(s) for s in voxel_spacings]))))
