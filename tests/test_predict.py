@@ -852,3 +852,21 @@ def test_truncated_or_nan_nifti_queries_and_references_are_refused(world, tmp_pa
     msg = expect_error(capsys, world, "-i", str(world["queries"]), "-o", str(out), "-r",
                        f"{world['refs']}/ref0.nii.gz:{tmp_path}/cut_seg.nii.gz")
     assert f"{tmp_path}/cut_seg.nii.gz: truncated" in msg
+
+
+def test_partial_outputs_of_a_killed_run_are_removed_when_the_next_starts(world, tmp_path):
+    import subprocess
+
+    done = subprocess.Popen(["true"])
+    done.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".caseA.partial{done.pid}.nii.gz"  # a killed run's, hidden (issue 22: never cleaned up)
+    stale.write_bytes(b"half a segmentation")
+    os.utime(stale, (1e9, 1e9))
+    recent = out / f".scanB.partial{done.pid}.mha"  # changed just now: maybe another machine's, still writing
+    recent.write_bytes(b"being written")
+    live = out / f".scanB.partial{os.getppid()}.npz"  # a running process's
+    live.write_bytes(b"being written")
+    run(world, "-i", str(world["queries"] / "caseA_0000.nii.gz"), "-o", str(out), "-r", world["ref"][0])
+    assert not stale.exists() and recent.exists() and live.exists() and (out / "caseA.nii.gz").is_file()

@@ -505,6 +505,58 @@ def test_unsupported_options(collection_env, capsys):
         assert "CUDA is not available" in expect_error(capsys, "900", "0", "-device", "cuda")
 
 
+def dead_pid() -> int:
+    """The id of a process that has ended."""
+    import subprocess
+
+    done = subprocess.Popen(["true"])
+    done.wait()
+    return done.pid
+
+
+def test_continue_without_a_complete_checkpoint_is_an_error(collection_env, capsys):
+    # issue 22: --c after a kill during the first checkpoint write started a fresh 1000 x 250 run
+    fold = collection_env / "nnUNet_results" / "Dataset900_SynthCT_SynthMR" / "IrisTrainer__IrisPlans__3d_fullres" \
+        / "fold_2"
+    msg = expect_error(capsys, "900", "2", "-device", "cpu", "--c")
+    assert f"{fold} does not exist" in msg and "leave out --c" in msg and not fold.exists()
+    fold.mkdir(parents=True)
+    torch.save({"network_weights": {"w": torch.zeros(1000)}, "current_epoch": 1}, fold / "checkpoint_best.pth")
+    whole = (fold / "checkpoint_best.pth").read_bytes()
+    (fold / "checkpoint_latest.pth").write_bytes(whole[:len(whole) // 2])  # killed while written
+    stale = fold / f".checkpoint_latest.partial{dead_pid()}.pth"
+    stale.write_bytes(whole[:100])
+    os.utime(stale, (1e9, 1e9))
+    live = fold / f".checkpoint_latest.partial{os.getppid()}.pth"  # a running process's: kept
+    live.write_bytes(b"being written")
+    msg = expect_error(capsys, "900", "2", "-device", "cpu", "--c")
+    assert "no complete checkpoint_final.pth or checkpoint_latest.pth" in msg
+    assert "checkpoint_latest.pth is unreadable, truncated or not a checkpoint" in msg
+    assert "other files: checkpoint_best.pth" in msg and f"removed partial file(s) of a killed run: {stale.name}" in msg
+    assert "leave out --c" in msg and not stale.exists() and live.exists()
+    assert sorted(p.name for p in fold.iterdir()) == sorted([live.name, "checkpoint_best.pth",
+                                                              "checkpoint_latest.pth"])  # no log, no fresh run
+    (fold / "checkpoint_final.pth").write_bytes(whole)  # readable, but not a training checkpoint
+    msg = expect_error(capsys, "900", "2", "-device", "cpu", "--c")
+    assert "checkpoint_final.pth is not an iris_train checkpoint (no optimizer_state" in msg
+    live.unlink()
+
+
+def test_pretrained_weights_that_are_not_a_checkpoint(collection_env, tmp_path, capsys):
+    (tmp_path / "foreign.pth").write_text("not a checkpoint")
+    torch.save({"network_weights": {"w": torch.zeros(1000)}}, tmp_path / "whole.pth")
+    whole = (tmp_path / "whole.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[:len(whole) // 2])
+    torch.save({"state_dict": {}}, tmp_path / "other.pth")
+    for name in ("foreign.pth", "cut.pth"):
+        msg = expect_error(capsys, "900", "0", "-device", "cpu", "-pretrained_weights", str(tmp_path / name))
+        assert f"{tmp_path / name}: unreadable, truncated or not a checkpoint" in msg
+    msg = expect_error(capsys, "900", "0", "-device", "cpu", "-pretrained_weights", str(tmp_path / "other.pth"))
+    assert "no 'network_weights'; it holds state_dict" in msg
+    msg = expect_error(capsys, "900", "0", "-device", "cpu", "-pretrained_weights", str(tmp_path / "whole.pth"))
+    assert "not weights of this architecture" in msg
+
+
 def test_look_alike_structures_are_told_apart_by_where_they_lie(tmp_path, monkeypatch):
     """Two structures of the same brightness in scans twice the patch wide (like cortical parcels in a brain): a
     window often shows one of them alone, and only where it lies in the scan says which. A small model trained with

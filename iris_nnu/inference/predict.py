@@ -11,6 +11,7 @@ from tqdm import tqdm
 from iris_nnu.cli import HelpFormatter
 from iris_nnu.device import add_device_argument, resolve_device
 from iris_nnu.errors import IrisInputError, cli_entry
+from iris_nnu.files import remove_stale_partials
 from iris_nnu.inference.images import Query, find_queries
 from iris_nnu.inference.model_folder import DEFAULT_CHECKPOINT, DEFAULT_MODEL_FOLDER, model_folder_folds
 from iris_nnu.inference.plans import MODALITIES, trained_on_ct_only
@@ -267,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_arguments(args)
     created = prepare_output_folder(args.o) if args.o else False
+    removed = remove_stale_partials(args.o) if args.o else []
+    if removed:
+        print(f"{PROGRAM}: removed {len(removed)} partial file(s) a killed run left in {args.o}: "
+              f"{', '.join(removed[:LISTED_EXISTING])}{' ...' if len(removed) > LISTED_EXISTING else ''}")
     try:
         return run_prediction(args)
     except BaseException:

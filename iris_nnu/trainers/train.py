@@ -5,17 +5,18 @@ import argparse
 import datetime
 import importlib
 import os
+import pickle
 import socket
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from nnunetv2.run.run_training import maybe_load_checkpoint
 
 from iris_nnu.cli import HelpFormatter
 from iris_nnu.device import add_device_argument, resolve_device
 from iris_nnu.errors import IrisInputError, cli_entry, require_env_folder
+from iris_nnu.files import remove_stale_partials
 from iris_nnu.inference.model_folder import load_checkpoint
 from iris_nnu.preprocessing.collection import load_collection
 from iris_nnu.preprocessing.planner import CONFIGURATION, PLANS_IDENTIFIER
@@ -25,6 +26,10 @@ from iris_nnu.trainers.iris_trainer import IrisTrainer
 # others wait at a barrier. A rank that dies does not leave the others waiting this long: mp.spawn and torchrun
 # stop the remaining processes.
 DISTRIBUTED_TIMEOUT = datetime.timedelta(hours=4)
+# What --c continues from, in nnU-Net's order (a finished run's final checkpoint first)
+CONTINUE_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth")
+# keys of a checkpoint that IrisTrainer.load_checkpoint needs
+CHECKPOINT_KEYS = ("network_weights", "optimizer_state", "current_epoch", "init_args", "logging", "_best_ema")
 
 
 def resolve_trainer(name: str) -> type[IrisTrainer]:
@@ -83,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 250, or the checkpoint's with --c)")
     p.add_argument("--val_iterations", type=int, default=None, help="validation episodes per epoch (default: 50, "
                    "or the checkpoint's with --c)")
-    p.add_argument("--c", action="store_true", help="continue from the fold's latest checkpoint: epoch, optimiser, "
-                   "learning-rate schedule, memory bank and log")
+    p.add_argument("--c", action="store_true", help="continue from the fold's checkpoint_final.pth, else "
+                   "checkpoint_latest.pth: epoch, optimiser, learning-rate schedule, memory bank and log; without a "
+                   "complete one it is an error (leave out --c to start fresh)")
     p.add_argument("-num_gpus", type=int, default=1,
                    help="processes to train with on this machine (DistributedDataParallel, as nnU-Net's -num_gpus): "
                         "one per GPU with NCCL, or with -device cpu that many CPU processes with gloo; the plans' "
@@ -193,15 +199,28 @@ def build_trainer(args: argparse.Namespace) -> IrisTrainer:
                              f"({len(collection.splits)} folds)")
     trainer_class = resolve_trainer(args.tr)
     device = resolve_device(args.device)
+    fold_folder = os.path.join(require_env_folder("nnUNet_results"), collection.plans["dataset_name"],
+                               f"{trainer_class.__name__}__{collection.plans['plans_name']}__{CONFIGURATION}",
+                               f"fold_{args.fold}")
+    removed = remove_stale_partials(fold_folder) if not dist.is_initialized() or dist.get_rank() == 0 else []
+    if removed:
+        print(f"iris_train: removed {len(removed)} partial file(s) a killed run left in {fold_folder}: "
+              f"{', '.join(removed)}", file=sys.stderr)
+    saved = None
+    if args.c:  # before the trainer exists: it creates the fold folder and a log
+        args.continue_from, saved = checkpoint_to_continue(fold_folder, removed)
+    elif args.val:
+        args.continue_from = os.path.join(fold_folder, "checkpoint_final.pth")
+    if args.pretrained_weights:
+        check_pretrained_weights(args.pretrained_weights)
     plans = dict(collection.plans, continue_training=args.c or args.val)
     trainer = trainer_class(plans, CONFIGURATION, args.fold, collection.dataset_json, device)
+    if os.path.normpath(trainer.output_folder) != os.path.normpath(fold_folder):
+        raise RuntimeError(f"{trainer_class.__name__} writes to {trainer.output_folder}, not {fold_folder}")
 
-    checkpoint = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
-    if args.c and not os.path.isfile(checkpoint):
-        checkpoint = os.path.join(trainer.output_folder, "checkpoint_final.pth")
-    if args.c and os.path.isfile(checkpoint):
+    if saved is not None:
         # continue with the run's own settings unless told otherwise (the schedule depends on them)
-        saved = load_checkpoint(checkpoint).get("iris_settings", {})
+        saved = saved.get("iris_settings", {})
         trainer.num_epochs = saved.get("num_epochs", trainer.num_epochs)
         trainer.num_iterations_per_epoch = saved.get("num_iterations_per_epoch", trainer.num_iterations_per_epoch)
         trainer.num_val_iterations_per_epoch = saved.get("num_val_iterations_per_epoch",
@@ -218,9 +237,67 @@ def build_trainer(args: argparse.Namespace) -> IrisTrainer:
     return trainer
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:160]}" if text else type(e).__name__
+
+
+def checkpoint_to_continue(folder: str, removed: list[str]) -> tuple[str, dict]:
+    """The first complete, readable checkpoint --c can continue from (final, then latest) and its contents; else
+    one line naming what the fold folder holds and how to start fresh (nnU-Net starts a new run with a warning)."""
+    fresh = "to start a fresh run, leave out --c"
+    if not os.path.isdir(folder):
+        raise IrisInputError(f"--c: {folder} does not exist: nothing to continue ({fresh})")
+    problems = []
+    for name in CONTINUE_CHECKPOINTS:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            checkpoint = load_checkpoint(path)
+        except Exception as e:  # noqa: BLE001 - truncated (killed while written) or foreign: say so, in one line
+            problems.append(f"{name} is unreadable, truncated or not a checkpoint ({_first_line(e)})")
+            continue
+        missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
+        if missing:
+            problems.append(f"{name} is not an iris_train checkpoint (no {', '.join(missing)})")
+            continue
+        if problems:
+            print(f"iris_train: warning: {'; '.join(problems)}; continuing from {name}", file=sys.stderr)
+        return path, checkpoint
+    names = sorted(os.listdir(folder))
+    partial = [f for f in names if f.startswith(".") and ".partial" in f]
+    others = [f for f in names if f.endswith(".pth") and f not in CONTINUE_CHECKPOINTS and f not in partial]
+    found = "; ".join(problems + ([f"other files: {', '.join(others)}"] if others else [])
+                      + ([f"removed partial file(s) of a killed run: {', '.join(removed)}"] if removed else [])
+                      + ([f"partial file(s) of a running process: {', '.join(partial)}"] if partial else []))
+    raise IrisInputError(f"--c: no complete checkpoint_final.pth or checkpoint_latest.pth in {folder} "
+                         f"({found or 'no checkpoint files at all'}); {fresh} (it overwrites this fold's checkpoints)")
+
+
+def check_pretrained_weights(path: str) -> None:
+    """A readable checkpoint with network weights (loaded with weights_only=True); the architecture is checked when
+    they are loaded into the network."""
+    try:
+        checkpoint = load_checkpoint(path)
+    except Exception as e:  # noqa: BLE001 - truncated or foreign file: one line
+        raise IrisInputError(f"--pretrained_weights {path}: unreadable, truncated or not a checkpoint "
+                             f"({_first_line(e)})") from None
+    if not isinstance(checkpoint.get("network_weights"), dict):
+        raise IrisInputError(f"--pretrained_weights {path}: not an iris_train / nnU-Net checkpoint (no "
+                             f"'network_weights'; it holds {', '.join(map(str, list(checkpoint)[:5])) or 'nothing'})")
+
+
 def run_training(args: argparse.Namespace, trainer: IrisTrainer) -> int:
     """Load what the arguments ask for, train, validate (as nnU-Net's run_training)."""
-    maybe_load_checkpoint(trainer, args.c, args.val)
+    if args.c or args.val:  # the checkpoint build_trainer checked (nnU-Net's maybe_load_checkpoint picks by name)
+        if not trainer.was_initialized:
+            trainer.initialize()
+        try:
+            trainer.load_checkpoint(args.continue_from)
+        except (KeyError, RuntimeError, ValueError, TypeError, OSError, EOFError, pickle.UnpicklingError) as e:
+            raise IrisInputError(f"{args.continue_from}: cannot be loaded into this run's network "
+                                 f"({_first_line(e)})") from None
     if args.pretrained_weights:
         try:
             trainer.load_pretrained_weights(args.pretrained_weights)
