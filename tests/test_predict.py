@@ -870,3 +870,31 @@ def test_partial_outputs_of_a_killed_run_are_removed_when_the_next_starts(world,
     live.write_bytes(b"being written")
     run(world, "-i", str(world["queries"] / "caseA_0000.nii.gz"), "-o", str(out), "-r", world["ref"][0])
     assert not stale.exists() and recent.exists() and live.exists() and (out / "caseA.nii.gz").is_file()
+
+
+def test_a_nifti_sform_that_differs_from_the_qform_is_kept_in_the_output(world, tmp_path):
+    import nibabel
+
+    queries = tmp_path / "q"
+    queries.mkdir()
+    source = nibabel.load(str(world["queries"] / "caseA_0000.nii.gz"))
+    qform = source.get_qform()
+    sform = qform.copy()
+    sform[:3, 3] += [10.0, 0.0, 0.0]  # 10 mm off the qform (issue 22: the output's sform was the qform)
+    shifted = nibabel.Nifti1Image(np.asanyarray(source.dataobj), None, source.header.copy())
+    shifted.set_qform(qform, 1)
+    shifted.set_sform(sform, 2)
+    nibabel.save(shifted, str(queries / "caseA_0000.nii.gz"))
+    out = tmp_path / "out"
+    run(world, "-i", str(queries), "-o", str(out), "-r", world["ref"][0])
+    written = nibabel.load(str(out / "caseA.nii.gz"))
+    np.testing.assert_allclose(written.header.get_sform(), sform, atol=1e-4)
+    np.testing.assert_allclose(written.header.get_qform(), qform, atol=1e-4)
+    assert int(written.header["sform_code"]) == 2 and int(written.header["qform_code"]) == 1
+    assert written.shape == shifted.shape and np.asanyarray(written.dataobj).any()
+    # a query whose forms agree is written as before (SimpleITK's header, untouched)
+    plain = tmp_path / "plain"
+    run(world, "-i", str(world["queries"] / "caseA_0000.nii.gz"), "-o", str(plain), "-r", world["ref"][0])
+    np.testing.assert_allclose(nibabel.load(str(plain / "caseA.nii.gz")).header.get_sform(), qform, atol=1e-4)
+    np.testing.assert_array_equal(np.asanyarray(nibabel.load(str(plain / "caseA.nii.gz")).dataobj),
+                                  np.asanyarray(written.dataobj))

@@ -32,6 +32,11 @@ SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".gipl
 # Two-file formats are written as their one-file siblings, so a finished output is renamed into place in one step.
 OUTPUT_ENDINGS = {".mhd": ".mha", ".nhdr": ".nrrd"}
 DICOM_OUTPUT_ENDING = ".nii.gz"
+# A NIfTI query whose sform differs from its qform: both, as its header has them, are kept in the properties under
+# this key and written into the output's header (SimpleITK reads one of them and writes it as both, so tools that
+# read the sform, nibabel and FSL, would place the output elsewhere than the query)
+NIFTI_FORMS_KEY = "iris_nifti_forms"
+NIFTI_ENDINGS = (".nii", ".nii.gz")
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -135,7 +140,41 @@ def read_images(paths: list[str], reader_writer: BaseReaderWriter) -> tuple[np.n
     for c, path in enumerate(paths):
         if not np.all(np.isfinite(data[c])):
             raise IrisInputError(f"{path}: contains NaN or infinite values")
+    forms = None if os.path.isdir(paths[0]) else nifti_forms(paths[0])
+    if forms is not None:
+        properties[NIFTI_FORMS_KEY] = forms
     return data, properties
+
+
+def nifti_forms(path: str) -> dict | None:
+    """A NIfTI file's qform and sform (affines and codes) when both are set and differ, else None (then the one
+    SimpleITK reads is the whole geometry, and the output written from it is right for every reader)."""
+    if not path.lower().endswith(NIFTI_ENDINGS):
+        return None
+    import nibabel  # an nnunetv2 dependency
+
+    try:
+        header = nibabel.load(path).header
+        sform, sform_code = header.get_sform(coded=True)
+        qform, qform_code = header.get_qform(coded=True)
+    except Exception:  # noqa: BLE001 - the image readers report a bad header
+        return None
+    if sform is None or qform is None or np.allclose(sform, qform, atol=1e-5):
+        return None
+    return {"sform": np.asarray(sform, dtype=np.float64), "sform_code": int(sform_code),
+            "qform": np.asarray(qform, dtype=np.float64), "qform_code": int(qform_code)}
+
+
+def restore_nifti_forms(path: str, forms: dict) -> None:
+    """Rewrite a NIfTI file's qform and sform (codes too) as `forms` has them; the voxels stay as written."""
+    import nibabel
+
+    image = nibabel.load(path)
+    data = np.asanyarray(image.dataobj)  # read in full before the file is rewritten
+    out = nibabel.Nifti1Image(data, None, image.header.copy())
+    out.set_qform(forms["qform"], forms["qform_code"])
+    out.set_sform(forms["sform"], forms["sform_code"])
+    nibabel.save(out, path)
 
 
 def read_label(path: str, reader_writer: BaseReaderWriter) -> np.ndarray:
@@ -170,6 +209,8 @@ def write_segmentation(segmentation: np.ndarray, path: str, properties: dict,
             sitk.WriteImage(label_to_sitk(segmentation, properties), tmp, True)
         else:
             reader_writer.write_seg(segmentation, tmp, properties)
+        if NIFTI_FORMS_KEY in properties and tmp.lower().endswith(NIFTI_ENDINGS):
+            restore_nifti_forms(tmp, properties[NIFTI_FORMS_KEY])
 
     write_atomic(path, write)
 
