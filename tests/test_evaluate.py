@@ -77,3 +77,29 @@ def test_bad_input(folders, capsys):
     (folders["pred"] / "case0.mha").write_bytes(b"garbage")
     assert "case0.mha: unreadable image" in expect_error(capsys, "-ref", gt, "-pred", pred)
     assert ".json" in expect_error(capsys, "-ref", gt, "-pred", pred, "-o", str(folders["root"] / "s.txt"))
+
+
+def test_labels_and_cases_left_out_are_reported_and_fractional_labels_refused(folders, capsys):
+    # issue 22: predicted labels missing from the ground truth and extra predictions were ignored without a word
+    gt, pred = str(folders["gt"]), str(folders["pred"])
+    import SimpleITK as sitk
+
+    case0 = sitk.GetArrayFromImage(sitk.ReadImage(str(folders["pred"] / "case0.mha")))
+    with_extra = case0.copy()
+    with_extra[0, 0, :3] = 99  # a label no ground truth holds
+    write_volume(with_extra, (1.0, 1.0, 1.5), str(folders["pred"] / "case0.mha"))
+    write_volume(case0, (1.0, 1.0, 1.5), str(folders["pred"] / "stray.mha"))  # no ground truth of that name
+    main(["-ref", gt, "-pred", pred])
+    err = capsys.readouterr().err
+    assert "1 prediction(s) without ground truth, not evaluated: stray.mha" in err
+    assert "predicted label value(s) 99 are in no ground truth" in err
+    summary = json.loads((folders["pred"] / "summary.json").read_text())
+    assert summary["not_evaluated"]["predicted_labels_absent_from_ground_truth"] == [99]
+    main(["-ref", gt, "-pred", pred, "--labels", "17"])
+    assert "2035 left out by --labels" in capsys.readouterr().err
+    # 1.5 was read as background by the metrics
+    fractional = case0.astype(np.float32)
+    fractional[fractional == 17] = 1.5
+    write_volume(fractional, (1.0, 1.0, 1.5), str(folders["pred"] / "case0.mha"))
+    msg = expect_error(capsys, "-ref", gt, "-pred", pred)
+    assert "case0.mha: label values must be integers, found 1.5" in msg

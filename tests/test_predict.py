@@ -898,3 +898,26 @@ def test_a_nifti_sform_that_differs_from_the_qform_is_kept_in_the_output(world, 
     np.testing.assert_allclose(nibabel.load(str(plain / "caseA.nii.gz")).header.get_sform(), qform, atol=1e-4)
     np.testing.assert_array_equal(np.asanyarray(nibabel.load(str(plain / "caseA.nii.gz")).dataobj),
                                   np.asanyarray(written.dataobj))
+
+
+def test_label_values_of_2_to_the_32_are_refused_once_and_large_ones_read_exactly(world, tmp_path, capsys):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from iris_nnu.inference.images import read_label
+
+    image = sitk.ReadImage(str(world["refs"] / "ref0_seg.nii.gz"))
+    label = sitk.GetArrayFromImage(image).astype(np.uint64)
+    label[label == VALUES[0]] = 2**32 + 5  # issue 22: accepted, then each query failed
+    big = sitk.GetImageFromArray(label)
+    big.CopyInformation(image)
+    sitk.WriteImage(big, str(tmp_path / "big_seg.nrrd"))
+    msg = expect_error(capsys, world, "-i", str(world["queries"]), "-o", str(tmp_path / "o"), "-r",
+                       f"{world['refs']}/ref0.nii.gz:{tmp_path}/big_seg.nrrd")
+    assert f"{tmp_path}/big_seg.nrrd: label value 4294967301 is too large" in msg and "2**32" in msg
+    assert not (tmp_path / "o").exists()
+    # below 2**32 values are read in their own type: nnU-Net's float32 read_seg made 16777217 into 16777216
+    label[label == 2**32 + 5] = 16777217
+    exact = sitk.GetImageFromArray(label.astype(np.uint32))
+    exact.CopyInformation(image)
+    sitk.WriteImage(exact, str(tmp_path / "exact_seg.nii.gz"))
+    assert 16777217 in read_label(str(tmp_path / "exact_seg.nii.gz"), SimpleITKIO())

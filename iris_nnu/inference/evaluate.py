@@ -73,7 +73,10 @@ def evaluate_folders(gt_folder: str, pred_folder: str, labels: list[int] | None 
                              f"({len(gt)} ground truths, {len(pred)} predictions)")
     for case in common:
         check_pair(gt[case], pred[case])
-    labels = sorted(set(labels)) if labels else label_values([gt[c] for c in common])
+    # every file read once in full here: integer values only (nnU-Net's metrics would count 1.5 as background)
+    in_ground_truth = label_values([gt[c] for c in common])
+    predicted = label_values([pred[c] for c in common])
+    labels = sorted(set(labels)) if labels else in_ground_truth
     if not labels:
         raise IrisInputError(f"{gt_folder}: the ground truths hold no non-zero label; give --labels")
     jobs = [(gt[c], pred[c], SimpleITKIO(), labels) for c in common]
@@ -92,7 +95,13 @@ def evaluate_folders(gt_folder: str, pred_folder: str, labels: list[int] | None 
         means = {label: {m: float(np.nanmean([r["metrics"][label][m] for r in per_case])) for m in metric_names}
                  for label in labels}
         foreground = {m: float(np.nanmean([means[label][m] for label in labels])) for m in metric_names}
-    summary = {"metric_per_case": per_case, "mean": means, "foreground_mean": foreground}
+    # what the metrics leave out, said rather than silently dropped (iris_evaluate warns about each)
+    summary = {"metric_per_case": per_case, "mean": means, "foreground_mean": foreground,
+               "not_evaluated": {
+                   "predicted_labels_absent_from_ground_truth": sorted(set(predicted) - set(in_ground_truth)
+                                                                       - set(labels)),
+                   "predicted_labels_not_evaluated": sorted(set(predicted) & set(in_ground_truth) - set(labels)),
+                   "predictions_without_ground_truth": [pred[c] for c in pred if c not in gt]}}
     recursive_fix_for_json_export(summary)
     return summary, [gt[c] for c in gt if c not in pred]
 
@@ -202,6 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"{PROGRAM}: warning: {len(missing)} ground truth(s) without prediction, not evaluated: "
               f"{', '.join(os.path.basename(m) for m in missing)}", file=sys.stderr)
+    skipped = summary["not_evaluated"]
+    extra = skipped["predictions_without_ground_truth"]
+    if extra:
+        print(f"{PROGRAM}: warning: {len(extra)} prediction(s) without ground truth, not evaluated: "
+              f"{', '.join(os.path.basename(m) for m in extra)}", file=sys.stderr)
+    if skipped["predicted_labels_absent_from_ground_truth"]:
+        print(f"{PROGRAM}: warning: predicted label value(s) "
+              f"{' '.join(map(str, skipped['predicted_labels_absent_from_ground_truth']))} are in no ground truth: "
+              f"every such voxel is a false positive that no Dice above counts (give them with --labels to score "
+              f"them)", file=sys.stderr)
+    if skipped["predicted_labels_not_evaluated"]:
+        print(f"{PROGRAM}: note: predicted label value(s) "
+              f"{' '.join(map(str, skipped['predicted_labels_not_evaluated']))} left out by --labels", file=sys.stderr)
     return 0
 
 

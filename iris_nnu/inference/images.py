@@ -37,6 +37,7 @@ DICOM_OUTPUT_ENDING = ".nii.gz"
 # read the sform, nibabel and FSL, would place the output elsewhere than the query)
 NIFTI_FORMS_KEY = "iris_nifti_forms"
 NIFTI_ENDINGS = (".nii", ".nii.gz")
+MAX_LABEL_VALUE = 2**32  # label values must be below it: outputs are written as uint8, uint16 or uint32
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -178,18 +179,35 @@ def restore_nifti_forms(path: str, forms: dict) -> None:
 
 
 def read_label(path: str, reader_writer: BaseReaderWriter) -> np.ndarray:
-    """A label image (1, Z, Y, X) as int64, checked to hold non-negative integers only."""
+    """A label image (1, Z, Y, X) as int64, checked to hold non-negative integers below MAX_LABEL_VALUE only.
+
+    With SimpleITK's reader/writer the voxels are read in their own type: nnU-Net's read_seg gives float32, which
+    changes label values above 2**24 (16777217 reads as 16777216)."""
     if os.path.isdir(path):
         raise IrisInputError(f"{path}: a label must be an image file, not a folder")
     check_voxel_data(path)
     try:
-        seg, _ = reader_writer.read_seg(path)
+        if isinstance(reader_writer, SimpleITKIO):
+            with quiet_itk():
+                image = sitk.ReadImage(path)
+            check_3d(path, image.GetDimension(), image.GetNumberOfComponentsPerPixel())
+            seg = sitk.GetArrayFromImage(image)[None]
+        else:
+            seg, _ = reader_writer.read_seg(path)
+    except IrisInputError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise IrisInputError(f"{path}: unreadable image ({error_text(e)})") from None
-    if not np.all(np.isfinite(seg)) or not np.all(seg == np.round(seg)):
-        raise IrisInputError(f"{path}: label values must be integers")
-    if seg.min() < 0:
+    if seg.dtype.kind == "f" and (not np.all(np.isfinite(seg)) or not np.all(seg == np.round(seg))):
+        bad = seg[~np.isfinite(seg) | (seg != np.round(seg))].flat[0]
+        raise IrisInputError(f"{path}: label values must be integers, found {bad}")
+    if seg.dtype.kind not in "fiub":
+        raise IrisInputError(f"{path}: label voxels of type {seg.dtype} (expected integers)")
+    if seg.size and seg.min() < 0:
         raise IrisInputError(f"{path}: negative label value {int(seg.min())}; labels are non-negative integers")
+    if seg.size and seg.max() >= MAX_LABEL_VALUE:
+        raise IrisInputError(f"{path}: label value {int(seg.max())} is too large; label values must be below "
+                             f"2**32 = {MAX_LABEL_VALUE} (outputs are written as uint32 at most)")
     return seg.astype(np.int64)
 
 
