@@ -921,3 +921,26 @@ def test_label_values_of_2_to_the_32_are_refused_once_and_large_ones_read_exactl
     exact.CopyInformation(image)
     sitk.WriteImage(exact, str(tmp_path / "exact_seg.nii.gz"))
     assert 16777217 in read_label(str(tmp_path / "exact_seg.nii.gz"), SimpleITKIO())
+
+
+def test_windows_drive_letters_split_at_the_right_colon():
+    case = parse_reference(r"C:\data\img.nii.gz:C:\data\lbl.nii.gz", 1)[0]
+    assert case.images == [r"C:\data\img.nii.gz"] and case.label == r"C:\data\lbl.nii.gz"
+    case = parse_reference("D:/img.nii.gz:/posix/lbl.nii.gz", 1)[0]
+    assert case.images == ["D:/img.nii.gz"] and case.label == "/posix/lbl.nii.gz"
+    case = parse_reference("/a/img.nii.gz:rel/lbl.nii.gz", 1)[0]
+    assert case.images == ["/a/img.nii.gz"] and case.label == "rel/lbl.nii.gz"
+    with pytest.raises(IrisInputError, match="IMAGE:LABEL"):
+        parse_reference(r"C:\data\img.nii.gz", 1)  # a drive letter alone is no pair
+
+
+def test_a_task_file_with_nan_tokens_is_refused_at_load(world, tmp_path, capsys):
+    # issue 22: it gave empty segmentations with exit 0
+    task = tmp_path / "task.pt"
+    run(world, "-r", world["ref"][0], "--save_task", str(task))
+    state = torch.load(task, weights_only=True)
+    state["tokens"][0][0, 0, 0, 0] = float("nan")
+    torch.save(state, task)
+    msg = expect_error(capsys, world, "-i", str(world["queries"]), "-o", str(tmp_path / "o"), "--task", str(task))
+    assert f"{task}: not a task file" in msg and "NaN or infinite values" in msg
+    assert not (tmp_path / "o").exists()

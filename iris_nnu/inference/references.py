@@ -104,9 +104,13 @@ def parse_reference(spec: str, num_channels: int) -> list[ReferenceCase]:
         if os.path.isdir(os.path.join(spec, "imagesTr")) and os.path.isdir(os.path.join(spec, "labelsTr")):
             return _raw_folder_references(spec, num_channels)
         raise IrisInputError(f"{spec}: reference folder without imagesTr/ and labelsTr/ (or give IMAGE:LABEL)")
-    if ":" not in spec:
+    # split at the last ':' that is not a Windows drive letter's ('C:\\' or 'C:/' at the start of either path)
+    split = next((i for i in range(len(spec) - 1, -1, -1) if spec[i] == ":" and not (
+        i >= 1 and spec[i - 1].isalpha() and (i == 1 or spec[i - 2] == ":") and spec[i + 1:i + 2] in ("\\", "/"))),
+        None)
+    if split is None:
         raise IrisInputError(f"{spec}: a reference is IMAGE:LABEL or a folder with imagesTr/ and labelsTr/")
-    image, label = spec.rsplit(":", 1)
+    image, label = spec[:split], spec[split + 1:]
     if not image or not label:
         raise IrisInputError(f"{spec}: a reference is IMAGE:LABEL")
     return [ReferenceCase(strip_ending(label), channel_files(image, num_channels), label)]

@@ -160,6 +160,11 @@ class TaskEmbedding:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path} is not a task embedding file of format {FORMAT_VERSION}")
+        tensors = [*state.get("tokens", []), state.get("positions"),
+                   *(t for _, ts in state.get("mirrored") or [] for t in ts)]
+        if any(isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors):
+            raise ValueError(f"{path} holds NaN or infinite values in its embedding (a damaged task file: encode it "
+                             f"again)")
         mirrored = state.get("mirrored")  # absent from files written before mirrored TTA
         task = cls(state["tokens"], state["classes"], state["present"], state["model_id"], state.get("positions"),
                    None if mirrored is None else {tuple(axes): ts for axes, ts in mirrored})
