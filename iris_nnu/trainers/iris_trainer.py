@@ -41,7 +41,7 @@ from iris_nnu.files import write_atomic
 from iris_nnu.inference.model_folder import load_checkpoint, load_network_weights, strip_prefixes
 from iris_nnu.model import IrisNetwork, MaskedDiceBCELoss, TaskEmbedding, build_network
 from iris_nnu.preprocessing.collection import Collection, load_collection
-from iris_nnu.trainers.episodes import EpisodicDataLoader, MemberEpisodes
+from iris_nnu.trainers.episodes import AUGMENTED_P, SELF_SUPERVISED_P, EpisodicDataLoader, MemberEpisodes
 from iris_nnu.trainers.validation import one_shot_validation
 
 
@@ -93,6 +93,11 @@ class IrisTrainer(nnUNetTrainer):
         # {member name: weight} from the plans' "iris" entry (edit plans to set it); None: uniform over members
         self.member_sampling_weights: dict[str, float] | None = \
             self.plans_manager.plans.get("iris", {}).get("member_sampling_weights")
+        # episode mix (trainers/episodes.py): shares of self-supervised episodes and, of the others, of augmented
+        # ones; plans' "iris": {"episode_mix": {"self_supervised": p, "augmented": p}} overrides them
+        mix = self.plans_manager.plans.get("iris", {}).get("episode_mix", {})
+        self.self_supervised_p = float(mix.get("self_supervised", SELF_SUPERVISED_P))
+        self.augmented_p = float(mix.get("augmented", AUGMENTED_P))
         self.memory_bank_alpha = 0.999  # the paper's EMA factor
         self.episode_seed: int | None = None  # seed of the training episodes (None: fresh randomness)
         self.save_every = 1  # an interrupted run loses at most one epoch
@@ -203,6 +208,8 @@ class IrisTrainer(nnUNetTrainer):
                                       reference_transforms=reference_transforms, mirror_axes=mirror_axes,
                                       oversample_foreground_percent=self.oversample_foreground_percent,
                                       seed=None if self.episode_seed is None else self.episode_seed + rank_seed,
+                                      weak_reference_transforms=val_reference_transforms,
+                                      self_supervised_p=self.self_supervised_p, augmented_p=self.augmented_p,
                                       **common)
         # validation episodes: queries from the validation cases, references from the training cases
         dl_val = EpisodicDataLoader(self._members_for(val, train), initial_patch_size=patch_size,
@@ -320,8 +327,9 @@ class IrisTrainer(nnUNetTrainer):
     def update_memory_bank(self, member: str, task: TaskEmbedding, present: torch.Tensor) -> None:
         """EMA of each (member, class) task embedding over the references where the class was present. In a
         distributed run every rank applies every rank's update in rank order, so the banks stay identical."""
+        # negative labels are tasks made up for one episode (task augmentation, supervoxels): not a (member, class)
         updates = [(member, int(label), [t[present[:, k], k].float().mean(0).detach().cpu() for t in task.tokens])
-                   for k, label in enumerate(task.classes) if bool(present[:, k].any())]
+                   for k, label in enumerate(task.classes) if label >= 0 and bool(present[:, k].any())]
         if self.is_ddp:
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, updates)
