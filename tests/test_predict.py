@@ -20,7 +20,7 @@ from iris_nnu.inference.export import Winner, keep_largest_components
 from iris_nnu.inference.images import find_queries
 from iris_nnu.inference.plans import inference_plans
 from iris_nnu.inference.predict import main
-from iris_nnu.model import TaskEmbedding, build_network
+from iris_nnu.model import TaskEmbedding, TaskMismatchError, build_network
 from iris_nnu.preprocessing.planner import MemberSummary, plan_collection
 
 VALUES = (17, 53, 2035)  # arbitrary label values: the output must carry them
@@ -944,3 +944,24 @@ def test_a_task_file_with_nan_tokens_is_refused_at_load(world, tmp_path, capsys)
     msg = expect_error(capsys, world, "-i", str(world["queries"]), "-o", str(tmp_path / "o"), "--task", str(task))
     assert f"{task}: not a task file" in msg and "NaN or infinite values" in msg
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_follows_its_references_spacing_and_a_task_file_keeps_it(world, tmp_path, predictor):
+    """The model's plan has the native spacing rule and a 1 mm finest spacing: references of 2 mm voxels are encoded
+    and their queries segmented at 2 mm (not blown up to 1 mm), and the output is in each query's own geometry."""
+    assert predictor.joint_plans["iris"]["spacing_rule"] == "native"
+    make_case(tmp_path / "coarse.nii.gz", tmp_path / "coarse_seg.nii.gz", seed=10, shape=(14, 16, 16),
+              spacing=(2.0, 2.0, 2.0))
+    make_case(tmp_path / "query.nii.gz", None, seed=20, shape=(13, 15, 15), spacing=(2.1, 1.9, 2.0))
+    task = predictor.encode_references(parse_reference(f"{tmp_path}/coarse.nii.gz:{tmp_path}/coarse_seg.nii.gz",
+                                                       1)).pool.mean()
+    assert task.spacing == 2.0 and predictor.configuration_manager.spacing == [2.0] * 3
+    task.save(tmp_path / "task.pt")
+    assert TaskEmbedding.load(tmp_path / "task.pt").spacing == 2.0
+    fine = predictor.encode_references(parse_reference(world["ref"][0], 1)).pool.mean()
+    assert fine.spacing == 1.0 and predictor.spacing == 1.0
+    result = predictor.predict_case([str(tmp_path / "query.nii.gz")], TaskEmbedding.load(tmp_path / "task.pt"))
+    assert predictor.spacing == 2.0  # the task's, not the last references'
+    assert result.segmentation.shape == (13, 15, 15)
+    with pytest.raises(TaskMismatchError, match="spacings"):
+        TaskEmbedding.concatenate([task, fine])

@@ -693,3 +693,41 @@ def test_look_alike_structures_are_told_apart_by_where_they_lie(tmp_path, monkey
     summary = json.loads((Path(trainer.output_folder) / "twins" / "Dataset031_Twins" / "summary.json").read_text())
     dice = {c: summary["mean"][c]["Dice"] for c in ("1", "2")}
     assert min(dice.values()) > 0.75, dice
+
+
+def test_validation_with_a_reference_that_lacks_a_class(tmp_path, monkeypatch):
+    """Not every organ is in every case (HeadNeckCT): the validation reference (the training case holding most
+    classes) may lack one; its task must then hold the others, each with its own label value (the validation once
+    indexed classes 1 and 3 as 1 and 2, and failed)."""
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    folder = Path(make_raw_dataset(str(tmp_path / "nnUNet_raw"), 41, "Lacking", num_cases=6, shape_zyx=(24, 32, 32),
+                                   num_classes=3, seed=6, prefix="lk"))
+    for f in (folder / "labelsTr").iterdir():  # class 2 in no case: every training case lacks it
+        label = sitk.ReadImage(str(f))
+        array = sitk.GetArrayFromImage(label)
+        array[array == 2] = 0
+        out = sitk.GetImageFromArray(array)
+        out.CopyInformation(label)
+        sitk.WriteImage(out, str(f))
+    plan_main(["-d", "41", "-np", "1", "--plan_for", "cpu"])
+    plans_file = tmp_path / "nnUNet_preprocessed" / "Dataset041_Lacking" / "IrisPlans.json"
+    shrink_plans(plans_file)
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["position_grid"] = 8
+    plans_file.write_text(json.dumps(plans))
+    collection = load_collection(41)
+    trainer = IrisTrainer(dict(collection.plans), "3d_fullres", 0, collection.dataset_json, torch.device("cpu"))
+    trainer.initialize()
+    from iris_nnu.trainers.validation import _member_tasks, _predictor
+
+    predictor = _predictor(trainer, trainer.iris_network.eval(), None)
+    (member, _, task, cases), = list(_member_tasks(trainer, predictor, 1))
+    assert task.classes == [1, 3] and task.positions.shape[1] == 2
+    summary = one_shot_validation(trainer, max_cases=1)
+    assert set(summary) == {"Dataset041_Lacking"}
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(trainer.output_folder) / "validation" /
+                                                        "Dataset041_Lacking" / f"{cases[0]}.nii.gz")))
+    assert set(np.unique(written).tolist()) <= {0, 1, 3}

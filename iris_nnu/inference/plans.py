@@ -42,8 +42,9 @@ def _fixed_ct_properties() -> dict:
     return {"mean": (lo + hi) / 2, "std": (hi - lo) / 2, "percentile_00_5": lo, "percentile_99_5": hi}
 
 
-def inference_plans(joint_plans: dict, modality: str, num_channels: int) -> dict:
-    """The joint plan with one normalisation for every image of the run (see the module docstring)."""
+def inference_plans(joint_plans: dict, modality: str, num_channels: int, spacing: float | None = None) -> dict:
+    """The joint plan with one normalisation for every image of the run (see the module docstring) and, when given,
+    the run's isotropic spacing (planner.run_spacing) instead of the plan's finest."""
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     members = joint_plans.get("iris", {}).get("members", {})
@@ -62,6 +63,8 @@ def inference_plans(joint_plans: dict, modality: str, num_channels: int) -> dict
         configuration["use_mask_for_norm"] = list(other[0]["use_mask_for_norm"]) if other else [False] * num_channels
         plans.setdefault("foreground_intensity_properties_per_channel",
                          {str(c): {} for c in range(num_channels)})
+    if spacing is not None:
+        configuration["spacing"] = [float(spacing)] * 3
     plans["configurations"] = {CONFIGURATION: configuration}
     return plans
 

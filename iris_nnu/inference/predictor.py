@@ -49,6 +49,7 @@ from iris_nnu.inference.export import (
     revert_crop_and_transpose,
 )
 from iris_nnu.inference.images import (
+    read_geometry,
     Query,
     find_queries,
     label_to_sitk,
@@ -75,6 +76,7 @@ from iris_nnu.inference.references import (
 from iris_nnu.model import IrisNetwork, TaskEmbedding, TaskMismatchError
 from iris_nnu.model.loss import MaskedDiceBCELoss
 from iris_nnu.model.position import ScanFrame
+from iris_nnu.preprocessing.planner import CONFIGURATION, run_spacing
 
 STRATEGIES = ("oneshot", "ensemble", "retrieval", "tune")
 # nnU-Net accumulates Gaussian-weighted logits in fp16; clamping keeps the sums finite (sigmoid(16) = 1 - 1e-7,
@@ -287,7 +289,24 @@ class IrisPredictor(nnUNetPredictor):
         self.fold_networks, self.folds = [self.network], ["0"]
         self.joint_plans = plans
         self.num_channels = num_channels
+        self.spacing = float(self.configuration_manager.spacing[0])
         self.patch_size = tuple(int(p) for p in self.configuration_manager.patch_size)
+
+    def use_spacing(self, spacing: float | None) -> None:
+        """Preprocess and export at this isotropic spacing (mm; None: the plan's finest). A task records the
+        spacing its references were encoded at, and its queries must be segmented at the same."""
+        spacing = float(self.joint_plans["configurations"][CONFIGURATION]["spacing"][0] if spacing is None
+                        else spacing)
+        if spacing == self.spacing:
+            return
+        self.preprocessing = RunPreprocessing(inference_plans(self.joint_plans, self.modality, self.num_channels,
+                                                              spacing))
+        self.plans_manager = self.preprocessing.plans_manager
+        self.configuration_manager = self.preprocessing.configuration_manager
+        self.spacing = spacing
+
+    def _follow(self, task: Tasks) -> None:
+        self.use_spacing(self.per_fold(task)[0].spacing)
 
     @property
     def reader_writer_class(self) -> type[BaseReaderWriter]:
@@ -362,6 +381,9 @@ class IrisPredictor(nnUNetPredictor):
         if not references:
             raise IrisInputError("no references given")
         wanted = sorted(set(int(c) for c in classes)) if classes else None
+        # the spacing rule of the plan (planner.run_spacing) on the references' voxel sizes
+        self.use_spacing(run_spacing(self.joint_plans, [read_geometry(case.images[0]).spacing
+                                                        for case in references]))
         prepared = [prepare_reference(case, self.preprocessing, self.reader_writer_class, self.patch_size, wanted,
                                       self.position_grid) for case in references]
         used = [p for p in prepared if p.values]
@@ -382,8 +404,9 @@ class IrisPredictor(nnUNetPredictor):
         pools = []
         for i in range(self.num_folds):
             with self.using_fold(i):
-                pools.append(TaskEmbedding.concatenate([self.encode_crops(c, run_classes, pos)
-                                                        for c, pos in zip(crops, positions)]))
+                pools.append(dataclasses.replace(TaskEmbedding.concatenate(
+                    [self.encode_crops(c, run_classes, pos) for c, pos in zip(crops, positions)]),
+                    spacing=self.spacing))
         return EncodedReferences(pools, [p.case.name for p in used], crops,
                                  {p.case.label: p.lost for p in prepared if p.lost})
 
@@ -472,7 +495,7 @@ class IrisPredictor(nnUNetPredictor):
             for p, flag in frozen:
                 p.requires_grad_(flag)
         return TaskEmbedding([p.detach() for p in params], task.classes, task.present, task.model_id,
-                             task.positions), losses
+                             task.positions, spacing=task.spacing), losses
 
     # ------------------------------------------------------------------------------------ sliding window
     @torch.inference_mode()
@@ -601,12 +624,14 @@ class IrisPredictor(nnUNetPredictor):
     def predict_case(self, images: Sequence[str], task: Tasks, pool: Tasks | None = None,
                      retrieval_top_k: int = 1, save_probabilities: bool = False) -> CaseResult:
         """Segment one query (channel files or a DICOM folder); with `pool`, by retrieval from it."""
+        self._follow(task)
         return self.predict_prepared(self._preparation(images), task, pool, retrieval_top_k, save_probabilities)
 
     def predict_array(self, data: np.ndarray, properties: dict, task: Tasks, pool: Tasks | None = None,
                       retrieval_top_k: int = 1, save_probabilities: bool = False,
                       reader_writer: BaseReaderWriter | None = None) -> CaseResult:
         """Segment one query given as nnU-Net's readers return it: (C, Z, Y, X) and its properties (not modified)."""
+        self._follow(task)
         prepared = self._preparation.array(data, properties, reader_writer or self.reader_writer_class())
         return self.predict_prepared(prepared, task, pool, retrieval_top_k, save_probabilities)
 
@@ -674,6 +699,7 @@ class IrisPredictor(nnUNetPredictor):
         `preprocessing_workers` processes read and preprocess the next queries while the network segments one
         (nnU-Net's -npp); `export_workers` threads write finished ones (-nps); 0: in this process, in turn."""
         os.makedirs(output_folder, exist_ok=True)
+        self._follow(task)
         failures, runnable = [], []
         for query in queries:
             target = os.path.join(output_folder, query.name)

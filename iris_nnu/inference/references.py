@@ -192,13 +192,22 @@ def prepare_reference(case: ReferenceCase, preprocessing: RunPreprocessing, plan
     indices = np.where(sorted_values[position] == label, position + 1, 0).astype(np.int16)
     del label, position
     data, seg, _ = preprocessing(data, indices, properties)
-    present = [int(i) for i in np.unique(seg) if i != 0]
+    return reference_from_preprocessed(case, data, seg, values, held, ScanFrame.from_dict(properties[SCAN_FRAME_KEY]),
+                                       patch, position_grid)
+
+
+def reference_from_preprocessed(case: ReferenceCase, data: np.ndarray, seg: np.ndarray, values: list[int],
+                                held: list[int], frame: ScanFrame, patch: tuple[int, ...],
+                                position_grid: int = 0) -> PreparedReference:
+    """A preprocessed reference (image (C, X, Y, Z); `seg` indexes `values`, i = values[i - 1], 0 background) ->
+    its crops and position priors, renumbered to the classes that survived preprocessing (a reference may lack
+    some of `values`). Inference (prepare_reference) and iris_train's validation both make their tasks with it."""
+    present = [int(i) for i in np.unique(seg) if i > 0]
     if not present:
         raise IrisInputError(f"{case.label}: the labelled structures vanish when resampled to the model's spacing")
     remap = np.zeros(len(values) + 1, dtype=np.int16)
     remap[present] = np.arange(1, len(present) + 1)
-    seg = remap[seg]
-    frame = ScanFrame.from_dict(properties[SCAN_FRAME_KEY])
+    seg = remap[np.clip(seg, 0, None)]
     crops = structure_crops(data, seg, list(range(1, len(present) + 1)), patch, frame)
     positions = position_prior_from_labels(torch.from_numpy(seg), range(1, len(present) + 1), position_grid,
                                            frame) if position_grid else None

@@ -34,6 +34,8 @@ class TaskEmbedding:
     # mirrored test-time augmentation: tokens (as `tokens`) encoded from the reference crops flipped on these spatial
     # axes (0, 1, 2 = X, Y, Z of the network's input); a query flipped the same way is segmented with them
     mirrored: dict[tuple[int, ...], list[Tensor]] | None = None
+    # isotropic spacing (mm) the references were encoded at; queries are segmented at the same (None: the plan's)
+    spacing: float | None = None
 
     def __post_init__(self) -> None:
         self.tokens = list(self.tokens)
@@ -42,6 +44,7 @@ class TaskEmbedding:
             if any([u.shape for u in t] != [u.shape for u in self.tokens] for t in self.mirrored.values()):
                 raise ValueError("mirrored tokens must have the shapes of the tokens")
         self.classes = [int(c) for c in self.classes]
+        self.spacing = None if self.spacing is None else float(self.spacing)
         if not self.tokens or any(t.dim() != 4 for t in self.tokens):
             raise ValueError("tokens must be a non-empty list of (B, K, m+1, C) tensors")
         b, k = self.tokens[0].shape[:2]
@@ -66,7 +69,8 @@ class TaskEmbedding:
         if not self.mirrored or tuple(axes) not in self.mirrored:
             raise KeyError(f"no tokens for the references flipped on axes {tuple(axes)} "
                            f"(this task has {sorted(self.mirrored or {})})")
-        return TaskEmbedding(self.mirrored[tuple(axes)], self.classes, self.present, self.model_id, self.positions)
+        return TaskEmbedding(self.mirrored[tuple(axes)], self.classes, self.present, self.model_id, self.positions,
+                             spacing=self.spacing)
 
     @property
     def batch_size(self) -> int:
@@ -88,7 +92,8 @@ class TaskEmbedding:
         positions = None if self.positions is None else \
             (self.positions * w[:, :, None, None, None].to(self.positions)).sum(0, keepdim=True) \
             / count[None, :, None, None, None].to(self.positions)  # several references: a multi-atlas prior
-        return TaskEmbedding(tokens, self.classes, torch.ones_like(self.present[:1]), self.model_id, positions, mirrored)
+        return TaskEmbedding(tokens, self.classes, torch.ones_like(self.present[:1]), self.model_id, positions, mirrored,
+                             self.spacing)
 
     def select(self, classes: Sequence[int]) -> TaskEmbedding:
         """Reorder / subset the classes by label value."""
@@ -99,7 +104,7 @@ class TaskEmbedding:
         tokens, mirrored = self._map_tokens(lambda ts: [t.index_select(1, idx) for t in ts])
         return TaskEmbedding(tokens, [int(c) for c in classes], self.present.index_select(1, idx), self.model_id,
                              None if self.positions is None else self.positions.index_select(1, idx.to(
-                                 self.positions.device)), mirrored)
+                                 self.positions.device)), mirrored, self.spacing)
 
     @staticmethod
     def concatenate(tasks: Sequence[TaskEmbedding]) -> TaskEmbedding:
@@ -116,6 +121,8 @@ class TaskEmbedding:
             if (task.positions is None) != (first.positions is None) or (
                     task.positions is not None and task.positions.shape[2:] != first.positions.shape[2:]):
                 raise TaskMismatchError("tasks disagree on position priors")
+            if task.spacing != first.spacing:
+                raise TaskMismatchError(f"tasks encoded at different spacings: {first.spacing} vs {task.spacing} mm")
             if sorted(task.mirrored or {}) != sorted(first.mirrored or {}):
                 raise TaskMismatchError(f"tasks disagree on mirrored tokens: {sorted(first.mirrored or {})} vs "
                                         f"{sorted(task.mirrored or {})}")
@@ -138,12 +145,13 @@ class TaskEmbedding:
         mirrored = None if first.mirrored is None else \
             {axes: stacked([t.mirrored[axes] for t in tasks]) for axes in first.mirrored}
         return TaskEmbedding(stacked([t.tokens for t in tasks]), classes, torch.cat(present), first.model_id,
-                             torch.cat(positions) if positions else None, mirrored)
+                             torch.cat(positions) if positions else None, mirrored, first.spacing)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TaskEmbedding:
         tokens, mirrored = self._map_tokens(lambda ts: [t.to(device=device, dtype=dtype) for t in ts])
         return TaskEmbedding(tokens, self.classes, self.present.to(device=device), self.model_id,
-                             None if self.positions is None else self.positions.to(device=device), mirrored)
+                             None if self.positions is None else self.positions.to(device=device), mirrored,
+                             self.spacing)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp file in the same folder, then os.replace)."""
@@ -151,7 +159,8 @@ class TaskEmbedding:
                  "classes": list(self.classes), "present": self.present.cpu(), "model_id": self.model_id,
                  "positions": None if self.positions is None else self.positions.detach().cpu(),
                  "mirrored": None if self.mirrored is None else
-                 [[list(axes), [t.detach().cpu() for t in ts]] for axes, ts in self.mirrored.items()]}
+                 [[list(axes), [t.detach().cpu() for t in ts]] for axes, ts in self.mirrored.items()],
+                 "spacing": self.spacing}
         write_atomic(path, lambda tmp: torch.save(state, tmp))
 
     @classmethod
@@ -167,7 +176,8 @@ class TaskEmbedding:
                              f"again)")
         mirrored = state.get("mirrored")  # absent from files written before mirrored TTA
         task = cls(state["tokens"], state["classes"], state["present"], state["model_id"], state.get("positions"),
-                   None if mirrored is None else {tuple(axes): ts for axes, ts in mirrored})
+                   None if mirrored is None else {tuple(axes): ts for axes, ts in mirrored},
+                   state.get("spacing"))  # absent from files written before the spacing rule
         if model is not None and model.model_id() != task.model_id:
             raise TaskMismatchError(
                 f"task file {path} was encoded by model {task.model_id}, not by this model {model.model_id()}")

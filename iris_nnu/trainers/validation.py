@@ -21,9 +21,9 @@ from tqdm import tqdm
 from iris_nnu.files import write_json_atomic
 from iris_nnu.inference.export import indices_to_values
 from iris_nnu.inference.predictor import CaseResult, IrisPredictor
-from iris_nnu.inference.references import structure_crops
 from iris_nnu.inference.plans import body_frame
-from iris_nnu.model.position import position_prior_from_labels
+from iris_nnu.inference.references import ReferenceCase, reference_from_preprocessed
+from iris_nnu.preprocessing.planner import member_spacing
 
 
 def choose_reference(dataset: nnUNetDatasetBlosc2, cases: list[str], labels: list[int]) -> str:
@@ -131,22 +131,22 @@ def _member_tasks(trainer, predictor: IrisPredictor, max_cases: int | None):
     `max_cases` validation cases by name)."""
     train_cases, val_cases = trainer.do_split()
     for member in trainer.collection.members:
-        if not val_cases[member.name] or not train_cases[member.name]:
+        # a member of images only has nothing to validate against
+        if not val_cases[member.name] or not train_cases[member.name] or not member.foreground_labels:
             continue
         labels = member.foreground_labels
         dataset = nnUNetDatasetBlosc2(member.preprocessed_folder,
                                       sorted(set(train_cases[member.name]) | set(val_cases[member.name])))
         reference = choose_reference(dataset, train_cases[member.name], labels)
         data, seg, _, _ = dataset.load_case(reference)
-        # crops index the member's labels 1..K in order; background and outside-the-crop (-1) are 0
+        # the member's labels as indices 1..K in order; background and outside-the-crop (-1) are 0
         indices = np.zeros(seg.shape[1:], dtype=np.int16)
         for i, label in enumerate(labels, start=1):
             indices[seg[0] == label] = i
-        present = [i for i in range(1, len(labels) + 1) if (indices == i).any()]
-        classes = [labels[i - 1] for i in present]
-        frame = body_frame(seg)
-        positions = position_prior_from_labels(torch.from_numpy(indices), range(1, len(classes) + 1),
-                                               predictor.position_grid, frame) if predictor.position_grid else None
-        crops = structure_crops(np.asarray(data), indices, present, predictor.patch_size, frame)
-        task = predictor.encode_crops(crops, classes, positions)
+        gt = os.path.join(os.path.dirname(member.preprocessed_folder), "gt_segmentations", reference)
+        # the same preparation as inference's references (a reference may lack some of the member's classes)
+        prepared = reference_from_preprocessed(ReferenceCase(reference, [], gt), np.asarray(data), indices, labels,
+                                               labels, body_frame(seg), predictor.patch_size, predictor.position_grid)
+        predictor.use_spacing(member_spacing(trainer.plans_manager.plans, member.name))
+        task = predictor.encode_crops(prepared.crops, prepared.values, prepared.positions)
         yield member, dataset, task, sorted(val_cases[member.name])[:max_cases]
