@@ -26,6 +26,7 @@ from iris_nnu.inference.images import (
     read_label,
     strip_ending,
 )
+from iris_nnu.inference.names import dataset_json_names, read_label_names
 
 PROGRAM = "iris_evaluate"
 
@@ -171,7 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", metavar="DIR",
                    help="query images ({case}_0000 or {case}) drawn under the overlays")
     p.add_argument("-np", type=int, default=1, help="parallel workers (threads) for the per-case metrics")
+    p.add_argument("--label_names", metavar="FILE",
+                   help='JSON {"value": "name", ...} naming the structures in the table and the summary (default: '
+                        "the labels of a dataset.json in GT_FOLDER or the folder above it, as in nnU-Net's raw "
+                        "layout labelsTr/)")
     return p
+
+
+def evaluation_names(gt_folder: str, label_names: str | None) -> dict[int, str]:
+    """{value: name} from a dataset.json in the ground-truth folder or its parent, updated by --label_names."""
+    names = dataset_json_names(gt_folder) or dataset_json_names(os.path.dirname(os.path.abspath(gt_folder)))
+    return {**names, **(read_label_names(label_names) if label_names else {})}
 
 
 @cli_entry(PROGRAM)
@@ -191,14 +202,19 @@ def main(argv: list[str] | None = None) -> int:
         raise IrisInputError(f"--images {args.images}: folder not found")
     if args.labels and min(args.labels) <= 0:
         raise IrisInputError(f"--labels: label values are positive (0 is background), got {min(args.labels)}")
+    names = evaluation_names(args.ref, args.label_names)
     summary, missing = evaluate_folders(args.ref, args.pred, args.labels, args.np)
+    labels = list(summary["mean"])
+    if names:
+        summary["label_names"] = {str(label): names[int(label)] for label in labels if int(label) in names}
     write_atomic(output, lambda tmp: save_summary_json(summary, tmp))
 
-    labels = list(summary["mean"])
-    print(f"{'case':<28}" + "".join(f"{label:>9}" for label in labels))
+    heads = [names.get(int(label), str(label)) for label in labels]
+    w = max(9, min(17, max(len(h) for h in heads) + 1))  # a column per structure, headed by its name
+    print(f"{'case':<28}" + "".join(f"{h[:w - 1]:>{w}}" for h in heads))
     for r in summary["metric_per_case"]:
-        print(f"{r['case']:<28}" + "".join(f"{r['metrics'][label]['Dice']:>9.4f}" for label in labels))
-    print(f"{'mean Dice':<28}" + "".join(f"{summary['mean'][label]['Dice']:>9.4f}" for label in labels))
+        print(f"{r['case']:<28}" + "".join(f"{r['metrics'][label]['Dice']:>{w}.4f}" for label in labels))
+    print(f"{'mean Dice':<28}" + "".join(f"{summary['mean'][label]['Dice']:>{w}.4f}" for label in labels))
     print(f"foreground mean Dice {summary['foreground_mean']['Dice']:.4f} over {len(summary['metric_per_case'])} "
           f"case(s); summary written to {output}")
     if args.overlays:

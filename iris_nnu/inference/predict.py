@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import shutil
 import sys
 import tempfile
 
@@ -12,8 +14,11 @@ from iris_nnu.cli import HelpFormatter
 from iris_nnu.device import add_device_argument, resolve_device
 from iris_nnu.errors import IrisInputError, cli_entry
 from iris_nnu.files import remove_stale_partials
+from iris_nnu.inference.dicom_output import check_dicom_queries
 from iris_nnu.inference.images import Query, find_queries
 from iris_nnu.inference.model_folder import DEFAULT_CHECKPOINT, DEFAULT_MODEL_FOLDER, model_folder_folds
+from iris_nnu.inference.names import dataset_json_names, read_label_names
+from iris_nnu.inference.outputs import OUTPUT_TYPES, query_output_files, resolve_output_types, write_query_outputs
 from iris_nnu.inference.plans import MODALITIES, trained_on_ct_only
 from iris_nnu.inference.predictor import (
     DEFAULT_TUNE_LR,
@@ -21,6 +26,7 @@ from iris_nnu.inference.predictor import (
     MIN_STEP_SIZE,
     STRATEGIES,
     IrisPredictor,
+    failure_line,
 )
 from iris_nnu.inference.references import ReferenceCase, parse_reference
 from iris_nnu.model.task import FORMAT_VERSION as TASK_FORMAT
@@ -52,6 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (created if missing): one segmentation per query named by case (DICOM "
                         "queries: .nii.gz); existing outputs need --overwrite or --continue_prediction, and no output "
                         "may be an input or lie in a reference folder")
+    p.add_argument("--output_type", nargs="+", choices=OUTPUT_TYPES, default=["nifti"], metavar="TYPE",
+                   help="what each query's segmentation is written as: nifti ({case} in the query's format; DICOM "
+                        "queries .nii.gz), dicom_seg ({case}_seg.dcm, a DICOM-SEG referencing the query's series, one "
+                        "named segment per structure; highdicom), rtstruct ({case}_rtstruct.dcm, named contours per "
+                        "structure referencing the series; rt-utils), both (= nifti dicom_seg). Types combine: "
+                        "'--output_type both rtstruct' writes all three. dicom_seg and rtstruct need DICOM-series "
+                        "queries")
+    p.add_argument("--label_names", metavar="FILE",
+                   help='JSON {"value": "name", ...} naming the structures in DICOM outputs, --statistics and a '
+                        "--save_task file (default: the labels of the reference folders' dataset.json, or the names "
+                        "the --task file keeps; else 'label V')")
+    p.add_argument("--statistics", action="store_true",
+                   help="also write {case}_statistics.json and .csv: per structure its label value, name, voxel "
+                        "count, volume in ml (voxels x the query's voxel volume) and mean query intensity inside it")
     task = p.add_mutually_exclusive_group(required=True)
     task.add_argument("-r", nargs="+", metavar="REF",
                       help="references: IMAGE:LABEL pairs, or folders in nnU-Net raw layout (imagesTr/ + labelsTr/) "
@@ -159,6 +179,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
         raise IrisInputError(f"-part_id must be in 0 .. -num_parts - 1 and -num_parts >= 1, got -part_id "
                              f"{args.part_id}, -num_parts {args.num_parts}")
+    if args.i is not None:
+        check_dicom_queries(args.i, resolve_output_types(args.output_type))
+    if args.label_names:
+        read_label_names(args.label_names)
     if args.save_task:
         folder = os.path.dirname(os.path.abspath(args.save_task))
         if not os.path.isdir(folder):
@@ -206,9 +230,10 @@ def prepare_output_folder(path: str) -> bool:
     return created
 
 
-def output_files(query: Query, output_folder: str, with_probabilities: bool) -> list[str]:
+def output_files(query: Query, output_folder: str, args: argparse.Namespace) -> list[str]:
     target = os.path.join(output_folder, query.name)
-    return [target + query.output_ending] + ([target + ".npz", target + ".pkl"] if with_probabilities else [])
+    return query_output_files(query, output_folder, resolve_output_types(args.output_type), args.statistics) + \
+        ([target + ".npz", target + ".pkl"] if args.save_probabilities else [])
 
 
 def check_outputs(args: argparse.Namespace, queries: list[Query], pending: list[Query],
@@ -225,7 +250,8 @@ def check_outputs(args: argparse.Namespace, queries: list[Query], pending: list[
     if args.task:
         inputs[os.path.realpath(args.task)] = "the --task file"
     folders = [os.path.realpath(f) for f in reference_folders]
-    outputs = [f for q in queries for f in output_files(q, args.o, args.save_probabilities)] if args.o else []
+    outputs = [f for q in queries for f in output_files(q, args.o, args)] if args.o else []
+    series = [os.path.realpath(q.images[0]) for q in queries if os.path.isdir(q.images[0])]
     for path in outputs + ([args.save_task] if args.save_task else []):
         real = os.path.realpath(path)
         if real in inputs:
@@ -235,7 +261,11 @@ def check_outputs(args: argparse.Namespace, queries: list[Query], pending: list[
         if inside:
             raise IrisInputError(f"{path}: an output inside reference folder {inside}, whose files are inputs; "
                                  f"choose another {'--save_task file' if path == args.save_task else 'OUTPUT folder'}")
-    pending_outputs = [f for q in pending for f in output_files(q, args.o, args.save_probabilities)] if args.o else []
+        in_series = next((f for f in series if os.path.dirname(real) == f), None)
+        if in_series and path.endswith(".dcm"):
+            raise IrisInputError(f"{path}: a DICOM output inside query series folder {in_series} (the folder would "
+                                 f"then hold two series); choose another OUTPUT folder")
+    pending_outputs = [f for q in pending for f in output_files(q, args.o, args)] if args.o else []
     existing = [p for p in pending_outputs if os.path.lexists(p)]
     if existing and not (args.overwrite or args.continue_prediction):
         names = ", ".join(os.path.basename(p) for p in existing[:LISTED_EXISTING])
@@ -257,10 +287,9 @@ def resolve_folds(folds: list[str], model_folder: str | None) -> list[str]:
     return found
 
 
-def finished(query: Query, output_folder: str, with_probabilities: bool) -> bool:
-    """Whether the query's outputs exist (the segmentation is written last, atomically)."""
-    target = os.path.join(output_folder, query.name)
-    return os.path.isfile(target + query.output_ending) and (not with_probabilities or os.path.isfile(target + ".npz"))
+def finished(query: Query, output_folder: str, args: argparse.Namespace) -> bool:
+    """Whether the query's outputs exist (each is written atomically, the segmentation's after the .npz)."""
+    return all(os.path.isfile(f) for f in output_files(query, output_folder, args) if not f.endswith(".pkl"))
 
 
 @cli_entry(PROGRAM)
@@ -301,7 +330,7 @@ def run_prediction(args: argparse.Namespace) -> int:
     queries = sorted(queries, key=lambda q: q.name)[args.part_id::args.num_parts]
     pending = queries
     if args.continue_prediction:
-        pending = [q for q in queries if not finished(q, args.o, args.save_probabilities)]
+        pending = [q for q in queries if not finished(q, args.o, args)]
     cases = [case for spec in args.r or [] for case in parse_reference(spec, predictor.num_channels)]
     check_outputs(args, queries, pending, cases, [spec for spec in args.r or [] if os.path.isdir(spec)])
     if len(pending) < len(queries):
@@ -327,22 +356,58 @@ def run_prediction(args: argparse.Namespace) -> int:
     if losses:
         print(f"{PROGRAM}: tuned the task embedding for {args.tune_steps} steps: reference loss "
               f"{losses[0]:.4f} -> {losses[-1]:.4f}")
+    names = structure_names(args, pool)
     if args.save_task:
-        (task if args.strategy == "tune" else pool).save(args.save_task)
+        dataclasses.replace(task if args.strategy == "tune" else pool, names=names or None).save(args.save_task)
         print(f"{PROGRAM}: task written to {args.save_task}")
     if args.i is None:
         return 0
 
-    failures = problems + predictor.predict_queries(
-        queries, args.o, task, pool if args.strategy == "retrieval" else None, args.retrieval_top_k,
-        args.save_probabilities, progress=True, report=report,
-        reference_names=references.names if references else None,
-        preprocessing_workers=npp if len(queries) > 1 else 0, export_workers=nps)
+    types = resolve_output_types(args.output_type)
+    # without nifti the segmentations are written to a temporary folder, the DICOM outputs made from them
+    segmentations = args.o if "nifti" in types else tempfile.mkdtemp(prefix="iris_predict_")
+    try:
+        failures = problems + predictor.predict_queries(
+            queries, segmentations, task, pool if args.strategy == "retrieval" else None, args.retrieval_top_k,
+            args.save_probabilities, progress=True, report=report,
+            reference_names=references.names if references else None,
+            preprocessing_workers=npp if len(queries) > 1 else 0, export_workers=nps)
+        if types != ("nifti",) or args.statistics:
+            model_id = "+".join(dict.fromkeys(t.model_id for t in predictor.per_fold(task)))
+            source = f"from {len(references.names)} reference(s)" if references else \
+                f"from task file {os.path.basename(args.task)}"
+            for query in queries:
+                segmentation = os.path.join(segmentations, query.name + query.output_ending)
+                if not os.path.isfile(segmentation):
+                    continue  # failed, reported
+                try:
+                    write_query_outputs(query, segmentation, args.o, types, args.statistics,
+                                        predictor.per_fold(task)[0].classes, names, model_id, source,
+                                        predictor.reader_writer_class)
+                except Exception as e:  # noqa: BLE001 - as a failed query: the others still get theirs
+                    failures.append(failure_line(query, e))
+    finally:
+        if segmentations != args.o:
+            shutil.rmtree(segmentations, ignore_errors=True)
     total = len(queries) + len(problems)
     print(f"{PROGRAM}: {total - len(failures)} of {total} queries segmented into {args.o}")
     if failures:
         raise IrisInputError(f"{len(failures)} of {total} queries failed: {'; '.join(failures)}")
     return 0
+
+
+def structure_names(args: argparse.Namespace, pool) -> dict[int, str]:
+    """{value: name}: the reference folders' dataset.json labels (the first folder's name wins) or the task file's,
+    updated by --label_names."""
+    names = {}
+    for spec in reversed(args.r or []):
+        if os.path.isdir(spec):
+            names.update(dataset_json_names(spec))
+    if args.task:
+        names.update(pool.names or {})
+    if args.label_names:
+        names.update(read_label_names(args.label_names))
+    return names
 
 
 if __name__ == "__main__":

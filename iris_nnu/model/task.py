@@ -36,6 +36,8 @@ class TaskEmbedding:
     mirrored: dict[tuple[int, ...], list[Tensor]] | None = None
     # isotropic spacing (mm) the references were encoded at; queries are segmented at the same (None: the plan's)
     spacing: float | None = None
+    # structure names by label value (a reference folder's dataset.json, or --label_names); None: unnamed
+    names: dict[int, str] | None = None
 
     def __post_init__(self) -> None:
         self.tokens = list(self.tokens)
@@ -45,6 +47,7 @@ class TaskEmbedding:
                 raise ValueError("mirrored tokens must have the shapes of the tokens")
         self.classes = [int(c) for c in self.classes]
         self.spacing = None if self.spacing is None else float(self.spacing)
+        self.names = None if self.names is None else {int(v): str(n) for v, n in self.names.items()}
         if not self.tokens or any(t.dim() != 4 for t in self.tokens):
             raise ValueError("tokens must be a non-empty list of (B, K, m+1, C) tensors")
         b, k = self.tokens[0].shape[:2]
@@ -70,7 +73,7 @@ class TaskEmbedding:
             raise KeyError(f"no tokens for the references flipped on axes {tuple(axes)} "
                            f"(this task has {sorted(self.mirrored or {})})")
         return TaskEmbedding(self.mirrored[tuple(axes)], self.classes, self.present, self.model_id, self.positions,
-                             spacing=self.spacing)
+                             spacing=self.spacing, names=self.names)
 
     @property
     def batch_size(self) -> int:
@@ -93,7 +96,7 @@ class TaskEmbedding:
             (self.positions * w[:, :, None, None, None].to(self.positions)).sum(0, keepdim=True) \
             / count[None, :, None, None, None].to(self.positions)  # several references: a multi-atlas prior
         return TaskEmbedding(tokens, self.classes, torch.ones_like(self.present[:1]), self.model_id, positions, mirrored,
-                             self.spacing)
+                             self.spacing, names=self.names)
 
     def select(self, classes: Sequence[int]) -> TaskEmbedding:
         """Reorder / subset the classes by label value."""
@@ -104,7 +107,9 @@ class TaskEmbedding:
         tokens, mirrored = self._map_tokens(lambda ts: [t.index_select(1, idx) for t in ts])
         return TaskEmbedding(tokens, [int(c) for c in classes], self.present.index_select(1, idx), self.model_id,
                              None if self.positions is None else self.positions.index_select(1, idx.to(
-                                 self.positions.device)), mirrored, self.spacing)
+                                 self.positions.device)), mirrored, self.spacing,
+                             names=None if self.names is None else
+                             {int(c): self.names[int(c)] for c in classes if int(c) in self.names})
 
     @staticmethod
     def concatenate(tasks: Sequence[TaskEmbedding]) -> TaskEmbedding:
@@ -144,14 +149,16 @@ class TaskEmbedding:
                 positions.append(z.index_copy(1, pos.to(z.device), task.positions.to(z)))
         mirrored = None if first.mirrored is None else \
             {axes: stacked([t.mirrored[axes] for t in tasks]) for axes in first.mirrored}
+        names = {v: n for t in reversed(tasks) for v, n in (t.names or {}).items()}  # the first task's name wins
         return TaskEmbedding(stacked([t.tokens for t in tasks]), classes, torch.cat(present), first.model_id,
-                             torch.cat(positions) if positions else None, mirrored, first.spacing)
+                             torch.cat(positions) if positions else None, mirrored, first.spacing,
+                             names=names if any(t.names is not None for t in tasks) else None)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TaskEmbedding:
         tokens, mirrored = self._map_tokens(lambda ts: [t.to(device=device, dtype=dtype) for t in ts])
         return TaskEmbedding(tokens, self.classes, self.present.to(device=device), self.model_id,
                              None if self.positions is None else self.positions.to(device=device), mirrored,
-                             self.spacing)
+                             self.spacing, names=self.names)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp file in the same folder, then os.replace)."""
@@ -160,7 +167,7 @@ class TaskEmbedding:
                  "positions": None if self.positions is None else self.positions.detach().cpu(),
                  "mirrored": None if self.mirrored is None else
                  [[list(axes), [t.detach().cpu() for t in ts]] for axes, ts in self.mirrored.items()],
-                 "spacing": self.spacing}
+                 "spacing": self.spacing, "names": self.names}
         write_atomic(path, lambda tmp: torch.save(state, tmp))
 
     @classmethod
@@ -177,7 +184,8 @@ class TaskEmbedding:
         mirrored = state.get("mirrored")  # absent from files written before mirrored TTA
         task = cls(state["tokens"], state["classes"], state["present"], state["model_id"], state.get("positions"),
                    None if mirrored is None else {tuple(axes): ts for axes, ts in mirrored},
-                   state.get("spacing"))  # absent from files written before the spacing rule
+                   state.get("spacing"),  # absent from files written before the spacing rule
+                   names=state.get("names"))  # absent from files written before structure names
         if model is not None and model.model_id() != task.model_id:
             raise TaskMismatchError(
                 f"task file {path} was encoded by model {task.model_id}, not by this model {model.model_id()}")

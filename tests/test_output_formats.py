@@ -1,0 +1,228 @@
+"""iris_predict --output_type dicom_seg / rtstruct, structure names, --statistics; iris_demo on the bundled cases."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import cli_error
+from test_predict import VALUES, build_model_folder, make_case
+
+from iris_nnu.inference.dicom_output import write_dicom_series
+from iris_nnu.inference.evaluate import main as evaluate_main
+from iris_nnu.inference.images import dicom_series_files, read_dicom_series
+from iris_nnu.inference.predict import main
+from iris_nnu.model import TaskEmbedding
+
+NAMES = {17: "alpha", 53: "beta", 2035: "gamma"}
+
+
+@pytest.fixture(scope="module")
+def dicom_world(tmp_path_factory) -> dict:
+    """A model, a reference folder (nnU-Net raw layout, dataset.json naming VALUES), a DICOM series query made from
+    a small volume, and the same volume as NIfTI."""
+    root = tmp_path_factory.mktemp("dicom_outputs")
+    model = build_model_folder(root / "model", seed=5)
+    raw = root / "Dataset009_Refs"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    for i in range(2):
+        make_case(raw / "imagesTr" / f"r{i}_0000.nii.gz", raw / "labelsTr" / f"r{i}.nii.gz", seed=10 + i)
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MR"}, "labels": {"background": 0, **{n: v for v, n in NAMES.items()}},
+        "numTraining": 2, "file_ending": ".nii.gz"}))
+    nifti = root / "caseA_0000.nii.gz"
+    make_case(nifti, None, seed=20)
+    series = root / "dicom" / "patient7"
+    write_dicom_series(sitk.ReadImage(str(nifti)), str(series))
+    return {"root": root, "model": str(model), "raw": str(raw), "series": series, "nifti": nifti}
+
+
+def run(world: dict, *argv: str) -> None:
+    main(["-m", world["model"], "--disable_tta", *argv])
+
+
+def source_datasets(series: Path) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(f) for f in dicom_series_files(str(series))]
+
+
+def rasterise(rtstruct: pydicom.Dataset, roi_number: int, image: sitk.Image) -> np.ndarray:
+    """An RTSTRUCT ROI's contours filled on the series' grid (Z, Y, X)."""
+    mask = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
+    contours = next(c for c in rtstruct.ROIContourSequence if c.ReferencedROINumber == roi_number)
+    polygons: dict[int, list] = {}
+    for contour in getattr(contours, "ContourSequence", []):
+        points = np.array(contour.ContourData, dtype=float).reshape(-1, 3)
+        index = np.array([image.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in points])
+        z = int(round(index[0, 2]))
+        assert np.allclose(index[:, 2], z, atol=1e-3)  # planar, on a slice
+        polygons.setdefault(z, []).append(np.round(index[:, :2]).astype(np.int32))
+    for z, polys in polygons.items():
+        layer = mask[z].copy()
+        cv2.fillPoly(layer, polys, 1)
+        mask[z] = layer
+    return mask.astype(bool)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_dicom_seg_rtstruct_statistics_and_names(dicom_world, tmp_path):
+    w = dicom_world
+    names_file = tmp_path / "names.json"
+    names_file.write_text(json.dumps({"2035": "gamma ray"}))  # overrides the reference folder's name
+    out, task_file = tmp_path / "out", tmp_path / "task.pt"
+    run(w, "-i", str(w["series"].parent), "-o", str(out), "-r", w["raw"], "--output_type", "both", "rtstruct",
+        "--label_names", str(names_file), "--statistics", "--save_task", str(task_file))
+    names = {**NAMES, 2035: "gamma ray"}
+    nifti = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "patient7.nii.gz")))
+    assert len(set(np.unique(nifti).tolist()) & set(VALUES)) >= 2  # structures segmented: the masks test something
+    source = source_datasets(w["series"])
+
+    # DICOM-SEG: read back by highdicom, referencing the series, named segments that decode to the NIfTI's masks
+    seg = hd.seg.segread(str(out / "patient7_seg.dcm"))
+    assert seg.FrameOfReferenceUID == source[0].FrameOfReferenceUID
+    assert seg.StudyInstanceUID == source[0].StudyInstanceUID
+    assert seg.PatientID == source[0].PatientID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source[0].SeriesInstanceUID
+    assert seg.SeriesInstanceUID != source[0].SeriesInstanceUID
+    referenced = {uid for _, _, uid in seg.get_source_image_uids()}
+    assert referenced == {ds.SOPInstanceUID for ds in source}
+    for frame in seg.PerFrameFunctionalGroupsSequence:  # each frame names its source slice
+        assert frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID in referenced
+    labels = [seg.get_segment_description(n).segment_label for n in (1, 2, 3)]
+    assert labels == [names[v] for v in VALUES]
+    description = seg.get_segment_description(3)
+    assert "gamma ray" in description.SegmentDescription and "2035" in description.SegmentDescription
+    algorithm = description.SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "iris-nnu" and algorithm.AlgorithmVersion
+    assert "model_id" in algorithm.AlgorithmParameters
+    decoded = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in source], segment_numbers=[1, 2, 3],
+                                                combine_segments=True, assert_missing_frames_are_empty=True)
+    np.testing.assert_array_equal(np.array([0, *VALUES])[decoded], nifti)
+
+    # RTSTRUCT: named ROIs referencing the series, contours that rasterise back to the masks
+    rt = pydicom.dcmread(str(out / "patient7_rtstruct.dcm"))
+    assert rt.Modality == "RTSTRUCT" and rt.Manufacturer == "iris-nnu"
+    assert [r.ROIName for r in rt.StructureSetROISequence] == [names[v] for v in VALUES]
+    frame_ref = rt.ReferencedFrameOfReferenceSequence[0]
+    assert frame_ref.FrameOfReferenceUID == source[0].FrameOfReferenceUID
+    series_ref = frame_ref.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert series_ref.SeriesInstanceUID == source[0].SeriesInstanceUID
+    assert {c.ReferencedSOPInstanceUID for c in series_ref.ContourImageSequence} == referenced
+    image = read_dicom_series(str(w["series"]))
+    for number, value in enumerate(VALUES, start=1):
+        mask = nifti == value
+        if mask.sum() >= 50:
+            assert dice(rasterise(rt, number, image), mask) > 0.9, value
+
+    # statistics: volume = voxel count x voxel volume of the query, mean intensity inside
+    stats = json.loads((out / "patient7_statistics.json").read_text())
+    voxel_ml = float(np.prod(image.GetSpacing())) / 1000
+    assert stats["voxel_volume_ml"] == pytest.approx(voxel_ml)
+    intensities = sitk.GetArrayFromImage(image)
+    assert [r["label"] for r in stats["structures"]] == list(VALUES)
+    for row in stats["structures"]:
+        mask = nifti == row["label"]
+        assert row["name"] == names[row["label"]]
+        assert row["voxels"] == int(mask.sum())
+        assert row["volume_ml"] == pytest.approx(row["voxels"] * voxel_ml)
+        if row["voxels"]:
+            assert row["mean_intensity"] == pytest.approx(float(intensities[mask].mean()), rel=1e-5)
+        else:
+            assert row["mean_intensity"] is None
+    with open(out / "patient7_statistics.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(int(r["label"]), r["name"], int(r["voxels"])) for r in table] == \
+        [(r["label"], r["name"], r["voxels"]) for r in stats["structures"]]
+
+    # the task file keeps the names: DICOM outputs from it carry them without --label_names
+    assert TaskEmbedding.load(task_file).names == names
+    again = tmp_path / "again"
+    run(w, "-i", str(w["series"]), "-o", str(again), "--task", str(task_file), "--output_type", "dicom_seg")
+    assert sorted(p.name for p in again.iterdir()) == ["patient7_seg.dcm"]  # no NIfTI without nifti
+    seg2 = hd.seg.segread(str(again / "patient7_seg.dcm"))
+    assert [seg2.get_segment_description(n).segment_label for n in (1, 2, 3)] == labels
+
+
+def test_dicom_output_rules(dicom_world, tmp_path, capsys):
+    w = dicom_world
+    # a non-DICOM query with dicom_seg: one line, exit 2, before anything is written
+    out = tmp_path / "never"
+    line = cli_error(capsys, main, "iris_predict", ["-m", w["model"], "-i", str(w["nifti"]), "-o", str(out),
+                                                    "-r", w["raw"], "--output_type", "dicom_seg"])
+    assert "DICOM-series" in line and str(w["nifti"]) in line
+    assert not out.exists()
+    # a DICOM output inside the query's own series folder is refused (the folder would hold two series)
+    line = cli_error(capsys, main, "iris_predict", ["-m", w["model"], "-i", str(w["series"]), "-o", str(w["series"]),
+                                                    "-r", w["raw"], "--output_type", "rtstruct"])
+    assert "series folder" in line
+    # an existing SEG is refused without --overwrite; --continue_prediction skips the finished query
+    out = tmp_path / "out"
+    run(w, "-i", str(w["series"]), "-o", str(out), "-r", w["raw"], "--output_type", "dicom_seg")
+    before = (out / "patient7_seg.dcm").read_bytes()
+    line = cli_error(capsys, main, "iris_predict", ["-m", w["model"], "-i", str(w["series"]), "-o", str(out),
+                                                    "-r", w["raw"], "--output_type", "dicom_seg"])
+    assert "patient7_seg.dcm" in line and "--overwrite" in line
+    run(w, "-i", str(w["series"]), "-o", str(out), "-r", w["raw"], "--output_type", "dicom_seg",
+        "--continue_prediction")
+    assert "already segmented" in capsys.readouterr().out
+    assert (out / "patient7_seg.dcm").read_bytes() == before
+    # a bad --label_names file: one line
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"zero": "x"}))
+    line = cli_error(capsys, main, "iris_predict", ["-m", w["model"], "-i", str(w["series"]), "-o", str(out),
+                                                    "-r", w["raw"], "--label_names", str(bad)])
+    assert "--label_names" in line
+
+
+def test_nifti_statistics_in_the_query_geometry(dicom_world, tmp_path):
+    w = dicom_world
+    query = tmp_path / "scanB.mha"
+    make_case(query, None, seed=21, shape=(24, 28, 30), spacing=(0.8, 1.2, 1.1))
+    out = tmp_path / "out"
+    run(w, "-i", str(query), "-o", str(out), "-r", w["raw"], "--statistics")
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "scanB.mha")))
+    stats = json.loads((out / "scanB_statistics.json").read_text())
+    voxel_ml = 0.8 * 1.2 * 1.1 / 1000
+    assert sum(r["voxels"] for r in stats["structures"]) == int((seg > 0).sum()) > 0
+    for row in stats["structures"]:
+        assert row["name"] == NAMES[row["label"]]  # from the reference folder's dataset.json
+        assert row["voxels"] == int((seg == row["label"]).sum())
+        assert row["volume_ml"] == pytest.approx(row["voxels"] * voxel_ml)
+
+
+def test_task_names_through_select_concatenate_mean_and_old_files(tmp_path):
+    tokens = [torch.randn(1, 3, 2, 4)]
+    a = TaskEmbedding(tokens, [1, 2, 3], torch.ones(1, 3, dtype=torch.bool), "m", names={1: "x", 2: "y", 3: "z"})
+    b = TaskEmbedding([torch.randn(1, 1, 2, 4)], [4], torch.ones(1, 1, dtype=torch.bool), "m", names={4: "w"})
+    assert a.select([3, 1]).names == {3: "z", 1: "x"}
+    both = TaskEmbedding.concatenate([a, b])
+    assert both.names == {1: "x", 2: "y", 3: "z", 4: "w"}
+    assert both.select([2, 4]).mean().to("cpu").names == {2: "y", 4: "w"}
+    a.save(tmp_path / "t.pt")
+    assert TaskEmbedding.load(tmp_path / "t.pt").names == {1: "x", 2: "y", 3: "z"}
+    state = torch.load(tmp_path / "t.pt", weights_only=True)
+    del state["names"]  # a file written before names
+    torch.save(state, tmp_path / "old.pt")
+    assert TaskEmbedding.load(tmp_path / "old.pt").names is None
+
+
+def test_evaluate_table_names_structures_from_dataset_json(dicom_world, tmp_path, capsys):
+    raw = Path(dicom_world["raw"])
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    (pred / "r0.nii.gz").write_bytes((raw / "labelsTr" / "r0.nii.gz").read_bytes())
+    evaluate_main(["-ref", str(raw / "labelsTr"), "-pred", str(pred)])
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header == ["case", "alpha", "beta", "gamma"]
+    summary = json.loads((pred / "summary.json").read_text())
+    assert summary["label_names"] == {"17": "alpha", "53": "beta", "2035": "gamma"}
