@@ -2,7 +2,8 @@
 
 For each dataset of the shared data (nnU-Net raw format): the first training case of the default model is the
 reference, the first held-out cases (never seen in training) are the queries. Writes each segmentation, an overlay
-PNG and nnU-Net's metrics summary, and prints Dice per structure.
+PNG and nnU-Net's metrics summary, and prints Dice per structure. Without a data folder it runs on the held-out
+hippocampus cases bundled in the package (iris_nnu/demo_data, packed by scripts/pack_demo_data.py).
 """
 from __future__ import annotations
 
@@ -23,11 +24,24 @@ from iris_nnu.inference.predictor import IrisPredictor
 from iris_nnu.inference.references import ReferenceCase
 
 PROGRAM = "iris_demo"
+# real held-out cases of the default model shipped in the package (MSD Task04 Hippocampus, CC-BY-SA 4.0)
+BUNDLED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_data")
 
 
 def default_data_folder() -> str:
     """$IRIS_DATA, else ../shared/data beside the current folder (where CI and the quick start keep it)."""
     return os.environ.get("IRIS_DATA") or os.path.join(os.getcwd(), "..", "shared", "data")
+
+
+def data_folder(given: str | None, datasets: list[str]) -> tuple[str, bool]:
+    """(folder, whether it is the bundled demo data): --data, else $IRIS_DATA, else ../shared/data when it holds one
+    of `datasets`, else the cases bundled in the package."""
+    if given or os.environ.get("IRIS_DATA"):
+        return os.path.abspath(given or os.environ["IRIS_DATA"]), False
+    shared = os.path.abspath(default_data_folder())
+    if any(os.path.isdir(os.path.join(shared, name, "labelsTr")) for name in datasets):
+        return shared, False
+    return BUNDLED_DATA, True
 
 
 def raw_case_files(raw_folder: str, case: str) -> tuple[str, str]:
@@ -66,15 +80,23 @@ def describe(dice: dict[int, float], names: dict[int, str], show: int = 3) -> st
     return f"mean Dice {mean:.3f} over {len(valid)} structures ({parts})"
 
 
-def run_dataset(predictor: IrisPredictor, raw_folder: str, held_out: list[str], output: str, num_queries: int,
-                ) -> dict:
-    """Segment the first held-out queries of one dataset from its first training case; returns the summary."""
+def run_dataset(predictor: IrisPredictor, raw_folder: str, held_out: list[str], output: str,
+                num_queries: int | None) -> dict:
+    """Segment the first held-out queries of one dataset (all it holds for None) from its first training case;
+    returns the summary."""
     name = os.path.basename(raw_folder)
-    reference = training_cases(raw_folder, held_out)[0]
+    training = training_cases(raw_folder, held_out)
+    present = [case for case in held_out
+               if os.path.isfile(os.path.join(raw_folder, "labelsTr", f"{case}.nii.gz"))][:num_queries]
+    if not training or not present:
+        raise IrisInputError(f"{raw_folder}: holds {'no training case' if not training else 'no held-out case'} of "
+                             f"the default model (its held_out.json); bundled cases are refreshed by "
+                             f"scripts/pack_demo_data.py")
+    reference = training[0]
     ref_image, ref_label = raw_case_files(raw_folder, reference)
     references = predictor.encode_references([ReferenceCase(reference, [ref_image], ref_label)])
     task, _ = predictor.task_for_strategy(references.pool, "oneshot", references)
-    queries = [Query(case, [raw_case_files(raw_folder, case)[0]]) for case in held_out[:num_queries]]
+    queries = [Query(case, [raw_case_files(raw_folder, case)[0]]) for case in present]
     out = os.path.join(output, name)
     print(f"{PROGRAM}: {name}: reference {reference} ({len(task.classes)} structures), "
           f"{len(queries)} held-out quer{'y' if len(queries) == 1 else 'ies'}")
@@ -100,14 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROGRAM,
         description="Segment real held-out MRI scans with the default model bundled with iris-nnu, from one real "
                     "reference each (no training, no network access): Hippocampus (2 structures) and OASIS "
-                    "brains (85 structures) of the shared data. Writes segmentations, overlay PNGs and metrics, "
-                    "and prints Dice.",
+                    "brains (85 structures) of a data folder, or, without one, the held-out hippocampus cases "
+                    "bundled with iris-nnu. Writes segmentations, overlay PNGs and metrics, and prints Dice.",
         formatter_class=HelpFormatter)
     p.add_argument("--data", default=None,
                    help="folder holding Dataset001_Hippocampus and/or Dataset002_OASISBrain in nnU-Net raw format "
-                        "(default: $IRIS_DATA, else ../shared/data)")
+                        "(default: $IRIS_DATA, else ../shared/data if it holds one; else the held-out hippocampus "
+                        "cases bundled in the package, iris_nnu/demo_data)")
     p.add_argument("-o", default="iris_demo_output", metavar="OUTPUT", help="output folder")
-    p.add_argument("--queries", type=int, default=1, help="held-out queries per dataset")
+    p.add_argument("--queries", type=int, default=None,
+                   help="held-out queries per dataset (default: 1 from a data folder, all 3 bundled ones)")
     add_device_argument(p)
     return p
 
@@ -115,11 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry(PROGRAM)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.queries < 1:
+    if args.queries is not None and args.queries < 1:
         raise IrisInputError(f"--queries must be at least 1, got {args.queries}")
-    data = os.path.abspath(args.data or default_data_folder())
     held_out = read_held_out(None)
+    data, bundled = data_folder(args.data, list(held_out))
     found = [os.path.join(data, name) for name in held_out if os.path.isdir(os.path.join(data, name, "labelsTr"))]
+    if bundled:
+        print(f"{PROGRAM}: no data folder (--data, $IRIS_DATA or ../shared/data): segmenting the held-out "
+              f"hippocampus cases bundled with iris-nnu ({data}; MSD Task04 Hippocampus, CC-BY-SA 4.0, see "
+              f"ATTRIBUTION.md there), cases the default model never trained on")
     if not found:
         raise IrisInputError(f"{data}: holds none of {', '.join(held_out)} (nnU-Net raw format); set --data or "
                              f"IRIS_DATA to the folder that does")
@@ -127,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     predictor.initialize_from_model_folder(None)
     means = {}
     for raw_folder in found:
-        summary = run_dataset(predictor, raw_folder, held_out[os.path.basename(raw_folder)], args.o, args.queries)
+        summary = run_dataset(predictor, raw_folder, held_out[os.path.basename(raw_folder)], args.o,
+                              args.queries if args.queries or bundled else 1)
         means[os.path.basename(raw_folder)] = summary["foreground_mean"]["Dice"]
     print(f"{PROGRAM}: done; mean Dice " + ", ".join(f"{k} {v:.3f}" for k, v in means.items())
           + f"; outputs in {os.path.abspath(args.o)}")

@@ -226,3 +226,35 @@ def test_evaluate_table_names_structures_from_dataset_json(dicom_world, tmp_path
     assert header == ["case", "alpha", "beta", "gamma"]
     summary = json.loads((pred / "summary.json").read_text())
     assert summary["label_names"] == {"17": "alpha", "53": "beta", "2035": "gamma"}
+
+
+def test_demo_without_a_data_folder_runs_on_the_bundled_held_out_cases(tmp_path, monkeypatch, capsys):
+    from iris_nnu import demo
+    from iris_nnu.inference.model_folder import read_held_out
+
+    monkeypatch.delenv("IRIS_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # demo looks for ../shared/data beside the current folder
+    assert not (tmp_path.parent / "shared" / "data").exists()
+    out = tmp_path / "out"
+    assert demo.main(["-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "bundled" in printed and "never trained on" in printed
+    bundled = Path(demo.BUNDLED_DATA) / "Dataset001_Hippocampus"
+    held_out = read_held_out(None)["Dataset001_Hippocampus"]
+    queries = sorted(p.name[: -len("_0000.nii.gz")] for p in (bundled / "imagesTr").iterdir()
+                     if p.name[: -len("_0000.nii.gz")] in held_out)
+    assert len(queries) == 3
+    reference = [p.name for p in (bundled / "labelsTr").iterdir() if p.name[: -len(".nii.gz")] not in held_out]
+    assert len(reference) == 1  # the one training case
+    summary = json.loads((out / "Dataset001_Hippocampus" / "summary.json").read_text())
+    assert sorted(r["case"] for r in summary["metric_per_case"]) == queries
+    for case in queries:
+        seg = sitk.ReadImage(str(out / "Dataset001_Hippocampus" / f"{case}.nii.gz"))
+        image = sitk.ReadImage(str(bundled / "imagesTr" / f"{case}_0000.nii.gz"))
+        assert seg.GetSize() == image.GetSize() and seg.GetDirection() == image.GetDirection()
+        np.testing.assert_allclose(seg.GetOrigin(), image.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(seg.GetSpacing(), image.GetSpacing(), rtol=1e-5)
+        assert (sitk.GetArrayFromImage(seg) > 0).sum() > 100
+        assert (out / "Dataset001_Hippocampus" / f"{case}.png").stat().st_size > 1000
+        assert f"{case}: mean Dice" in printed
+    assert summary["foreground_mean"]["Dice"] > 0.6  # measured 0.86 (the default model on held-out cases)
