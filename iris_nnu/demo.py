@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -117,6 +118,66 @@ def run_dataset(predictor: IrisPredictor, raw_folder: str, held_out: list[str], 
     return summary
 
 
+def run_dicom(predictor: IrisPredictor, raw_folder: str, held_out: list[str], output: str) -> None:
+    """The clinical path offline: the first held-out query written as a DICOM MR series, segmented as iris_predict
+    does a DICOM query (--output_type both: NIfTI and DICOM-SEG), the SEG read back and checked."""
+    import highdicom as hd
+    import pydicom
+    import SimpleITK as sitk
+
+    from iris_nnu.inference.dicom_output import write_dicom_series
+    from iris_nnu.inference.images import dicom_series_files, read_dicom_series
+    from iris_nnu.inference.outputs import write_query_outputs
+
+    reference = training_cases(raw_folder, held_out)[0]
+    case = next(c for c in held_out if os.path.isfile(os.path.join(raw_folder, "labelsTr", f"{c}.nii.gz")))
+    image, truth = raw_case_files(raw_folder, case)
+    out = os.path.join(output, "dicom")
+    series = os.path.join(out, "series", case)
+    if os.path.isdir(series):
+        shutil.rmtree(series)  # the demo's own series from an earlier run
+    write_dicom_series(sitk.ReadImage(image), series, series_description=f"iris-nnu demo {case}")
+    print(f"{PROGRAM}: DICOM: {case} written as a DICOM MR series of {len(os.listdir(series))} slices in {series}")
+    ref_image, ref_label = raw_case_files(raw_folder, reference)
+    references = predictor.encode_references([ReferenceCase(reference, [ref_image], ref_label)])
+    task, _ = predictor.task_for_strategy(references.pool, "oneshot", references)
+    query = Query(case, [series])
+    failures = predictor.predict_queries([query], out, task, progress=False)
+    if failures:
+        raise IrisInputError("; ".join(failures))
+    nifti = os.path.join(out, case + query.output_ending)
+    write_query_outputs(query, nifti, out, ("dicom_seg",), False, task.classes, label_names(raw_folder),
+                        task.model_id, f"from reference {reference}", predictor.reader_writer_class)
+    seg_file = os.path.join(out, f"{case}_seg.dcm")
+    seg = hd.seg.segread(seg_file)
+    source = read_dicom_series(series)
+    order = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in dicom_series_files(series)]
+    numbers = list(range(1, len(task.classes) + 1))
+    decoded = seg.get_pixels_by_source_instance(order, segment_numbers=numbers, combine_segments=True,
+                                                assert_missing_frames_are_empty=True)
+    labels = np.array([0, *task.classes])[decoded]
+    same = bool(np.array_equal(labels, sitk.GetArrayFromImage(sitk.ReadImage(nifti))))
+    # Dice of the SEG's masks against the ground truth, on the ground truth's grid
+    decoded_image = sitk.GetImageFromArray(labels.astype(np.uint8))
+    decoded_image.CopyInformation(source)
+    truth_image = sitk.ReadImage(truth)
+    on_truth = sitk.GetArrayFromImage(sitk.Resample(decoded_image, truth_image, sitk.Transform(),
+                                                    sitk.sitkNearestNeighbor))
+    gt = sitk.GetArrayFromImage(truth_image)
+    dice = {c: 2 * ((on_truth == c) & (gt == c)).sum() / max((on_truth == c).sum() + (gt == c).sum(), 1)
+            for c in task.classes}
+    segments = ", ".join(seg.get_segment_description(n).segment_label for n in numbers)
+    print(f"{PROGRAM}: DICOM: {seg_file}: DICOM-SEG of {len(numbers)} segments ({segments}), {seg.NumberOfFrames} "
+          f"frames referencing series {seg.ReferencedSeriesSequence[0].SeriesInstanceUID}; decoded, it equals the "
+          f"NIfTI output: {'yes' if same else 'NO'}; {describe(dice, label_names(raw_folder))}")
+    names_file = os.path.join(out, "label_names.json")
+    write_json_atomic({str(v): n for v, n in label_names(raw_folder).items()}, names_file)
+    print(f"{PROGRAM}: DICOM: the same with iris_predict: iris_predict -i {os.path.dirname(series)} -o {out} "
+          f"-r {ref_image}:{ref_label} --label_names {names_file} --output_type both --overwrite")
+    if not same:
+        raise IrisInputError(f"{seg_file}: its segments differ from {nifti}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROGRAM,
@@ -132,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", default="iris_demo_output", metavar="OUTPUT", help="output folder")
     p.add_argument("--queries", type=int, default=None,
                    help="held-out queries per dataset (default: 1 from a data folder, all 3 bundled ones)")
+    p.add_argument("--dicom", action="store_true",
+                   help="also the clinical path: the first held-out hippocampus query written as a DICOM MR series "
+                        "(OUTPUT/dicom/series), segmented as a DICOM query and written as DICOM-SEG "
+                        "(OUTPUT/dicom/{case}_seg.dcm, highdicom), read back and checked against the NIfTI output")
     add_device_argument(p)
     return p
 
@@ -158,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_dataset(predictor, raw_folder, held_out[os.path.basename(raw_folder)], args.o,
                               args.queries if args.queries or bundled else 1)
         means[os.path.basename(raw_folder)] = summary["foreground_mean"]["Dice"]
+    hippocampus = [f for f in found if os.path.basename(f) == "Dataset001_Hippocampus"]
+    if args.dicom:
+        if not hippocampus:
+            raise IrisInputError(f"--dicom: {data} holds no Dataset001_Hippocampus")
+        run_dicom(predictor, hippocampus[0], held_out["Dataset001_Hippocampus"], args.o)
     print(f"{PROGRAM}: done; mean Dice " + ", ".join(f"{k} {v:.3f}" for k, v in means.items())
           + f"; outputs in {os.path.abspath(args.o)}")
     return 0

@@ -258,3 +258,33 @@ def test_demo_without_a_data_folder_runs_on_the_bundled_held_out_cases(tmp_path,
         assert (out / "Dataset001_Hippocampus" / f"{case}.png").stat().st_size > 1000
         assert f"{case}: mean Dice" in printed
     assert summary["foreground_mean"]["Dice"] > 0.6  # measured 0.86 (the default model on held-out cases)
+
+
+def test_demo_dicom_path_writes_a_seg_of_a_bundled_case(tmp_path, monkeypatch, capsys):
+    from iris_nnu import demo
+
+    monkeypatch.delenv("IRIS_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert demo.main(["-o", str(out), "--queries", "1", "--dicom"]) == 0
+    printed = capsys.readouterr().out
+    assert "equals the NIfTI output: yes" in printed
+    case = json.loads((Path(demo.BUNDLED_DATA) / "Dataset001_Hippocampus" / "dataset.json").read_text())[
+        "iris_demo"]["queries"][0]
+    series = out / "dicom" / "series" / case
+    seg = hd.seg.segread(str(out / "dicom" / f"{case}_seg.dcm"))
+    assert [seg.get_segment_description(n).segment_label for n in (1, 2)] == ["anterior", "posterior"]
+    source = source_datasets(series)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source[0].SeriesInstanceUID
+    nifti = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "dicom" / f"{case}.nii.gz")))
+    decoded = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in source], segment_numbers=[1, 2],
+                                                combine_segments=True, assert_missing_frames_are_empty=True)
+    np.testing.assert_array_equal(decoded, nifti)
+    assert (nifti > 0).sum() > 100
+    # the suggested iris_predict line reproduces the SEG's segmentation
+    line = next(x for x in printed.splitlines() if "the same with iris_predict:" in x).split("iris_predict: ", 1)[1]
+    main(line.split()[1:])
+    again = hd.seg.segread(str(out / "dicom" / f"{case}_seg.dcm"))
+    np.testing.assert_array_equal(again.get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in source], segment_numbers=[1, 2], combine_segments=True,
+        assert_missing_frames_are_empty=True), nifti)
