@@ -110,3 +110,30 @@ def test_demo_segments_a_held_out_brain(shared_data: Path, tmp_path: Path, capsy
     summary = json.loads((tmp_path / "out" / "Dataset002_OASISBrain" / "summary.json").read_text())
     assert summary["foreground_mean"]["Dice"] > 0.4, summary["foreground_mean"]
     assert f"{case}: mean Dice" in capsys.readouterr().out
+
+
+@pytest.mark.realdata
+def test_a_query_stored_with_its_axes_swapped_gets_the_same_segmentation(shared_data, tmp_path):
+    """The default model, reference hippocampus_004, held-out query hippocampus_026 and the same scan with x and y
+    swapped and z reversed (the same physical image): the two segmentations agree voxel for voxel in space."""
+    from test_predict import permuted_copy
+
+    from iris_nnu.inference import IrisPredictor, parse_reference
+    from iris_nnu.inference.images import label_to_sitk
+
+    data = shared_data / "Dataset001_Hippocampus"
+    query = data / "imagesTr" / "hippocampus_026_0000.nii.gz"
+    permuted_copy(query, tmp_path / "swapped.nii.gz", (1, 0, 2), flip=2)
+    predictor = IrisPredictor()
+    predictor.initialize_from_model_folder(None)
+    task = predictor.encode_references(parse_reference(
+        f"{data}/imagesTr/hippocampus_004_0000.nii.gz:{data}/labelsTr/hippocampus_004.nii.gz", 1)).pool.mean()
+    original = predictor.predict_case([str(query)], task)
+    swapped = predictor.predict_case([str(tmp_path / "swapped.nii.gz")], task)
+    back = sitk.GetArrayFromImage(sitk.Resample(label_to_sitk(swapped.segmentation, swapped.properties),
+                                                sitk.ReadImage(str(query)), sitk.Transform(), sitk.sitkNearestNeighbor))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "labelsTr" / "hippocampus_026.nii.gz")))
+    for value in (1, 2):
+        a, b = original.segmentation == value, back == value
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.99
+        assert 2 * (a & (truth == value)).sum() / (a.sum() + (truth == value).sum()) > 0.7  # a real segmentation

@@ -386,3 +386,22 @@ def test_real_hippocampus_and_oasis(nnunet_env, shared_data):
     assert set(collection.plans["iris"]["members"]) == {m.name for m in collection.members}
     for member in collection.members:
         assert len([f for f in os.listdir(member.preprocessed_folder) if f.endswith(".pkl")]) == len(member.cases)
+
+
+def test_every_case_is_preprocessed_in_the_plans_voxel_order(nnunet_env, capsys):
+    """A case stored with its axes permuted and reversed (the same physical scan as another case) is preprocessed
+    to the same voxels: the plans' orientation (default: the code most cases are stored in) holds for every case."""
+    raw = nnunet_env["nnUNet_raw"]
+    folder = Path(make_raw_dataset(str(raw), 61, "Stored", num_cases=5, shape_zyx=(20, 24, 28), seed=9, prefix="st"))
+    for sub, ending in (("imagesTr", "_0000.nii.gz"), ("labelsTr", ".nii.gz")):
+        image = sitk.Flip(sitk.PermuteAxes(sitk.ReadImage(str(folder / sub / f"st_000{ending}")), (2, 0, 1)),
+                          [True, False, False])
+        sitk.WriteImage(image, str(folder / sub / f"st_004{ending}"))  # st_004 = st_000 stored otherwise
+    run_cli("-d", "61", "-np", "1", "--plan_for", "cpu", "--target_spacing", "1")
+    collection = load_collection(61)
+    assert collection.plans["iris"]["orientation"] == "LPS"  # 4 of 5 cases
+    data = Path(collection.members[0].preprocessed_folder)
+    a, b = load_b2nd(data / "st_000.b2nd"), load_b2nd(data / "st_004.b2nd")
+    assert a.shape == b.shape and np.allclose(a, b, atol=1e-4)
+    assert np.array_equal(load_b2nd(data / "st_000_seg.b2nd"), load_b2nd(data / "st_004_seg.b2nd"))
+    assert "--orientation RRS: not an orientation code" in expect_error(capsys, "-d", "61", "--orientation", "RRS")

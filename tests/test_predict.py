@@ -17,7 +17,7 @@ from synthetic import blob_volume, write_volume
 from iris_nnu.errors import IrisInputError
 from iris_nnu.inference import IrisPredictor, parse_reference, select_references, write_model_folder
 from iris_nnu.inference.export import Winner, keep_largest_components
-from iris_nnu.inference.images import find_queries
+from iris_nnu.inference.images import find_queries, label_to_sitk
 from iris_nnu.inference.plans import inference_plans
 from iris_nnu.inference.predict import main
 from iris_nnu.model import TaskEmbedding, TaskMismatchError, build_network
@@ -39,7 +39,7 @@ def tiny_plans(modality: str = "MR") -> tuple[dict, dict]:
     dataset_json = {"channel_names": {"0": modality}, "labels": {"background": 0, "a": 1, "b": 2, "c": 3},
                     "numTraining": 3, "file_ending": ".nii.gz"}
     plans = plan_collection([MemberSummary("Dataset001_Synth", dataset_json, fingerprint)], target_spacing=1.0,
-                            memory_gb=0.5)
+                            memory_gb=0.5, orientation="LPS")
     configuration = plans["configurations"]["3d_fullres"]
     configuration["patch_size"] = [32, 32, 32]
     configuration["architecture"]["arch_kwargs"].update(TINY)
@@ -965,3 +965,40 @@ def test_a_run_follows_its_references_spacing_and_a_task_file_keeps_it(world, tm
     assert result.segmentation.shape == (13, 15, 15)
     with pytest.raises(TaskMismatchError, match="spacings"):
         TaskEmbedding.concatenate([task, fine])
+
+
+def permuted_copy(source: Path, target: Path, order: tuple[int, int, int], flip: int | None = None) -> None:
+    """The same physical image stored with its axes in another order (and one axis reversed): voxels permuted,
+    the direction and origin changed to match (SimpleITK's PermuteAxes / Flip keep the physical space)."""
+    image = sitk.PermuteAxes(sitk.ReadImage(str(source)), order)
+    if flip is not None:
+        image = sitk.Flip(image, [a == flip for a in range(3)])
+    sitk.WriteImage(image, str(target))
+
+
+def test_a_result_does_not_depend_on_how_the_scans_are_stored(world, tmp_path, predictor):
+    """Query and reference with their axes permuted and reversed: the segmentation, brought onto the original
+    query's grid, is the original one, and each output keeps its own query's storage order and header. (A model
+    planned before the voxel-order rule reads a run in its first reference's order: then only the query's storage
+    does not matter.)"""
+    query = world["queries"] / "caseA_0000.nii.gz"
+    ref_image, ref_label = (Path(p) for p in world["ref"][0].split(":"))
+    permuted_copy(query, tmp_path / "q_yxz.nii.gz", (1, 0, 2), flip=2)
+    permuted_copy(ref_image, tmp_path / "r_zxy.nii.gz", (2, 0, 1), flip=0)
+    permuted_copy(ref_label, tmp_path / "r_zxy_seg.nii.gz", (2, 0, 1), flip=0)
+    original = predictor.encode_references(parse_reference(world["ref"][0], 1)).pool.mean()
+    expected = predictor.predict_case([str(query)], original).segmentation
+    assert np.isin(VALUES, expected).sum() >= 2
+    stored = predictor.encode_references(parse_reference(f"{tmp_path}/r_zxy.nii.gz:{tmp_path}/r_zxy_seg.nii.gz",
+                                                         1)).pool.mean()
+    assert stored.orientation == original.orientation == "LPS"  # the model's voxel order, whatever the storage
+    for task in (original, stored):
+        result = predictor.predict_case([str(tmp_path / "q_yxz.nii.gz")], task)
+        out = label_to_sitk(result.segmentation, result.properties)
+        query_image = sitk.ReadImage(str(tmp_path / "q_yxz.nii.gz"))
+        assert out.GetSize() == query_image.GetSize() and out.GetDirection() == query_image.GetDirection()
+        back = sitk.GetArrayFromImage(sitk.Resample(out, sitk.ReadImage(str(query)), sitk.Transform(),
+                                                    sitk.sitkNearestNeighbor))
+        agree = [2 * ((back == v) & (expected == v)).sum() / max((back == v).sum() + (expected == v).sum(), 1)
+                 for v in VALUES if (expected == v).any()]
+        assert min(agree) > 0.99, agree

@@ -76,6 +76,7 @@ from iris_nnu.inference.references import (
 from iris_nnu.model import IrisNetwork, TaskEmbedding, TaskMismatchError
 from iris_nnu.model.loss import MaskedDiceBCELoss
 from iris_nnu.model.position import ScanFrame
+from iris_nnu.orientation import orientation_code, reorient, stored_properties, to_storage
 from iris_nnu.preprocessing.planner import CONFIGURATION, run_spacing
 
 STRATEGIES = ("oneshot", "ensemble", "retrieval", "tune")
@@ -168,6 +169,7 @@ class QueryPreparation:
     reader_writer_class: type[BaseReaderWriter]
     modality: str
     num_channels: int
+    orientation: str | None = None  # the run's voxel order (orientation.py); None: as stored
 
     def __call__(self, images: Sequence[str]) -> PreparedQuery:
         """Channel files (or a DICOM folder) of one query."""
@@ -180,6 +182,8 @@ class QueryPreparation:
         if data.ndim != 4 or data.shape[0] != self.num_channels:
             raise IrisInputError(f"query array must be (C={self.num_channels}, Z, Y, X), got {tuple(data.shape)}")
         properties = copy.deepcopy(properties)  # nnU-Net's preprocessing writes into it
+        if "sitk_stuff" in properties:  # SimpleITK geometry (the plans' reader, DICOM): one voxel order per run
+            data, properties, _ = reorient(data, properties, self.orientation)
         warnings = self.preprocessing.input_warnings(data, properties, self.modality)
         data, _, properties = self.preprocessing(data, None, properties)
         return PreparedQuery(data, properties, reader_writer, warnings)
@@ -290,6 +294,10 @@ class IrisPredictor(nnUNetPredictor):
         self.joint_plans = plans
         self.num_channels = num_channels
         self.spacing = float(self.configuration_manager.spacing[0])
+        # voxel order of the run (orientation.py): the model's (its plans'), or for models planned before the
+        # rule, the run's first reference's
+        self.model_orientation: str | None = plans.get("iris", {}).get("orientation")
+        self.orientation: str | None = self.model_orientation
         self.patch_size = tuple(int(p) for p in self.configuration_manager.patch_size)
 
     def use_spacing(self, spacing: float | None) -> None:
@@ -306,7 +314,10 @@ class IrisPredictor(nnUNetPredictor):
         self.spacing = spacing
 
     def _follow(self, task: Tasks) -> None:
-        self.use_spacing(self.per_fold(task)[0].spacing)
+        """Preprocess the queries of `task` as its references were: spacing and voxel order."""
+        first = self.per_fold(task)[0]
+        self.use_spacing(first.spacing)
+        self.orientation = first.orientation or self.model_orientation
 
     @property
     def reader_writer_class(self) -> type[BaseReaderWriter]:
@@ -382,10 +393,11 @@ class IrisPredictor(nnUNetPredictor):
             raise IrisInputError("no references given")
         wanted = sorted(set(int(c) for c in classes)) if classes else None
         # the spacing rule of the plan (planner.run_spacing) on the references' voxel sizes
-        self.use_spacing(run_spacing(self.joint_plans, [read_geometry(case.images[0]).spacing
-                                                        for case in references]))
+        geometries = [read_geometry(case.images[0]) for case in references]
+        self.use_spacing(run_spacing(self.joint_plans, [g.spacing for g in geometries]))
+        self.orientation = self.model_orientation or orientation_code(geometries[0].direction)
         prepared = [prepare_reference(case, self.preprocessing, self.reader_writer_class, self.patch_size, wanted,
-                                      self.position_grid) for case in references]
+                                      self.position_grid, self.orientation) for case in references]
         used = [p for p in prepared if p.values]
         found = sorted(set().union(*(p.values for p in used))) if used else []
         if wanted:
@@ -406,7 +418,7 @@ class IrisPredictor(nnUNetPredictor):
             with self.using_fold(i):
                 pools.append(dataclasses.replace(TaskEmbedding.concatenate(
                     [self.encode_crops(c, run_classes, pos) for c, pos in zip(crops, positions)]),
-                    spacing=self.spacing))
+                    spacing=self.spacing, orientation=self.orientation))
         return EncodedReferences(pools, [p.case.name for p in used], crops,
                                  {p.case.label: p.lost for p in prepared if p.lost})
 
@@ -495,7 +507,7 @@ class IrisPredictor(nnUNetPredictor):
             for p, flag in frozen:
                 p.requires_grad_(flag)
         return TaskEmbedding([p.detach() for p in params], task.classes, task.present, task.model_id,
-                             task.positions, spacing=task.spacing), losses
+                             task.positions, spacing=task.spacing, orientation=task.orientation), losses
 
     # ------------------------------------------------------------------------------------ sliding window
     @torch.inference_mode()
@@ -619,7 +631,8 @@ class IrisPredictor(nnUNetPredictor):
 
     @property
     def _preparation(self) -> QueryPreparation:
-        return QueryPreparation(self.preprocessing, self.reader_writer_class, self.modality, self.num_channels)
+        return QueryPreparation(self.preprocessing, self.reader_writer_class, self.modality, self.num_channels,
+                                self.orientation)
 
     def predict_case(self, images: Sequence[str], task: Tasks, pool: Tasks | None = None,
                      retrieval_top_k: int = 1, save_probabilities: bool = False) -> CaseResult:
@@ -647,8 +660,9 @@ class IrisPredictor(nnUNetPredictor):
         segmentation = indices_to_values(result.labels, classes)
         if self.largest_component:  # the probabilities stay as the network gave them
             segmentation = keep_largest_components(segmentation, classes)
-        return CaseResult(segmentation, properties, query.reader_writer, classes, result.probabilities, query.warnings,
-                          retrieved)
+        # back to the query's own voxel order and header
+        return CaseResult(to_storage(segmentation, properties), stored_properties(properties), query.reader_writer,
+                          classes, to_storage(result.probabilities, properties), query.warnings, retrieved)
 
     # nnU-Net's entry points (nnUNetPredictor's names), each with the task as an argument
     def predict_single_npy_array(self, input_image: np.ndarray, image_properties: dict, task: Tasks,

@@ -31,6 +31,7 @@ from iris_nnu.inference.images import (
 )
 from iris_nnu.inference.plans import SCAN_FRAME_KEY, RunPreprocessing
 from iris_nnu.model.position import ScanFrame, position_prior_from_labels
+from iris_nnu.orientation import reorient
 
 
 @dataclass
@@ -174,13 +175,16 @@ def structure_crops(data: np.ndarray, labels: np.ndarray, indices: list[int], pa
 # -------------------------------------------------------------------------------------- preparation
 def prepare_reference(case: ReferenceCase, preprocessing: RunPreprocessing, plans_reader_writer: type[BaseReaderWriter],
                       patch: tuple[int, ...], classes: list[int] | None = None,
-                      position_grid: int = 0) -> PreparedReference:
+                      position_grid: int = 0, orientation: str | None = None) -> PreparedReference:
     """Check, read, preprocess and crop one reference; `classes` limits it to those label values; with a
-    `position_grid`, also where each class lies in the whole preprocessed scan."""
+    `position_grid`, also where each class lies in the whole preprocessed scan; `orientation`: the run's voxel
+    order (iris_nnu/orientation.py; None: as stored)."""
     check_files_geometry(case.images, against=case.label)
     reader_writer = reader_writer_for(case.label, plans_reader_writer)
     data, properties = read_images(case.images, reader_writer_for(case.images[0], plans_reader_writer))
     label = read_label(case.label, reader_writer)
+    if "sitk_stuff" in properties:
+        data, properties, label = reorient(data, properties, orientation, label)
     held = [int(v) for v in np.unique(label) if v != 0]
     if not held:
         raise IrisInputError(f"{case.label}: empty reference label (no non-zero voxels)")

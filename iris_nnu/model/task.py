@@ -38,6 +38,8 @@ class TaskEmbedding:
     spacing: float | None = None
     # structure names by label value (a reference folder's dataset.json, or --label_names); None: unnamed
     names: dict[int, str] | None = None
+    # voxel order (orientation code, e.g. 'RAS') the references were read in; queries are read the same way
+    orientation: str | None = None
 
     def __post_init__(self) -> None:
         self.tokens = list(self.tokens)
@@ -73,7 +75,8 @@ class TaskEmbedding:
             raise KeyError(f"no tokens for the references flipped on axes {tuple(axes)} "
                            f"(this task has {sorted(self.mirrored or {})})")
         return TaskEmbedding(self.mirrored[tuple(axes)], self.classes, self.present, self.model_id, self.positions,
-                             spacing=self.spacing, names=self.names)
+                             spacing=self.spacing, names=self.names,
+                             orientation=self.orientation)
 
     @property
     def batch_size(self) -> int:
@@ -96,7 +99,7 @@ class TaskEmbedding:
             (self.positions * w[:, :, None, None, None].to(self.positions)).sum(0, keepdim=True) \
             / count[None, :, None, None, None].to(self.positions)  # several references: a multi-atlas prior
         return TaskEmbedding(tokens, self.classes, torch.ones_like(self.present[:1]), self.model_id, positions, mirrored,
-                             self.spacing, names=self.names)
+                             self.spacing, names=self.names, orientation=self.orientation)
 
     def select(self, classes: Sequence[int]) -> TaskEmbedding:
         """Reorder / subset the classes by label value."""
@@ -109,7 +112,8 @@ class TaskEmbedding:
                              None if self.positions is None else self.positions.index_select(1, idx.to(
                                  self.positions.device)), mirrored, self.spacing,
                              names=None if self.names is None else
-                             {int(c): self.names[int(c)] for c in classes if int(c) in self.names})
+                             {int(c): self.names[int(c)] for c in classes if int(c) in self.names},
+                             orientation=self.orientation)
 
     @staticmethod
     def concatenate(tasks: Sequence[TaskEmbedding]) -> TaskEmbedding:
@@ -128,6 +132,9 @@ class TaskEmbedding:
                 raise TaskMismatchError("tasks disagree on position priors")
             if task.spacing != first.spacing:
                 raise TaskMismatchError(f"tasks encoded at different spacings: {first.spacing} vs {task.spacing} mm")
+            if task.orientation != first.orientation:
+                raise TaskMismatchError(f"tasks read in different voxel orders: {first.orientation} vs "
+                                        f"{task.orientation}")
             if sorted(task.mirrored or {}) != sorted(first.mirrored or {}):
                 raise TaskMismatchError(f"tasks disagree on mirrored tokens: {sorted(first.mirrored or {})} vs "
                                         f"{sorted(task.mirrored or {})}")
@@ -152,13 +159,14 @@ class TaskEmbedding:
         names = {v: n for t in reversed(tasks) for v, n in (t.names or {}).items()}  # the first task's name wins
         return TaskEmbedding(stacked([t.tokens for t in tasks]), classes, torch.cat(present), first.model_id,
                              torch.cat(positions) if positions else None, mirrored, first.spacing,
-                             names=names if any(t.names is not None for t in tasks) else None)
+                             names=names if any(t.names is not None for t in tasks) else None,
+                             orientation=first.orientation)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TaskEmbedding:
         tokens, mirrored = self._map_tokens(lambda ts: [t.to(device=device, dtype=dtype) for t in ts])
         return TaskEmbedding(tokens, self.classes, self.present.to(device=device), self.model_id,
                              None if self.positions is None else self.positions.to(device=device), mirrored,
-                             self.spacing, names=self.names)
+                             self.spacing, names=self.names, orientation=self.orientation)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp file in the same folder, then os.replace)."""
@@ -167,7 +175,7 @@ class TaskEmbedding:
                  "positions": None if self.positions is None else self.positions.detach().cpu(),
                  "mirrored": None if self.mirrored is None else
                  [[list(axes), [t.detach().cpu() for t in ts]] for axes, ts in self.mirrored.items()],
-                 "spacing": self.spacing, "names": self.names}
+                 "spacing": self.spacing, "names": self.names, "orientation": self.orientation}
         write_atomic(path, lambda tmp: torch.save(state, tmp))
 
     @classmethod
@@ -185,7 +193,8 @@ class TaskEmbedding:
         task = cls(state["tokens"], state["classes"], state["present"], state["model_id"], state.get("positions"),
                    None if mirrored is None else {tuple(axes): ts for axes, ts in mirrored},
                    state.get("spacing"),  # absent from files written before the spacing rule
-                   names=state.get("names"))  # absent from files written before structure names
+                   names=state.get("names"),  # absent from files written before structure names
+                   orientation=state.get("orientation"))  # ... and before one voxel order per run
         if model is not None and model.model_id() != task.model_id:
             raise TaskMismatchError(
                 f"task file {path} was encoded by model {task.model_id}, not by this model {model.model_id()}")

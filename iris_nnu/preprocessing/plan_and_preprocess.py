@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 
+import numpy as np
+import SimpleITK as sitk
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import (
     DatasetFingerprintExtractor,
@@ -14,10 +16,13 @@ from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor impo
 from nnunetv2.imageio.reader_writer_registry import (
     determine_reader_writer_from_dataset_json,
 )
+from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+from tqdm import tqdm
 
 from iris_nnu.cli import HelpFormatter
 from iris_nnu.errors import IrisInputError, cli_entry, require_env_folder
 from iris_nnu.files import write_atomic, write_json_atomic
+from iris_nnu.orientation import orientation_code, valid_orientation
 from iris_nnu.preprocessing.collection import (
     MANIFEST_FILE,
     check_collection_id_free,
@@ -52,6 +57,8 @@ def fingerprint(dataset: RawDataset, num_processes: int, overwrite: bool) -> dic
             return load_json(path)
         except (json.JSONDecodeError, UnicodeDecodeError):
             overwrite = True  # a fingerprint cut short by an interruption: make it again
+    if not dataset.has_labels:
+        return images_only_fingerprint(dataset, path)
     print(f"{dataset.name}: extracting nnU-Net fingerprint of {len(dataset.cases)} cases")
     try:
         result = DatasetFingerprintExtractor(dataset.dataset_id, num_processes, verbose=False).run(overwrite)
@@ -62,8 +69,54 @@ def fingerprint(dataset: RawDataset, num_processes: int, overwrite: bool) -> dic
     return json.loads(json.dumps(result))  # as read back from the file: string keys, lists not arrays
 
 
+def images_only_fingerprint(dataset: RawDataset, path: str, num_samples: int = 10000) -> dict:
+    """nnU-Net's fingerprint of a member without labels: nnU-Net's extractor samples intensities inside the labelled
+    foreground, which such a member lacks, so here they are sampled inside the body (nnU-Net's non-zero crop)."""
+    reader_writer = determine_reader_writer_from_dataset_json(dataset.dataset_json,
+                                                              next(iter(dataset.cases.values()))["images"][0])()
+    spacings, shapes, relative, samples = [], [], [], []
+    for files in tqdm(dataset.cases.values(), desc=f"{dataset.name}: fingerprint (images only)", unit="case"):
+        try:
+            images, properties = reader_writer.read_images(files["images"])
+        except Exception as e:  # noqa: BLE001 - one line naming the file
+            raise IrisInputError(f"{dataset.name}: {files['images'][0]}: unreadable image ({e})") from None
+        cropped, seg, _ = crop_to_nonzero(images)
+        samples.append(DatasetFingerprintExtractor.collect_foreground_intensities(
+            (seg == 0).astype(np.int8), cropped, num_samples=num_samples)[0])
+        spacings.append([float(s) for s in properties["spacing"]])
+        shapes.append([int(s) for s in cropped.shape[1:]])
+        relative.append(float(np.prod(cropped.shape[1:]) / np.prod(images.shape[1:])))
+    statistics = {}
+    for c in range(len(dataset.channel_names)):  # as nnU-Net's extractor summarises its samples
+        values = np.concatenate([np.asarray(s[c], dtype=np.float64) for s in samples])
+        low, median, high = np.percentile(values, (0.5, 50.0, 99.5))
+        statistics[str(c)] = {"mean": float(values.mean()), "median": float(median), "std": float(values.std()),
+                              "min": float(values.min()), "max": float(values.max()),
+                              "percentile_99_5": float(high), "percentile_00_5": float(low)}
+    result = {"spacings": spacings, "shapes_after_crop": shapes,
+              "foreground_intensity_properties_per_channel": statistics,
+              "median_relative_size_after_cropping": float(np.median(relative))}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json_atomic(result, path)
+    return result
+
+
+def majority_orientation(datasets: list[RawDataset]) -> str:
+    """The orientation code most cases of the members are stored in (ties: the first member's first case's)."""
+    codes = []
+    for d in datasets:
+        for files in d.cases.values():
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(files["images"][0])
+            reader.ReadImageInformation()
+            codes.append(orientation_code(reader.GetDirection()))
+    return max(dict.fromkeys(codes), key=codes.count)
+
+
 def copy_ground_truth(dataset: RawDataset, member_folder: str) -> None:
     """Copy labels to gt_segmentations/ as nnU-Net does, so validation needs no nnUNet_raw."""
+    if not dataset.has_labels:
+        return
     gt = os.path.join(member_folder, "gt_segmentations")
     os.makedirs(gt, exist_ok=True)
     for case, files in dataset.cases.items():
@@ -103,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fingerprint one or more nnU-Net raw datasets, make ONE joint Iris plan for all of them "
                     "(common isotropic spacing, patch and network sized to a memory budget, normalisation per "
                     "modality), preprocess every dataset with it and register them as one collection in "
-                    "nnUNet_preprocessed, ready for `iris_train COLLECTION FOLD`. Re-running skips finished work.",
+                    "nnUNet_preprocessed, ready for `iris_train COLLECTION FOLD`. Re-running skips finished work. "
+                    "A dataset without labelsTr/ is a member of images only (imagesTr/, or imagesTs/): it is "
+                    "planned and preprocessed without label statistics and trains self-supervised episodes only, "
+                    "so unlabelled scans of your scanner and anatomy shape the model.",
         formatter_class=HelpFormatter)
     p.add_argument("-d", nargs="+", type=int, required=True, metavar="ID",
                    help="dataset ids in nnUNet_raw (DatasetXXX_Name folders)")
@@ -126,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "CT, 7.7 mm slices) are not blown up to the finest member's resolution, and inference runs "
                         "at the spacing the same rule gives its references; fixed: every member and run at the "
                         "target spacing")
+    p.add_argument("--orientation", default=None, metavar="CODE",
+                   help="voxel order every image is reoriented to before preprocessing, in training and at inference "
+                        "(an orientation code of SimpleITK's DICOMOrient, e.g. RAS, LPS), so that a result does not "
+                        "depend on how a scan is stored; default: the code most of the members' cases are stored in")
     p.add_argument("--patch_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="training patch in voxels at the target spacing, multiples of 16; the memory budget then "
                         "sets only width and batch (default for a GPU plan: the largest member's median shape, "
@@ -187,14 +247,18 @@ def main(argv: list[str] | None = None) -> int:
     summaries = [MemberSummary(d.name, d.dataset_json, fingerprint(d, args.np, args.clean)) for d in datasets]
     reader = determine_reader_writer_from_dataset_json(datasets[0].dataset_json,
                                                       next(iter(datasets[0].cases.values()))["images"][0])
+    orientation = args.orientation.upper() if args.orientation else majority_orientation(datasets)
+    if not valid_orientation(orientation):
+        raise IrisInputError(f"--orientation {args.orientation}: not an orientation code (three letters, one of R/L, "
+                             f"A/P, S/I each, e.g. RAS or LPS)")
     try:
         plans = plan_collection(summaries, args.target_spacing, args.memory_gb, reader.__name__, args.patch_size,
-                                args.plan_for, plans_name, args.spacing_rule)
+                                args.plan_for, plans_name, args.spacing_rule, orientation)
     except ValueError as e:
         raise IrisInputError(str(e)) from None
     configuration = plans["configurations"][CONFIGURATION]
     arch = configuration["architecture"]["arch_kwargs"]
-    print(f"joint plan: spacing {configuration['spacing'][0]:g} mm ({args.spacing_rule}), patch "
+    print(f"joint plan: voxel order {orientation}, spacing {configuration['spacing'][0]:g} mm ({args.spacing_rule}), patch "
           f"{configuration['patch_size']}, batch {configuration['batch_size']}, widths {arch['features_per_stage']}, "
           f"estimated {plans['iris']['estimated_training_memory_gb']:.2f} of {plans['iris']['memory_budget_gb']:.2f} GB")
     for name, entry in plans["iris"]["members"].items():

@@ -176,13 +176,15 @@ def normalization_for_member(member: MemberSummary) -> tuple[list[str], list[boo
 def plan_collection(members: list[MemberSummary], target_spacing: float | None = None,
                     memory_gb: float | None = None, image_reader_writer: str = "SimpleITKIO",
                     patch_size: list[int] | None = None, hardware: str = "auto",
-                    plans_name: str = PLANS_IDENTIFIER, spacing_rule: str = "native") -> dict:
+                    plans_name: str = PLANS_IDENTIFIER, spacing_rule: str = "native",
+                    orientation: str | None = None) -> dict:
     """The joint plan: configuration shared by all members, plus per-member spacing and normalisation in
     `iris.members`.
 
     `target_spacing`: the finest spacing (rule `native`) or every member's (`fixed`); `patch_size` (multiples of 16)
     replaces the automatic patch; `hardware` ('auto', 'cpu', 'gpu') picks the defaults of what is not given (module
-    docstring, "Hardware").
+    docstring, "Hardware"); `orientation`: the voxel order (an orientation code, e.g. 'RAS') every image is
+    reoriented to before preprocessing, in training and inference (iris_nnu/orientation.py); None: as stored.
     """
     hardware = resolve_hardware(hardware)
     if spacing_rule not in SPACING_RULES:
@@ -267,6 +269,7 @@ def plan_collection(members: list[MemberSummary], target_spacing: float | None =
             "max_classes_per_episode": num_classes,
             # configuration spacing = the finest; with `native` a run's spacing follows its references (rule 1)
             "spacing_rule": spacing_rule,
+            "orientation": orientation,
             "target_patch_size": target_patch,
             "members": member_entries,
         },

@@ -13,6 +13,7 @@ import shutil
 from multiprocessing import get_context
 
 import numpy as np
+import SimpleITK as sitk
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import (
     DefaultPreprocessor,
 )
@@ -27,6 +28,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import (
 from tqdm import tqdm
 
 from iris_nnu.files import write_json_atomic
+from iris_nnu.orientation import orientation_code, reorient
 from iris_nnu.preprocessing.normalization import get_normalizer
 from iris_nnu.preprocessing.planner import CONFIGURATION
 
@@ -61,18 +63,26 @@ def is_case_complete(folder: str, case: str) -> bool:
     return all(os.path.isfile(f) for f in case_files(folder, case))
 
 
-def preprocess_case(output_folder: str, case: str, images: list[str], label: str, plans: dict,
-                    dataset_json: dict) -> str | None:
-    """Preprocess and save one case atomically; returns an error message naming the case, or None."""
+def preprocess_case(output_folder: str, case: str, images: list[str], label: str | None, plans: dict,
+                    dataset_json: dict, orientation: str | None = None) -> str | None:
+    """Preprocess and save one case atomically, in the voxel order `orientation` (iris_nnu/orientation.py; None: as
+    stored); returns an error message naming the case, or None."""
     plans_manager = PlansManager(plans)
     configuration = plans_manager.get_configuration(CONFIGURATION)
     preprocessor = IrisPreprocessor(verbose=False)
-    try:
-        data, seg, properties = preprocessor.run_case(images, label, plans_manager, configuration, dataset_json)
+    try:  # nnU-Net's run_case, with the reorientation between reading and preprocessing
+        reader_writer = plans_manager.image_reader_writer_class()
+        data, properties = reader_writer.read_images(images)
+        seg = reader_writer.read_seg(label)[0] if label is not None else None
+        if "sitk_stuff" in properties:
+            data, properties, seg = reorient(data, properties, orientation, seg)
+        data, seg, properties = preprocessor.run_case_npy(data, seg, properties, plans_manager, configuration,
+                                                          dataset_json)
     except Exception as e:  # noqa: BLE001 - reported as one line naming the case's files
         return f"{images[0]} / {label}: preprocessing failed ({type(e).__name__}: {e})"
     data = data.astype(np.float32, copy=False)
     seg = seg.astype(np.int16, copy=False)
+    properties.setdefault("class_locations", {})  # a case of images only: nothing labelled to sample
     patch = tuple(configuration.patch_size)
     blocks_data, chunks_data = comp_blosc2_params(data.shape, patch, data.itemsize)
     blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, patch, seg.itemsize)
@@ -91,7 +101,8 @@ def _preprocess_case_star(args: tuple) -> str | None:
 def preprocessing_signature(plans: dict) -> dict:
     configuration = plans["configurations"][CONFIGURATION]
     return {"configuration": {k: configuration[k] for k in SIGNATURE_KEYS},
-            "foreground_intensity_properties_per_channel": plans["foreground_intensity_properties_per_channel"]}
+            "foreground_intensity_properties_per_channel": plans["foreground_intensity_properties_per_channel"],
+            "orientation": plans.get("iris", {}).get("orientation")}
 
 
 def preprocess_member(name: str, cases: dict[str, dict], plans: dict, dataset_json: dict, output_folder: str,
@@ -115,7 +126,13 @@ def preprocess_member(name: str, cases: dict[str, dict], plans: dict, dataset_js
     write_json_atomic(signature, signature_file)
 
     todo = [c for c in cases if not is_case_complete(output_folder, c)]
-    jobs = [(output_folder, c, cases[c]["images"], cases[c]["label"], plans, dataset_json) for c in todo]
+    orientation = plans.get("iris", {}).get("orientation")
+    if orientation is None:  # plans before the rule: one voxel order per member, its first case's
+        first = sitk.ImageFileReader()
+        first.SetFileName(cases[next(iter(cases))]["images"][0])
+        first.ReadImageInformation()
+        orientation = orientation_code(first.GetDirection())
+    jobs = [(output_folder, c, cases[c]["images"], cases[c]["label"], plans, dataset_json, orientation) for c in todo]
     desc = f"{name}: preprocessing"
     errors: list[str] = []
     with tqdm(total=len(cases), initial=len(cases) - len(todo), desc=desc, unit="case") as bar:

@@ -14,7 +14,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
-from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+from nnunetv2.utilities.utils import (
+    create_lists_from_splitted_dataset_folder,
+    get_filenames_of_train_images_and_targets,
+    get_identifiers_from_splitted_dataset_folder,
+)
 from tqdm import tqdm
 
 from iris_nnu.errors import IrisInputError, require_env_folder
@@ -50,6 +54,11 @@ class RawDataset:
     @property
     def foreground_labels(self) -> list[int]:
         return foreground_labels(self.labels)
+
+    @property
+    def has_labels(self) -> bool:
+        """False for a member of images only (no labelsTr/): used for self-supervised episodes alone."""
+        return all(c["label"] is not None for c in self.cases.values())
 
 
 def find_raw_dataset_folder(dataset_id: int) -> str:
@@ -103,12 +112,30 @@ def load_raw_dataset(dataset_id: int) -> RawDataset:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IrisInputError(f"{name}: {json_file} is not valid JSON ({e})") from None
     validate_dataset_json(dataset_json, json_file)
-    if "dataset" not in dataset_json and not os.path.isdir(os.path.join(folder, "imagesTr")):
-        raise IrisInputError(f"{name}: {os.path.join(folder, 'imagesTr')} not found")
-    cases = get_filenames_of_train_images_and_targets(folder, dataset_json)
+    if "dataset" in dataset_json:
+        cases = get_filenames_of_train_images_and_targets(folder, dataset_json)
+    else:
+        cases = _listed_cases(folder, name, dataset_json)
     if not cases:
         raise IrisInputError(f"{name}: no training cases ending in {dataset_json['file_ending']} in imagesTr")
     return RawDataset(dataset_id, name, folder, dataset_json, dict(sorted(cases.items())))
+
+
+def _listed_cases(folder: str, name: str, dataset_json: dict) -> dict[str, dict]:
+    """Cases of imagesTr/ (+ labelsTr/); a dataset without labelsTr/ is a member of images only, whose cases come
+    from imagesTr/ or, without it, imagesTs/ (label None)."""
+    ending = dataset_json["file_ending"]
+    labels_dir = os.path.join(folder, "labelsTr")
+    labelled = os.path.isdir(labels_dir) and any(f.endswith(ending) for f in os.listdir(labels_dir))
+    images_dir = os.path.join(folder, "imagesTr")
+    if not labelled and not os.path.isdir(images_dir) and os.path.isdir(os.path.join(folder, "imagesTs")):
+        images_dir = os.path.join(folder, "imagesTs")
+    if not os.path.isdir(images_dir):
+        raise IrisInputError(f"{name}: {os.path.join(folder, 'imagesTr')} not found")
+    identifiers = get_identifiers_from_splitted_dataset_folder(images_dir, ending)
+    images = create_lists_from_splitted_dataset_folder(images_dir, ending, identifiers)
+    return {i: {"images": im, "label": os.path.join(labels_dir, i + ending) if labelled else None}
+            for i, im in zip(identifiers, images)}
 
 
 def error_text(e: Exception) -> str:
@@ -185,7 +212,7 @@ def check_same_geometry(geometries: dict[str, Geometry], reference: str) -> Geom
     return geometries[reference]
 
 
-def check_case(case: str, images: list[str], label: str, num_channels: int, label_values: Iterable[int] | None,
+def check_case(case: str, images: list[str], label: str | None, num_channels: int, label_values: Iterable[int] | None,
                ) -> str | None:
     """Check one case: files exist and read, 3D, channels and label share geometry; optionally label values.
 
@@ -195,9 +222,21 @@ def check_case(case: str, images: list[str], label: str, num_channels: int, labe
     if len(images) != num_channels:
         return f"case {case}: {len(images)} image channel file(s), dataset.json names {num_channels}"
     try:
-        check_same_geometry({path: read_header(path) for path in [label, *images]}, label)
+        check_same_geometry({path: read_header(path) for path in [label or images[0], *images]},
+                            label or images[0])
     except IrisInputError as e:
         return str(e)
+    if label is None and label_values is not None:  # a member of images only
+        try:
+            for path in images:
+                check_voxel_data(path)
+                if not np.all(np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(path)))):
+                    return f"{path}: contains NaN or infinite values"
+        except IrisInputError as e:
+            return str(e)
+        except RuntimeError as e:
+            return f"{images[0]}: unreadable image ({error_text(e)})"
+        return None
     if label_values is not None:
         try:
             for path in [label, *images]:
@@ -244,7 +283,7 @@ def check_raw_dataset(dataset: RawDataset, full: bool = False, num_processes: in
 def find_unreadable_file(dataset: RawDataset) -> str | None:
     """After a failure deep inside nnU-Net: the first file whose voxels cannot be read, to name it."""
     for case in dataset.cases.values():
-        for path in [*case["images"], case["label"]]:
+        for path in [*case["images"], *([case["label"]] if case["label"] else [])]:
             try:
                 sitk.ReadImage(path)
             except RuntimeError:

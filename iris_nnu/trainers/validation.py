@@ -23,6 +23,7 @@ from iris_nnu.inference.export import indices_to_values
 from iris_nnu.inference.predictor import CaseResult, IrisPredictor
 from iris_nnu.inference.plans import body_frame
 from iris_nnu.inference.references import ReferenceCase, reference_from_preprocessed
+from iris_nnu.orientation import stored_properties, to_storage
 from iris_nnu.preprocessing.planner import member_spacing
 
 
@@ -56,8 +57,10 @@ def one_shot_validation(trainer, folder_name: str = "validation", max_cases: int
                 data, seg, _, properties = dataset.load_case(case)
                 segmented = predictor.segment_preprocessed(np.asarray(data), properties, task,
                                                            probabilities=save_probabilities, frame=body_frame(seg))
-                result = CaseResult(indices_to_values(segmented.labels, task.classes), properties, reader_writer,
-                                    list(task.classes), segmented.probabilities)
+                # in the case's own voxel order and header, as its ground truth (preprocessing may reorient)
+                result = CaseResult(to_storage(indices_to_values(segmented.labels, task.classes), properties),
+                                    stored_properties(properties), reader_writer, list(task.classes),
+                                    to_storage(segmented.probabilities, properties))
                 predictor.write_result(result, os.path.join(output, case), ending, save_probabilities)
             gt = os.path.join(os.path.dirname(member.preprocessed_folder), "gt_segmentations")
             written = (ending, ".npz", ".pkl") if save_probabilities else (ending,)
