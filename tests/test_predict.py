@@ -1002,3 +1002,15 @@ def test_a_result_does_not_depend_on_how_the_scans_are_stored(world, tmp_path, p
         agree = [2 * ((back == v) & (expected == v)).sum() / max((back == v).sum() + (expected == v).sum(), 1)
                  for v in VALUES if (expected == v).any()]
         assert min(agree) > 0.99, agree
+
+
+def test_a_query_of_another_field_of_view_gets_a_warning(world, tmp_path, predictor):
+    task = predictor.encode_references(parse_reference(world["ref"][0], 1)).pool.mean()
+    assert task.extent is not None and len(task.extent) == 3
+    make_case(tmp_path / "wide.nii.gz", None, seed=30, shape=(26, 30, 90))  # its body 3x wider along x
+    make_case(tmp_path / "like.nii.gz", None, seed=31, shape=(24, 32, 30))
+    assert not any("field of view" in w for w in predictor.predict_case([str(tmp_path / "like.nii.gz")], task).warnings)
+    warnings = predictor.predict_case([str(tmp_path / "wide.nii.gz")], task).warnings
+    assert any("field of view" in w and "--no_position_prior" in w for w in warnings), warnings
+    loaded = TaskEmbedding.load(task.save(tmp_path / "t.pt") or tmp_path / "t.pt")
+    assert loaded.extent == pytest.approx(task.extent)

@@ -95,6 +95,11 @@ class ScanFrame:
     def to_dict(self) -> dict:
         return {"centre": list(self.centre), "axes": [list(row) for row in self.axes]}
 
+    @property
+    def extent(self) -> tuple[float, float, float]:
+        """The body's spread along each frame axis (voxels), sorted: how much of a body the scan covers."""
+        return tuple(sorted(float(1 / np.linalg.norm(row)) for row in self.axes))
+
     def grid_coordinates(self, points: Tensor) -> Tensor:
         """Voxel positions (N, 3) -> positions on the prior's grid (N, 3), [-1, 1] over +-POSITION_EXTENT."""
         axes = torch.tensor(self.axes, dtype=torch.float64, device=points.device)
@@ -168,14 +173,12 @@ def position_prior(masks: Tensor, grid: int, frames: Sequence[ScanFrame] | None 
 
 @torch.no_grad()
 def position_prior_from_labels(labels: Tensor, values: Sequence[int], grid: int, frame: ScanFrame | None = None,
-                               sigma: float = POSITION_SIGMA_CELLS, offset: Sequence[int] = (0, 0, 0)) -> Tensor:
-    """Label map (X, Y, Z) of a whole scan -> (K, G, G, G) priors of the label `values` in the scan's frame.
-    `offset`: the label map is the box of the scan that starts at this voxel (give the scan's `frame`)."""
+                               sigma: float = POSITION_SIGMA_CELLS) -> Tensor:
+    """Label map (X, Y, Z) of a whole scan -> (K, G, G, G) priors of the label `values` in the scan's frame."""
     frame = frame or ScanFrame.box(labels.shape)
-    shift = torch.as_tensor(list(offset), dtype=torch.long)
     cells = []
     for value in values:
-        points = torch.nonzero(labels == int(value)) + shift
+        points = torch.nonzero(labels == int(value))
         cells.append(_occupancy(points, torch.ones(len(points)), frame, grid))
     return _peak_one(torch.stack(cells), sigma)
 

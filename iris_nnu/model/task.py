@@ -1,10 +1,12 @@
 """TaskEmbedding: the encoded task (per-class tokens at each task scale) that conditions the query pass."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,6 +42,8 @@ class TaskEmbedding:
     names: dict[int, str] | None = None
     # voxel order (orientation code, e.g. 'RAS') the references were read in; queries are read the same way
     orientation: str | None = None
+    # the references' bodies: their frames' spreads (voxels at `spacing`, sorted), for the field-of-view check
+    extent: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         self.tokens = list(self.tokens)
@@ -49,6 +53,7 @@ class TaskEmbedding:
                 raise ValueError("mirrored tokens must have the shapes of the tokens")
         self.classes = [int(c) for c in self.classes]
         self.spacing = None if self.spacing is None else float(self.spacing)
+        self.extent = None if self.extent is None else tuple(float(e) for e in self.extent)
         self.names = None if self.names is None else {int(v): str(n) for v, n in self.names.items()}
         if not self.tokens or any(t.dim() != 4 for t in self.tokens):
             raise ValueError("tokens must be a non-empty list of (B, K, m+1, C) tensors")
@@ -74,9 +79,7 @@ class TaskEmbedding:
         if not self.mirrored or tuple(axes) not in self.mirrored:
             raise KeyError(f"no tokens for the references flipped on axes {tuple(axes)} "
                            f"(this task has {sorted(self.mirrored or {})})")
-        return TaskEmbedding(self.mirrored[tuple(axes)], self.classes, self.present, self.model_id, self.positions,
-                             spacing=self.spacing, names=self.names,
-                             orientation=self.orientation)
+        return dataclasses.replace(self, tokens=self.mirrored[tuple(axes)], mirrored=None)
 
     @property
     def batch_size(self) -> int:
@@ -98,8 +101,8 @@ class TaskEmbedding:
         positions = None if self.positions is None else \
             (self.positions * w[:, :, None, None, None].to(self.positions)).sum(0, keepdim=True) \
             / count[None, :, None, None, None].to(self.positions)  # several references: a multi-atlas prior
-        return TaskEmbedding(tokens, self.classes, torch.ones_like(self.present[:1]), self.model_id, positions, mirrored,
-                             self.spacing, names=self.names, orientation=self.orientation)
+        return dataclasses.replace(self, tokens=tokens, present=torch.ones_like(self.present[:1]), positions=positions,
+                                   mirrored=mirrored)
 
     def select(self, classes: Sequence[int]) -> TaskEmbedding:
         """Reorder / subset the classes by label value."""
@@ -108,12 +111,11 @@ class TaskEmbedding:
             raise KeyError(f"class(es) {unknown} not in this task (it has {self.classes})")
         idx = torch.tensor([self.classes.index(int(c)) for c in classes], device=self.present.device)
         tokens, mirrored = self._map_tokens(lambda ts: [t.index_select(1, idx) for t in ts])
-        return TaskEmbedding(tokens, [int(c) for c in classes], self.present.index_select(1, idx), self.model_id,
-                             None if self.positions is None else self.positions.index_select(1, idx.to(
-                                 self.positions.device)), mirrored, self.spacing,
-                             names=None if self.names is None else
-                             {int(c): self.names[int(c)] for c in classes if int(c) in self.names},
-                             orientation=self.orientation)
+        return dataclasses.replace(
+            self, tokens=tokens, classes=[int(c) for c in classes], present=self.present.index_select(1, idx),
+            positions=None if self.positions is None else self.positions.index_select(1, idx.to(self.positions.device)),
+            mirrored=mirrored,
+            names=None if self.names is None else {int(c): self.names[int(c)] for c in classes if int(c) in self.names})
 
     @staticmethod
     def concatenate(tasks: Sequence[TaskEmbedding]) -> TaskEmbedding:
@@ -157,16 +159,17 @@ class TaskEmbedding:
         mirrored = None if first.mirrored is None else \
             {axes: stacked([t.mirrored[axes] for t in tasks]) for axes in first.mirrored}
         names = {v: n for t in reversed(tasks) for v, n in (t.names or {}).items()}  # the first task's name wins
-        return TaskEmbedding(stacked([t.tokens for t in tasks]), classes, torch.cat(present), first.model_id,
-                             torch.cat(positions) if positions else None, mirrored, first.spacing,
-                             names=names if any(t.names is not None for t in tasks) else None,
-                             orientation=first.orientation)
+        extents = [t.extent for t in tasks if t.extent is not None]
+        return dataclasses.replace(
+            first, tokens=stacked([t.tokens for t in tasks]), classes=classes, present=torch.cat(present),
+            positions=torch.cat(positions) if positions else None, mirrored=mirrored,
+            names=names if any(t.names is not None for t in tasks) else None,
+            extent=tuple(np.mean(extents, axis=0)) if extents else None)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TaskEmbedding:
         tokens, mirrored = self._map_tokens(lambda ts: [t.to(device=device, dtype=dtype) for t in ts])
-        return TaskEmbedding(tokens, self.classes, self.present.to(device=device), self.model_id,
-                             None if self.positions is None else self.positions.to(device=device), mirrored,
-                             self.spacing, names=self.names, orientation=self.orientation)
+        return dataclasses.replace(self, tokens=tokens, present=self.present.to(device=device), mirrored=mirrored,
+                                   positions=None if self.positions is None else self.positions.to(device=device))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp file in the same folder, then os.replace)."""
@@ -175,7 +178,8 @@ class TaskEmbedding:
                  "positions": None if self.positions is None else self.positions.detach().cpu(),
                  "mirrored": None if self.mirrored is None else
                  [[list(axes), [t.detach().cpu() for t in ts]] for axes, ts in self.mirrored.items()],
-                 "spacing": self.spacing, "names": self.names, "orientation": self.orientation}
+                 "spacing": self.spacing, "names": self.names, "orientation": self.orientation,
+                 "extent": None if self.extent is None else list(self.extent)}
         write_atomic(path, lambda tmp: torch.save(state, tmp))
 
     @classmethod
@@ -194,7 +198,8 @@ class TaskEmbedding:
                    None if mirrored is None else {tuple(axes): ts for axes, ts in mirrored},
                    state.get("spacing"),  # absent from files written before the spacing rule
                    names=state.get("names"),  # absent from files written before structure names
-                   orientation=state.get("orientation"))  # ... and before one voxel order per run
+                   orientation=state.get("orientation"),  # ... and before one voxel order per run
+                   extent=state.get("extent"))
         if model is not None and model.model_id() != task.model_id:
             raise TaskMismatchError(
                 f"task file {path} was encoded by model {task.model_id}, not by this model {model.model_id()}")
