@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -731,3 +732,89 @@ def test_validation_with_a_reference_that_lacks_a_class(tmp_path, monkeypatch):
     written = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(trainer.output_folder) / "validation" /
                                                         "Dataset041_Lacking" / f"{cases[0]}.nii.gz")))
     assert set(np.unique(written).tolist()) <= {0, 1, 3}
+
+
+def test_a_member_of_images_only_plans_preprocesses_and_teaches_a_structure_never_labelled(tmp_path, monkeypatch):
+    """Unlabelled scans (no labelsTr/) are planned without label statistics and train self-supervised episodes
+    only; a tiny model trained on them alone then segments, one-shot from a labelled reference, structures it never
+    saw labelled, better than the same network untrained."""
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    raw = tmp_path / "nnUNet_raw"
+    # structures a few supervoxels across (radii 0.3-0.45 of the half-size), as anatomy is at the patch's scale
+    unlabelled = Path(make_raw_dataset(str(raw), 51, "Unlabelled", num_cases=6, shape_zyx=(24, 32, 32),
+                                       num_classes=2, seed=7, prefix="un", radii=(0.3, 0.45)))
+    shutil.rmtree(unlabelled / "labelsTr")
+    (unlabelled / "dataset.json").write_text(json.dumps({**json.loads((unlabelled / "dataset.json").read_text()),
+                                                         "labels": {"background": 0}}))
+    make_raw_dataset(str(raw), 52, "Labelled", num_cases=6, shape_zyx=(24, 32, 32), num_classes=2, seed=8,
+                     prefix="lb", radii=(0.3, 0.45))
+    plan_main(["-d", "51", "52", "-np", "1", "--plan_for", "cpu", "--verify_dataset_integrity"])
+    pre = tmp_path / "nnUNet_preprocessed"
+    assert not (pre / "Dataset051_Unlabelled" / "gt_segmentations").exists()
+    fingerprint = json.loads((pre / "Dataset051_Unlabelled" / "dataset_fingerprint.json").read_text())
+    assert len(fingerprint["spacings"]) == 6 and fingerprint["foreground_intensity_properties_per_channel"]["0"]["std"] > 0
+    for folder in ("Dataset900_Unlabelled_Labelled", "Dataset051_Unlabelled", "Dataset052_Labelled"):
+        shrink_plans(pre / folder / "IrisPlans.json")
+    plans_file = pre / "Dataset900_Unlabelled_Labelled" / "IrisPlans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["iris"]["member_sampling_weights"] = {"Dataset052_Labelled": 0.0}  # its labels are for evaluation only
+    plans_file.write_text(json.dumps(plans))
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    trainer = make_trainer(epochs=60, iterations=10, val_iterations=1)
+    trainer.episode_seed = 0
+    trainer.final_lr_fraction = 1.0
+    trainer.initialize()
+    labelled = trainer.collection.member("Dataset052_Labelled")
+
+    fractions = []  # chance: a guess of the structure's size at random places scores about its volume fraction
+
+    def dice() -> float:
+        net = trainer.iris_network.eval()
+        net.set_deep_supervision(False)
+        reference = trainer.collection.fold_cases(0, "train")[labelled.name][0]
+        ref_image, ref_labels = load_padded(labelled, reference)
+        scores = []
+        with torch.no_grad():
+            task = net.encode_task(ref_image, torch.cat([(ref_labels == c).float() for c in (1, 2)], 1), [1, 2])
+            for case in trainer.collection.fold_cases(0, "train")[labelled.name][1:]:
+                image, labels = load_padded(labelled, case)
+                predicted = net(image, task) > 0
+                for k, c in enumerate((1, 2)):
+                    truth = labels[0, 0] == c
+                    scores.append(float(2 * (predicted[0, k] & truth).sum() / (predicted[0, k].sum() + truth.sum())))
+                    fractions.append(float(truth.float().mean()))
+        return float(np.mean(scores))
+
+    untrained = dice()
+    trainer.run_training()
+    kinds = trainer.dataloader_train  # the loader saw only the unlabelled member's self-supervised episodes
+    batch = next(kinds)
+    assert batch["member"] == "Dataset051_Unlabelled" and batch["kind"] == "self-supervised"
+    trained = dice()
+    chance = float(np.mean(fractions))
+    # measured: untrained 0.012, trained 0.137, chance 0.03 (600 iterations of a 8..32-wide network)
+    assert trained > untrained + 0.08 and trained > 3 * chance, (untrained, trained, chance)
+
+
+def test_held_out_classes_are_never_asked_for(collection_env):
+    """plans' iris.held_out_classes: structures kept out of every episode, to measure ones never trained on."""
+    collection = load_collection(900)
+    member = collection.members[1]  # classes 1, 2, 3
+    cases = collection.fold_cases(0, "train")[member.name]
+    held = MemberEpisodes(member.name, member.preprocessed_folder, member.labels, cases, cases, held_out=(2,))
+    assert held.foreground_labels == [1, 3]
+
+    def as_is(**batch):
+        return batch
+
+    loader = EpisodicDataLoader([held], 2, (32,) * 3, (32,) * 3, 4, as_is, as_is, seed=2, augmented_p=0.5)
+    for _ in range(12):
+        batch = loader.generate_train_batch()
+        assert 2 not in batch["classes"]
+        if batch["kind"] == "labels":
+            assert set(batch["classes"]) <= {1, 3}

@@ -60,10 +60,12 @@ class MemberEpisodes:
     query_cases: list[str]
     reference_cases: list[str]
     weight: float = 1.0
+    held_out: tuple[int, ...] = ()  # label values never drawn as a task (to measure structures never trained on)
 
     @property
     def foreground_labels(self) -> list[int]:
-        return foreground_labels(self.labels)
+        """The label values episodes draw as tasks."""
+        return [v for v in foreground_labels(self.labels) if v not in self.held_out]
 
 
 def perturb_masks(masks: torch.Tensor, generator: np.random.Generator) -> torch.Tensor:
@@ -174,7 +176,7 @@ class EpisodicDataLoader(DataLoader):
             force = anchor is not None or self.rng.random() < self.oversample_foreground_percent
             off_anchor = OFF_ANCHOR_P if anchor is not None and b > 0 else 0.0
             crops.append((query, *self._crop(member, query, classes, force, off_anchor)))
-        held = [int(c) for c in np.unique(crops[0][2]) if c > 0]
+        held = [int(c) for c in np.unique(crops[0][2]) if c > 0 and int(c) in member.foreground_labels]
         if anchor is not None:  # the anchor and others that the first query crop holds
             others = [c for c in held if c != anchor]
             size = self._episode_size(min(self.max_classes, len(member.foreground_labels)))
@@ -258,11 +260,9 @@ class EpisodicDataLoader(DataLoader):
         both = np.flatnonzero((counts_q >= MIN_REGION_VOXELS) & (counts_r >= MIN_REGION_VOXELS))
         chosen = self.rng.choice(both, size=min(self.max_classes, len(both)), replace=False) if len(both) else []
         specs = [MaskSpec("label", (int(r),)) for r in sorted(chosen)] or [MaskSpec("body")]
-        priors = None
-        if self.position_grid:
-            priors = position_prior_from_labels(torch.from_numpy(regions), [s.values[0] for s in specs],
-                                                self.position_grid, frame, offset=lo) \
-                if specs[0].kind == "label" else self._body_prior(member, case, seg)[None]
+        # a flat prior (log(1 + 0.01) ~ 0 everywhere): both crops come from one scan, so where a supervoxel lies in
+        # it would give the query its answer, and the network would learn to trust the prior over the reference
+        priors = torch.ones(len(specs), *(self.position_grid,) * 3) if self.position_grid else None
         return EpisodeItem((case, case), specs,
                            torch.from_numpy(cut(image, q_box)).float(),
                            torch.from_numpy(q_regions[None].copy()).to(torch.int16),

@@ -180,8 +180,12 @@ class IrisTrainer(nnUNetTrainer):
     def _members_for(self, query_cases: dict[str, list[str]], reference_cases: dict[str, list[str]]
                      ) -> list[MemberEpisodes]:
         weights = self.member_sampling_weights or {}
+        # {member name: [label values]} of the plans' "iris" entry: structures no episode asks for, so that their
+        # one-shot Dice measures structures the model never trained on
+        held_out = self.plans_manager.plans.get("iris", {}).get("held_out_classes", {})
         return [MemberEpisodes(m.name, m.preprocessed_folder, m.labels, query_cases[m.name],
-                               reference_cases[m.name], float(weights.get(m.name, 1.0)))
+                               reference_cases[m.name], float(weights.get(m.name, 1.0)),
+                               tuple(int(v) for v in held_out.get(m.name, ())))
                 for m in self.collection.members if query_cases[m.name] and reference_cases[m.name]]
 
     def get_dataloaders(self):
