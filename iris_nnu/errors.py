@@ -11,6 +11,15 @@ class IrisInputError(Exception):
     """Bad input (a missing dataset, a malformed file, ...): reported as one line, exit status 2."""
 
 
+def brief(error: BaseException, limit: int = 200) -> str:
+    """An exception's text for a one-line message: its first line, cut at a word with '...' when longer than
+    `limit` (not mid-word: torch's long messages were cut mid-sentence)."""
+    text = str(error).strip().splitlines()[0].strip() if str(error).strip() else type(error).__name__
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+
+
 def require_env_folder(name: str) -> str:
     """The folder named by environment variable `name` (nnUNet_raw, ...), or a clear error."""
     value = os.environ.get(name)

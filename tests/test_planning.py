@@ -294,7 +294,22 @@ def test_geometry_mismatch(nnunet_env, capsys):
     assert "case_002_0000.nii.gz" in msg and "size" in msg and "Dataset023_Geo" in msg
     write_volume((sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "imagesTr" / "case_002_0000.nii.gz"))) > 0).astype(np.uint8),
                  (1.0, 1.0, 2.0), str(label))
-    assert "spacing/origin/direction differ" in expect_error(capsys, "-d", "23")
+    msg = expect_error(capsys, "-d", "23")
+    assert "spacing/origin/direction differ: spacing (1.0, 1.0, 1.0) vs (1.0, 1.0, 2.0) mm" in msg, msg
+    write_volume((sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "imagesTr" / "case_002_0000.nii.gz"))) > 0).astype(np.uint8),
+                 (1.0, 1.0, 1.0), str(label), origin=(0.0, 10.0, 0.0))
+    assert "(10 mm apart)" in expect_error(capsys, "-d", "23")
+
+
+def test_a_long_error_text_is_cut_at_a_word():
+    from iris_nnu.errors import brief
+
+    long = RuntimeError("The size of tensor a (64) must match the size of tensor b (32) at non-singleton dimension 1 "
+                        * 5 + "\nsecond line")
+    text = brief(long, limit=100)
+    assert text.endswith(" ...") and len(text) <= 104 and not text[:-4].endswith(("tens", "dimensio"))
+    assert long.args[0].startswith(text[:-4]) and "second line" not in text
+    assert brief(ValueError("short")) == "short" and brief(KeyError()) == "KeyError"
 
 
 def test_unreadable_file(nnunet_env, capsys):

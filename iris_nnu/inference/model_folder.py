@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from iris_nnu.errors import IrisInputError
+from iris_nnu.errors import IrisInputError, brief
 from iris_nnu.files import write_atomic, write_json_atomic
 from iris_nnu.model import IrisNetwork, build_network
 from iris_nnu.preprocessing.planner import CONFIGURATION
@@ -124,13 +124,13 @@ def load_model_folder(folder: str | None, fold: int | str = 0, checkpoint_name: 
         weights = strip_prefixes(checkpoint["network_weights"])
     except Exception as e:  # noqa: BLE001 - corrupt or foreign file: one line naming it
         raise IrisInputError(f"{checkpoint_file}: not a readable iris_train checkpoint ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+                             f"{brief(e) if str(e) else ''})") from None
     try:
         network = build_network(architecture, input_channels=num_channels, deep_supervision=False)
         network.load_state_dict(weights)
     except (ImportError, RuntimeError, TypeError, ValueError) as e:
         raise IrisInputError(f"{checkpoint_file}: does not fit the architecture in {folder}/plans.json "
-                             f"({str(e).splitlines()[0][:200]})") from None
+                             f"({brief(e)})") from None
     axes = checkpoint.get("inference_allowed_mirroring_axes")
     return IrisModel(folder, str(fold), checkpoint_name, plans, dataset_json, network.eval(),
                      tuple(int(a) for a in axes) if axes is not None else None)

@@ -16,7 +16,7 @@ import zipfile
 import zlib
 
 from iris_nnu.cli import HelpFormatter
-from iris_nnu.errors import IrisInputError, cli_entry, require_env_folder
+from iris_nnu.errors import IrisInputError, brief, cli_entry, require_env_folder
 from iris_nnu.files import write_atomic
 from iris_nnu.inference.model_folder import (
     DEFAULT_CHECKPOINT,
@@ -179,7 +179,7 @@ def _test_load(folder: str) -> None:
         raise
     except Exception as e:  # noqa: BLE001 - plans that nnU-Net cannot use: one line
         raise IrisInputError(f"plans.json: not usable by iris_predict ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+                             f"{brief(e) if str(e) else ''})") from None
 
 
 def install_model(zip_path: str, destination: str | None = None, overwrite: bool = False) -> str:

@@ -39,7 +39,7 @@ from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from tqdm import tqdm
 
-from iris_nnu.errors import IrisInputError
+from iris_nnu.errors import IrisInputError, brief
 from iris_nnu.files import write_atomic
 from iris_nnu.inference.export import (
     Winner,
@@ -226,7 +226,7 @@ def failure_line(query: Query, error: Exception) -> str:
     """One line for a query that failed: the error itself for bad input, else its type and message."""
     if isinstance(error, IrisInputError):
         return str(error)
-    return f"{query.images[0]}: failed ({type(error).__name__}: {str(error).strip()[:200]})"
+    return f"{query.images[0]}: failed ({type(error).__name__}: {brief(error)})"
 
 
 def cosine_similarity(a: TaskEmbedding, a_index: tuple[int, int], b: TaskEmbedding, b_index: tuple[int, int]) -> float:
@@ -455,7 +455,7 @@ class IrisPredictor(nnUNetPredictor):
         except TaskMismatchError as e:
             raise IrisInputError(f"{path}: task file from another model ({e}); encode it again with -r") from None
         except Exception as e:  # noqa: BLE001 - a corrupt or foreign file is one line naming it
-            raise IrisInputError(f"{path}: not a task file ({type(e).__name__}: {str(e)[:160]})") from None
+            raise IrisInputError(f"{path}: not a task file ({type(e).__name__}: {brief(e)})") from None
         if classes:
             missing = [int(c) for c in classes if int(c) not in task.classes]
             if missing:

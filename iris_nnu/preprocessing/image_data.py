@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from iris_nnu.errors import IrisInputError
+from iris_nnu.errors import IrisInputError, brief
 
 CHUNK_BYTES = 16 << 20  # a multiple of every voxel size
 
@@ -30,7 +30,7 @@ def check_voxel_data(path: str) -> None:
         proxy = nibabel.load(path).dataobj  # the header only
         shape, dtype, offset = tuple(int(s) for s in proxy.shape), np.dtype(proxy.dtype), int(proxy.offset)
     except Exception as e:  # noqa: BLE001 - any header problem: one line naming the file
-        raise IrisInputError(f"{path}: unreadable NIfTI header ({type(e).__name__}: {str(e)[:160]})") from None
+        raise IrisInputError(f"{path}: unreadable NIfTI header ({type(e).__name__}: {brief(e)})") from None
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     finite = dtype.kind in "fc"
     opener = gzip.open if lower.endswith(".gz") else open

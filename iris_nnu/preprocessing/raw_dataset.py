@@ -154,14 +154,22 @@ class Geometry:
     direction: tuple[float, ...]
 
     def difference(self, other: Geometry) -> str | None:
-        """What differs from `other` ('size (...) vs (...)', 'spacing/origin/direction'), None when they agree."""
+        """What differs from `other` and by how much ('size (...) vs (...)', 'spacing (...) vs (...) mm', ...), None
+        when they agree."""
         if self.size != other.size:
             return f"size {self.size} vs {other.size}"
         scale = max(float(np.abs(other.spacing).max()), 1.0)
-        if (not np.allclose(self.spacing, other.spacing, rtol=GEOMETRY_TOLERANCE)
-                or not np.allclose(self.origin, other.origin, atol=GEOMETRY_TOLERANCE * scale * 10)
-                or not np.allclose(self.direction, other.direction, atol=GEOMETRY_TOLERANCE)):
-            return "spacing/origin/direction differ"
+        rounded = lambda v: tuple(round(float(x), 4) for x in v)  # noqa: E731
+        if not np.allclose(self.spacing, other.spacing, rtol=GEOMETRY_TOLERANCE):
+            return f"spacing/origin/direction differ: spacing {rounded(self.spacing)} vs {rounded(other.spacing)} mm"
+        if not np.allclose(self.origin, other.origin, atol=GEOMETRY_TOLERANCE * scale * 10):
+            off = float(np.abs(np.subtract(self.origin, other.origin)).max())
+            return (f"spacing/origin/direction differ: origin {rounded(self.origin)} vs {rounded(other.origin)} "
+                    f"({off:.3g} mm apart)")
+        if not np.allclose(self.direction, other.direction, atol=GEOMETRY_TOLERANCE):
+            off = float(np.abs(np.subtract(self.direction, other.direction)).max())
+            return (f"spacing/origin/direction differ: direction {rounded(self.direction)} vs "
+                    f"{rounded(other.direction)} (cosines up to {off:.3g} apart)")
         return None
 
 

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from iris_nnu.cli import HelpFormatter
 from iris_nnu.device import add_device_argument, resolve_device
-from iris_nnu.errors import IrisInputError, cli_entry, require_env_folder
+from iris_nnu.errors import IrisInputError, brief, cli_entry, require_env_folder
 from iris_nnu.files import remove_stale_partials
 from iris_nnu.inference.model_folder import load_checkpoint
 from iris_nnu.preprocessing.collection import load_collection
@@ -239,7 +239,7 @@ def build_trainer(args: argparse.Namespace) -> IrisTrainer:
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:160]}" if text else type(e).__name__
+    return f"{type(e).__name__}: {brief(e)}" if text else type(e).__name__
 
 
 def checkpoint_to_continue(folder: str, removed: list[str]) -> tuple[str, dict]:
@@ -303,7 +303,7 @@ def run_training(args: argparse.Namespace, trainer: IrisTrainer) -> int:
             trainer.load_pretrained_weights(args.pretrained_weights)
         except (KeyError, RuntimeError, ValueError, OSError) as e:
             raise IrisInputError(f"--pretrained_weights {args.pretrained_weights}: not weights of this architecture "
-                                 f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+                                 f"({type(e).__name__}: {brief(e)})") from None
     if not args.val:
         trainer.run_training()
     if args.val_best:
