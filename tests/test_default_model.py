@@ -137,3 +137,28 @@ def test_a_query_stored_with_its_axes_swapped_gets_the_same_segmentation(shared_
         a, b = original.segmentation == value, back == value
         assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.99
         assert 2 * (a & (truth == value)).sum() / (a.sum() + (truth == value).sum()) > 0.7  # a real segmentation
+
+
+@pytest.mark.realdata
+def test_an_oblique_scan_is_segmented_nearly_as_well_as_the_scan(shared_data, tmp_path):
+    """hippocampus_026 on a grid turned by 30 degrees (and 1.3x larger): resampled onto an axis-aligned grid before
+    the network sees it (as stored it scored 0.66 / 0.75), written on its own grid."""
+    from test_predict import oblique_copy
+
+    from iris_nnu.inference import IrisPredictor, parse_reference
+    from iris_nnu.inference.images import label_to_sitk
+
+    data = shared_data / "Dataset001_Hippocampus"
+    query = data / "imagesTr" / "hippocampus_026_0000.nii.gz"
+    oblique_copy(query, tmp_path / "oblique.nii.gz", 30)
+    predictor = IrisPredictor()
+    predictor.initialize_from_model_folder(None)
+    task = predictor.encode_references(parse_reference(
+        f"{data}/imagesTr/hippocampus_004_0000.nii.gz:{data}/labelsTr/hippocampus_004.nii.gz", 1)).pool.mean()
+    result = predictor.predict_case([str(tmp_path / "oblique.nii.gz")], task)
+    truth_image = sitk.ReadImage(str(data / "labelsTr" / "hippocampus_026.nii.gz"))
+    back = sitk.GetArrayFromImage(sitk.Resample(label_to_sitk(result.segmentation, result.properties), truth_image,
+                                                sitk.Transform(), sitk.sitkNearestNeighbor))
+    truth = sitk.GetArrayFromImage(truth_image)
+    for value in (1, 2):  # measured 0.81 / 0.82 (the scan itself 0.87 / 0.87)
+        assert 2 * ((back == value) & (truth == value)).sum() / ((back == value).sum() + (truth == value).sum()) > 0.75

@@ -1014,3 +1014,35 @@ def test_a_query_of_another_field_of_view_gets_a_warning(world, tmp_path, predic
     assert any("field of view" in w and "--no_position_prior" in w for w in warnings), warnings
     loaded = TaskEmbedding.load(task.save(tmp_path / "t.pt") or tmp_path / "t.pt")
     assert loaded.extent == pytest.approx(task.extent)
+
+
+def oblique_copy(source: Path, target: Path, degrees: float) -> None:
+    """The same physical scan on a grid turned by `degrees` about z through its centre (an oblique acquisition)."""
+    image = sitk.ReadImage(str(source))
+    turn = sitk.Euler3DTransform()
+    centre = image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()])
+    turn.SetCenter(centre)
+    turn.SetRotation(0, 0, np.radians(degrees))
+    direction = np.array(turn.GetMatrix()).reshape(3, 3) @ np.array(image.GetDirection()).reshape(3, 3)
+    grid = sitk.Image([int(s * 1.3) for s in image.GetSize()], sitk.sitkFloat32)
+    grid.SetSpacing(image.GetSpacing())
+    grid.SetDirection(direction.ravel().tolist())
+    grid.SetOrigin((np.array(centre) - direction @ (np.array([(s - 1) / 2 for s in grid.GetSize()])
+                                                    * np.array(image.GetSpacing()))).tolist())
+    sitk.WriteImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0.0), str(target))
+
+
+def test_an_oblique_query_is_segmented_on_an_axis_aligned_grid_and_written_on_its_own(world, tmp_path, predictor):
+    """Quality on a real oblique scan: tests/test_default_model.py; here the mechanics."""
+    from iris_nnu.orientation import aligned_direction, orientation_code
+
+    oblique_copy(world["queries"] / "caseA_0000.nii.gz", tmp_path / "oblique.nii.gz", 30)
+    task = predictor.encode_references(parse_reference(world["ref"][0], 1)).pool.mean()
+    prepared = predictor._preparation([str(tmp_path / "oblique.nii.gz")])
+    direction = prepared.properties["sitk_stuff"]["direction"]
+    assert np.allclose(direction, aligned_direction(orientation_code(direction)))  # what the network sees
+    result = predictor.predict_case([str(tmp_path / "oblique.nii.gz")], task)
+    out = label_to_sitk(result.segmentation, result.properties)
+    stored = sitk.ReadImage(str(tmp_path / "oblique.nii.gz"))
+    assert out.GetSize() == stored.GetSize() and np.allclose(out.GetDirection(), stored.GetDirection())
+    assert np.allclose(out.GetOrigin(), stored.GetOrigin()) and np.isin(VALUES, result.segmentation).any()
