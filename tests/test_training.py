@@ -326,12 +326,17 @@ def one_shot_dice(trainer: IrisTrainer) -> float:
 
 @pytest.fixture(scope="module")
 def trained(collection_env) -> tuple[IrisTrainer, float, float]:
-    """A tiny model trained for 400 iterations; its one-shot Dice and final validation Dice before training."""
+    """A tiny model trained for 600 iterations; its one-shot Dice and final validation Dice before training."""
     torch.manual_seed(0)
     np.random.seed(0)  # nnU-Net's patch placement draws from numpy's global generator
-    trainer = make_trainer(epochs=40, iterations=10)
+    # 400 iterations left the 3-class member's weakest class at 0.27-0.43 depending on the episodes' random stream
+    trainer = make_trainer(epochs=60, iterations=10)
     trainer.episode_seed = 0
     trainer.final_lr_fraction = 1.0  # no decay after the warm-up
+    # label episodes only: these 400 iterations measure how the label classes are learnt and decoded together (with
+    # the default mix, half of them are self-supervised or augmented, and the 3-class member's weakest class fell
+    # 0.43 -> 0.31); the other kinds of episode have their own tests
+    trainer.self_supervised_p = trainer.augmented_p = 0.0
     trainer.initialize()
     untrained = one_shot_dice(trainer)
     trainer.perform_actual_validation()
