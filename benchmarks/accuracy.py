@@ -199,11 +199,18 @@ def find_dataset(data: Path, key: str) -> Path:
 
 def pick_cases(folder: Path, held_out: list[str], queries: int, references: int, seed: int,
                ) -> tuple[list[str], list[str]]:
-    """The first `queries` held-out cases, and `references` training cases picked with `seed`."""
+    """The first `queries` held-out cases, and `references` training cases picked with `seed` among those whose label
+    holds every class of the dataset (if there are enough; a reference without an organ cannot show it to any method:
+    32 of the 60 head-and-neck CTs hold all 5 organs, one holds none), else among those with a non-empty label."""
     training = training_cases(str(folder), held_out)
     missing = [c for c in held_out if not (folder / "labelsTr" / f"{c}.nii.gz").is_file()]
     if missing:
         raise IrisInputError(f"held-out case(s) {', '.join(missing[:5])} not in {folder}/labelsTr")
+    classes = set(label_names(str(folder)))
+    held = {c: set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(label_file(folder, c)))).tolist()) - {0}
+            for c in training}
+    complete = [c for c in training if held[c] >= classes]
+    training = complete if len(complete) >= references else [c for c in training if held[c]]
     if len(training) < references:
         raise IrisInputError(f"{folder.name}: {len(training)} training cases, {references} references asked")
     picked = np.random.default_rng(seed).choice(len(training), references, replace=False)
