@@ -117,6 +117,7 @@ class EpisodicDataLoader(DataLoader):
         self._priors: dict[tuple[str, str], dict[int, torch.Tensor]] = {}  # (member, case) -> {label: (G,G,G)}
         self._frames: dict[tuple[str, str], ScanFrame] = {}  # (member, case) -> where its body lies
         self._body_priors: dict[tuple[str, str], torch.Tensor] = {}  # (member, case) -> (G, G, G)
+        self._centroid_cache: dict[tuple[str, str, int], torch.Tensor] = {}  # (member, case, class) -> (3,)
         # nnU-Net's loaders, one per member: their dataset and patch placement (padding, foreground centring)
         self.samplers = {}
         for m in self.members:
@@ -342,10 +343,12 @@ class EpisodicDataLoader(DataLoader):
                     self._frames[key])))
         return self._frames[key]
 
-    def _body_prior(self, member: MemberEpisodes, case: str, seg) -> torch.Tensor:
-        """(G, G, G) where the scan's body lies in its frame (the prior of whole-body and intensity tasks)."""
+    def _body_prior(self, member: MemberEpisodes, case: str) -> torch.Tensor:
+        """(G, G, G) where the scan's body lies in its frame (the prior of whole-body and intensity tasks); once per
+        case."""
         key = (member.name, case)
         if key not in self._body_priors:
+            _, seg, _, _ = self._load(member, case)
             body = torch.from_numpy((np.asarray(seg[0]) >= 0).astype(np.int16))
             self._body_priors[key] = position_prior_from_labels(body, [1], self.position_grid,
                                                                 self._frame(member, case, seg))[0]
@@ -363,8 +366,7 @@ class EpisodicDataLoader(DataLoader):
             elif s.kind == "union":
                 out.append(torch.maximum(labels[s.values[0]], labels[s.values[1]]))
             else:
-                data, seg, _, _ = self._load(member, case)
-                out.append(self._body_prior(member, case, seg))
+                out.append(self._body_prior(member, case))
         return torch.stack(out)
 
     def _centroids(self, member: MemberEpisodes, keys: tuple[str, str], specs: list[MaskSpec]
@@ -373,16 +375,16 @@ class EpisodicDataLoader(DataLoader):
         cut = [s.values[0] for s in specs if s.kind == "part"]
         out = []
         for case in keys:
-            centroids = {}
-            if cut:
+            missing = [c for c in cut if (member.name, case, c) not in self._centroid_cache]
+            if missing:  # each (case, class) once: the case is loaded only for centroids not yet known
                 _, seg, _, properties = self._load(member, case)
                 frame = self._frame(member, case, seg)
-                for c in cut:
+                for c in missing:
                     points = np.asarray(properties["class_locations"].get(c, [])).reshape(-1, 4)[:, 1:]
                     # a class the case lacks has an empty mask on either side
-                    centroids[c] = frame.grid_coordinates(torch.as_tensor(points)).mean(0) if len(points) \
-                        else torch.zeros(3)
-            out.append(centroids)
+                    self._centroid_cache[(member.name, case, c)] = \
+                        frame.grid_coordinates(torch.as_tensor(points)).mean(0) if len(points) else torch.zeros(3)
+            out.append({c: self._centroid_cache[(member.name, case, c)] for c in cut})
         return out[0], out[1]
 
 
