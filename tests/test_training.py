@@ -1,6 +1,7 @@
 """IrisTrainer / iris_train: episodes, learning, exact continuation, model folder, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -151,6 +152,18 @@ def test_self_supervised_episodes_hold_two_crops_of_one_scan_with_the_same_masks
             for k in np.flatnonzero(present):
                 assert masks_q[k].sum() > 0 and masks_r[k].sum() > 0
     assert min(overlaps) >= (2 / 3) ** 3 - 0.01  # centres at most a third of a patch apart per axis
+
+
+def test_a_member_s_own_episode_mix_overrides_the_loader_s(tmp_path, monkeypatch):
+    member = dataclasses.replace(_unique_intensity_member(tmp_path, monkeypatch), self_supervised_p=0.0,
+                                 augmented_p=0.0)
+
+    def as_is(**batch):
+        return batch
+
+    loader = EpisodicDataLoader([member], 2, (32,) * 3, (32,) * 3, 8, as_is, as_is, seed=0, position_grid=8,
+                                self_supervised_p=1.0, augmented_p=1.0)
+    assert {loader.generate_train_batch()["kind"] for _ in range(4)} == {"labels"}
 
 
 def test_augmented_tasks_are_made_from_the_labels():

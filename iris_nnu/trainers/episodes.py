@@ -61,6 +61,9 @@ class MemberEpisodes:
     reference_cases: list[str]
     weight: float = 1.0
     held_out: tuple[int, ...] = ()  # label values never drawn as a task (to measure structures never trained on)
+    # this member's shares of self-supervised and augmented episodes; None: the loader's
+    self_supervised_p: float | None = None
+    augmented_p: float | None = None
 
     @property
     def foreground_labels(self) -> list[int]:
@@ -161,7 +164,8 @@ class EpisodicDataLoader(DataLoader):
     def generate_train_batch(self) -> dict:
         member = self.members[self.rng.choice(len(self.members), p=self.member_probabilities)]
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
-            if not member.foreground_labels or self.rng.random() < self.self_supervised_p:
+            self_supervised_p = self.self_supervised_p if member.self_supervised_p is None else member.self_supervised_p
+            if not member.foreground_labels or self.rng.random() < self_supervised_p:
                 kind, items = "self-supervised", [self._self_supervised_item(member) for _ in range(self.batch_size)]
             else:
                 kind, items = self._supervised_items(member)
@@ -184,7 +188,8 @@ class EpisodicDataLoader(DataLoader):
             classes += [int(c) for c in self.rng.choice(others, size=min(size - 1, len(others)), replace=False)]
         classes = sorted(int(c) for c in classes)
         kind, specs = "labels", [MaskSpec("label", (c,)) for c in classes]
-        if self.rng.random() < self.augmented_p:
+        augmented_p = self.augmented_p if member.augmented_p is None else member.augmented_p
+        if self.rng.random() < augmented_p:
             kind, specs = "augmented", self._augmented_specs(classes, crops[0][2])
         centre_on = classes if anchor is None else [anchor]
         items = []

@@ -94,10 +94,12 @@ class IrisTrainer(nnUNetTrainer):
         self.member_sampling_weights: dict[str, float] | None = \
             self.plans_manager.plans.get("iris", {}).get("member_sampling_weights")
         # episode mix (trainers/episodes.py): shares of self-supervised episodes and, of the others, of augmented
-        # ones; plans' "iris": {"episode_mix": {"self_supervised": p, "augmented": p}} overrides them
+        # ones; plans' "iris": {"episode_mix": {"self_supervised": p, "augmented": p}} overrides them, and its
+        # "members": {member name: {"self_supervised": p, "augmented": p}} overrides them for one member
         mix = self.plans_manager.plans.get("iris", {}).get("episode_mix", {})
         self.self_supervised_p = float(mix.get("self_supervised", SELF_SUPERVISED_P))
         self.augmented_p = float(mix.get("augmented", AUGMENTED_P))
+        self.member_episode_mix: dict[str, dict[str, float]] = dict(mix.get("members", {}))
         self.memory_bank_alpha = 0.999  # the paper's EMA factor
         self.episode_seed: int | None = None  # seed of the training episodes (None: fresh randomness)
         self.save_every = 1  # an interrupted run loses at most one epoch
@@ -183,9 +185,14 @@ class IrisTrainer(nnUNetTrainer):
         # {member name: [label values]} of the plans' "iris" entry: structures no episode asks for, so that their
         # one-shot Dice measures structures the model never trained on
         held_out = self.plans_manager.plans.get("iris", {}).get("held_out_classes", {})
+        def share(name: str, kind: str) -> float | None:
+            value = self.member_episode_mix.get(name, {}).get(kind)
+            return None if value is None else float(value)
+
         return [MemberEpisodes(m.name, m.preprocessed_folder, m.labels, query_cases[m.name],
                                reference_cases[m.name], float(weights.get(m.name, 1.0)),
-                               tuple(int(v) for v in held_out.get(m.name, ())))
+                               tuple(int(v) for v in held_out.get(m.name, ())),
+                               share(m.name, "self_supervised"), share(m.name, "augmented"))
                 for m in self.collection.members if query_cases[m.name] and reference_cases[m.name]]
 
     def get_dataloaders(self):
