@@ -40,17 +40,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from iris_nnu.errors import IrisInputError, cli_entry  # noqa: E402
 from iris_nnu.files import write_json_atomic  # noqa: E402
-from iris_nnu.demo import label_names, raw_case_files, training_cases  # noqa: E402
 from iris_nnu.inference import IrisPredictor, parse_reference  # noqa: E402
 from iris_nnu.inference.images import write_segmentation  # noqa: E402
-from iris_nnu.inference.model_folder import (  # noqa: E402
+from iris_nnu.inference.names import dataset_json_names  # noqa: E402
+from iris_nnu.inference.plans import MODALITIES  # noqa: E402
+from iris_nnu.inference.strategies import DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS  # noqa: E402
+from iris_nnu.io.model_folder import (  # noqa: E402
     DEFAULT_CHECKPOINT,
     DEFAULT_MODEL_FOLDER,
     HELD_OUT_FILE,
     read_held_out,
 )
-from iris_nnu.inference.plans import MODALITIES  # noqa: E402
-from iris_nnu.inference.predictor import DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS  # noqa: E402
+from iris_nnu.preprocessing.raw_dataset import raw_case_files, training_cases  # noqa: E402
 
 PROGRAM = "benchmarks/accuracy.py"
 # subcortical grey-matter structures, recognised by label name (FreeSurfer / Mindboggle naming)
@@ -206,7 +207,7 @@ def pick_cases(folder: Path, held_out: list[str], queries: int, references: int,
     missing = [c for c in held_out if not (folder / "labelsTr" / f"{c}.nii.gz").is_file()]
     if missing:
         raise IrisInputError(f"held-out case(s) {', '.join(missing[:5])} not in {folder}/labelsTr")
-    classes = set(label_names(str(folder)))
+    classes = set(dataset_json_names(str(folder)))
     held = {c: set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(label_file(folder, c)))).tolist()) - {0}
             for c in training}
     complete = [c for c in training if held[c] >= classes]
@@ -229,7 +230,7 @@ def label_file(folder: Path, case: str) -> str:
 def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path, held_out: list[str]) -> dict:
     """Every method on every query of one dataset: Dice per class and seconds per query."""
     queries, refs = pick_cases(folder, held_out, args.queries, args.n_references, args.seed)
-    names = label_names(str(folder))
+    names = dataset_json_names(str(folder))
     classes = sorted(names)
     n = args.n_references
     cases = [case for r in refs for case in parse_reference(f"{image_file(folder, r)}:{label_file(folder, r)}", 1)]

@@ -8,7 +8,6 @@ hippocampus cases bundled in the package (iris_nnu/demo_data, packed by scripts/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 
@@ -20,9 +19,11 @@ from iris_nnu.errors import IrisInputError, cli_entry
 from iris_nnu.files import write_json_atomic
 from iris_nnu.inference.evaluate import evaluate_folders, write_overlay
 from iris_nnu.inference.images import Query
-from iris_nnu.inference.model_folder import read_held_out
+from iris_nnu.inference.names import dataset_json_names
 from iris_nnu.inference.predictor import IrisPredictor
 from iris_nnu.inference.references import ReferenceCase
+from iris_nnu.io.model_folder import read_held_out
+from iris_nnu.preprocessing.raw_dataset import raw_case_files, training_cases
 
 PROGRAM = "iris_demo"
 # real held-out cases of the default model shipped in the package (MSD Task04 Hippocampus, CC-BY-SA 4.0)
@@ -43,28 +44,6 @@ def data_folder(given: str | None, datasets: list[str]) -> tuple[str, bool]:
     if any(os.path.isdir(os.path.join(shared, name, "labelsTr")) for name in datasets):
         return shared, False
     return BUNDLED_DATA, True
-
-
-def raw_case_files(raw_folder: str, case: str) -> tuple[str, str]:
-    """(image, label) of a single-channel nnU-Net raw case."""
-    image = os.path.join(raw_folder, "imagesTr", f"{case}_0000.nii.gz")
-    label = os.path.join(raw_folder, "labelsTr", f"{case}.nii.gz")
-    for path in (image, label):
-        if not os.path.isfile(path):
-            raise IrisInputError(f"{path}: not found; is {raw_folder} the dataset the default model was trained on?")
-    return image, label
-
-
-def training_cases(raw_folder: str, held_out: list[str]) -> list[str]:
-    labels = sorted(f[: -len(".nii.gz")] for f in os.listdir(os.path.join(raw_folder, "labelsTr"))
-                    if f.endswith(".nii.gz"))
-    return [c for c in labels if c not in set(held_out)]
-
-
-def label_names(raw_folder: str) -> dict[int, str]:
-    with open(os.path.join(raw_folder, "dataset.json")) as f:
-        labels = json.load(f)["labels"]
-    return {int(v): k for k, v in labels.items() if int(v) != 0}
 
 
 def describe(dice: dict[int, float], names: dict[int, str], show: int = 3) -> str:
@@ -106,7 +85,7 @@ def run_dataset(predictor: IrisPredictor, raw_folder: str, held_out: list[str], 
         raise IrisInputError("; ".join(failures))
     summary, _ = evaluate_folders(os.path.join(raw_folder, "labelsTr"), out, labels=list(task.classes))
     write_json_atomic(summary, os.path.join(out, "summary.json"))
-    names = label_names(raw_folder)
+    names = dataset_json_names(raw_folder)
     for result in summary["metric_per_case"]:
         case = result["case"]
         png = os.path.join(out, f"{case}.png")
@@ -146,7 +125,7 @@ def run_dicom(predictor: IrisPredictor, raw_folder: str, held_out: list[str], ou
     if failures:
         raise IrisInputError("; ".join(failures))
     nifti = os.path.join(out, case + query.output_ending)
-    write_query_outputs(query, nifti, out, ("dicom_seg",), False, task.classes, label_names(raw_folder),
+    write_query_outputs(query, nifti, out, ("dicom_seg",), False, task.classes, dataset_json_names(raw_folder),
                         task.model_id, f"from reference {reference}", predictor.reader_writer_class)
     seg_file = os.path.join(out, f"{case}_seg.dcm")
     seg = hd.seg.segread(seg_file)
@@ -169,9 +148,9 @@ def run_dicom(predictor: IrisPredictor, raw_folder: str, held_out: list[str], ou
     segments = ", ".join(seg.get_segment_description(n).segment_label for n in numbers)
     print(f"{PROGRAM}: DICOM: {seg_file}: DICOM-SEG of {len(numbers)} segments ({segments}), {seg.NumberOfFrames} "
           f"frames referencing series {seg.ReferencedSeriesSequence[0].SeriesInstanceUID}; decoded, it equals the "
-          f"NIfTI output: {'yes' if same else 'NO'}; {describe(dice, label_names(raw_folder))}")
+          f"NIfTI output: {'yes' if same else 'NO'}; {describe(dice, dataset_json_names(raw_folder))}")
     names_file = os.path.join(out, "label_names.json")
-    write_json_atomic({str(v): n for v, n in label_names(raw_folder).items()}, names_file)
+    write_json_atomic({str(v): n for v, n in dataset_json_names(raw_folder).items()}, names_file)
     print(f"{PROGRAM}: DICOM: the same with iris_predict: iris_predict -i {os.path.dirname(series)} -o {out} "
           f"-r {ref_image}:{ref_label} --label_names {names_file} --output_type both --overwrite")
     if not same:

@@ -20,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from iris_nnu.demo import BUNDLED_DATA, raw_case_files, training_cases  # noqa: E402
-from iris_nnu.inference.model_folder import read_held_out  # noqa: E402
+from iris_nnu.io.model_folder import read_held_out  # noqa: E402
 
 DATASET = "Dataset001_Hippocampus"
 MAX_BYTES = 8 * 1024 * 1024  # all demo data together

@@ -13,7 +13,7 @@ from test_predict import build_model_folder, make_case
 
 from iris_nnu import demo
 from iris_nnu.errors import IrisInputError
-from iris_nnu.inference.model_folder import (
+from iris_nnu.io.model_folder import (
     DEFAULT_MODEL_FOLDER,
     load_model_folder,
     pack_model_folder,

@@ -14,7 +14,7 @@ from conftest import cli_error
 from test_predict import build_model_folder, make_case
 
 from iris_nnu.errors import IrisInputError
-from iris_nnu.inference.model_folder import load_model_folder
+from iris_nnu.io.model_folder import load_model_folder
 from iris_nnu.inference.model_zip import export_main, install_main
 from iris_nnu.inference.predict import main as predict_main
 

@@ -230,7 +230,7 @@ def test_evaluate_table_names_structures_from_dataset_json(dicom_world, tmp_path
 
 def test_demo_without_a_data_folder_runs_on_the_bundled_held_out_cases(tmp_path, monkeypatch, capsys):
     from iris_nnu import demo
-    from iris_nnu.inference.model_folder import read_held_out
+    from iris_nnu.io.model_folder import read_held_out
 
     monkeypatch.delenv("IRIS_DATA", raising=False)
     monkeypatch.chdir(tmp_path)  # demo looks for ../shared/data beside the current folder

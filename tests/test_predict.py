@@ -21,6 +21,7 @@ from iris_nnu.inference.images import find_queries, label_to_sitk
 from iris_nnu.inference.plans import inference_plans
 from iris_nnu.inference.predict import main
 from iris_nnu.model import TaskEmbedding, TaskMismatchError, build_network
+from iris_nnu.model.position import ScanFrame
 from iris_nnu.preprocessing.planner import MemberSummary, plan_collection
 
 VALUES = (17, 53, 2035)  # arbitrary label values: the output must carry them
@@ -584,7 +585,7 @@ def test_task_file_from_another_model_or_not_a_task(world, tmp_path, capsys):
 
 def test_model_folder_problems(world, tmp_path, capsys, monkeypatch):
     io = ["-i", str(world["queries"]), "-o", str(tmp_path / "o"), "-r", world["ref"][0]]
-    monkeypatch.setattr("iris_nnu.inference.model_folder.DEFAULT_MODEL_FOLDER", str(tmp_path / "no_bundled_model"))
+    monkeypatch.setattr("iris_nnu.io.model_folder.DEFAULT_MODEL_FOLDER", str(tmp_path / "no_bundled_model"))
     msg = expect_error(capsys, world, *io, model=False)
     assert "bundled default model has no fold_0/checkpoint_final.pth" in msg and "-m" in msg
     monkeypatch.undo()
@@ -671,20 +672,20 @@ def test_mirrored_tta_flips_the_references_with_the_query(world, predictor):
     expected = predictor.encode_crops(flipped_crops, encoded.classes)
     for a, b in zip(task.flipped((0, 2)).tokens, expected.tokens):
         torch.testing.assert_close(a, b)
-    window = torch.randn(1, 4, 32, 32, 32)
-    window[:, 1:] = window[:, 1:].clamp(-1, 1)  # the scan-coordinate channels
+    image = torch.randn(1, 32, 32, 32)  # one window: the sliding window returns its logits (fp16)
+    frame = ScanFrame.box((40, 40, 40))
+    coordinates = frame.coordinates((0, 0, 0), (32, 32, 32))[None]
     network = tta.network
     with torch.no_grad():
-        image, coordinates = window[:, :1], window[:, 1:]
-        total, query_only = network(image, task, coordinates), network(image, task, coordinates)
+        total, query_only = network(image[None], task, coordinates), network(image[None], task, coordinates)
         for axes in task.mirrored:
             dims = [a + 2 for a in axes]
-            total += network(image.flip(dims), task.flipped(axes), coordinates.flip(dims)).flip(dims)
-            query_only += network(image.flip(dims), task, coordinates.flip(dims)).flip(dims)
-    with tta.conditioned_on(task):
-        got = tta._internal_maybe_mirror_and_predict(window)
-    torch.testing.assert_close(got, (total / 8).clamp(-16, 16), atol=1e-4, rtol=1e-4)
-    assert (got - (query_only / 8).clamp(-16, 16)).abs().mean() > 0.1  # flipping the query alone is another thing
+            total += network(image[None].flip(dims), task.flipped(axes), coordinates.flip(dims)).flip(dims)
+            query_only += network(image[None].flip(dims), task, coordinates.flip(dims)).flip(dims)
+    got = tta.segmenter().logits(image, [task], frame)[None].float()
+    inside = (slice(None), slice(None), *(slice(4, 28),) * 3)  # fp16 Gaussian weights vanish at a lone window's rim
+    torch.testing.assert_close(got[inside], (total / 8).clamp(-16, 16)[inside], atol=2e-2, rtol=2e-3)
+    assert (got[inside] - (query_only / 8).clamp(-16, 16)[inside]).abs().mean() > 0.1  # flipping the query alone is another thing
 
 
 def test_mirrored_tta_makes_the_segmentation_follow_a_mirrored_scan(world, tmp_path):
@@ -1038,7 +1039,7 @@ def test_an_oblique_query_is_segmented_on_an_axis_aligned_grid_and_written_on_it
 
     oblique_copy(world["queries"] / "caseA_0000.nii.gz", tmp_path / "oblique.nii.gz", 30)
     task = predictor.encode_references(parse_reference(world["ref"][0], 1)).pool.mean()
-    prepared = predictor._preparation([str(tmp_path / "oblique.nii.gz")])
+    prepared = predictor.query_preparation([str(tmp_path / "oblique.nii.gz")])
     direction = prepared.properties["sitk_stuff"]["direction"]
     assert np.allclose(direction, aligned_direction(orientation_code(direction)))  # what the network sees
     result = predictor.predict_case([str(tmp_path / "oblique.nii.gz")], task)

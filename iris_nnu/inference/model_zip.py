@@ -18,7 +18,7 @@ import zlib
 from iris_nnu.cli import HelpFormatter
 from iris_nnu.errors import IrisInputError, brief, cli_entry, require_env_folder
 from iris_nnu.files import write_atomic
-from iris_nnu.inference.model_folder import (
+from iris_nnu.io.model_folder import (
     DEFAULT_CHECKPOINT,
     HELD_OUT_FILE,
     MODEL_CARD_FILE,

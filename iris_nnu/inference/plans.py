@@ -17,7 +17,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import (
     PlansManager,
 )
 
-from iris_nnu.model.position import ScanFrame
+from iris_nnu.preprocessing.frames import SCAN_FRAME_KEY, body_frame
 from iris_nnu.preprocessing.planner import CONFIGURATION
 from iris_nnu.preprocessing.preprocessor import IrisPreprocessor
 
@@ -81,16 +81,6 @@ class InferencePreprocessor(IrisPreprocessor):
     def _sample_foreground_locations(seg, classes_or_regions, seed=1234, verbose=False, min_num_samples=10000,
                                      min_percent_coverage=0.01):
         return {}
-
-
-# properties key of a preprocessed scan's ScanFrame (as a dict): where its body lies, for the position prior
-SCAN_FRAME_KEY = "iris_scan_frame"
-
-
-def body_frame(seg: np.ndarray) -> ScanFrame:
-    """The frame of a preprocessed scan from its (1, X, Y, Z) label map: nnU-Net marks voxels outside the non-zero
-    mask -1, also in the label map its preprocessor makes for an image alone."""
-    return ScanFrame.of(np.asarray(seg)[0] >= 0)
 
 
 class RunPreprocessing:

@@ -16,19 +16,15 @@ from iris_nnu.errors import IrisInputError, cli_entry
 from iris_nnu.files import remove_stale_partials
 from iris_nnu.inference.dicom_output import check_dicom_queries
 from iris_nnu.inference.images import Query, find_queries
-from iris_nnu.inference.model_folder import DEFAULT_CHECKPOINT, DEFAULT_MODEL_FOLDER, model_folder_folds
 from iris_nnu.inference.names import dataset_json_names, read_label_names
 from iris_nnu.inference.outputs import OUTPUT_TYPES, query_output_files, resolve_output_types, write_query_outputs
 from iris_nnu.inference.plans import MODALITIES, trained_on_ct_only
-from iris_nnu.inference.predictor import (
-    DEFAULT_TUNE_LR,
-    DEFAULT_TUNE_STEPS,
-    MIN_STEP_SIZE,
-    STRATEGIES,
-    IrisPredictor,
-    failure_line,
-)
+from iris_nnu.inference.predictor import IrisPredictor
 from iris_nnu.inference.references import ReferenceCase, parse_reference
+from iris_nnu.inference.runner import failure_line
+from iris_nnu.inference.segmenter import MIN_STEP_SIZE
+from iris_nnu.inference.strategies import DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, STRATEGIES
+from iris_nnu.io.model_folder import DEFAULT_CHECKPOINT, DEFAULT_MODEL_FOLDER, model_folder_folds
 from iris_nnu.model.task import FORMAT_VERSION as TASK_FORMAT
 
 PROGRAM = "iris_predict"

@@ -1,7 +1,7 @@
-"""IrisPredictor: reference-conditioned segmentation on nnU-Net's predictor.
+"""IrisPredictor: reference-conditioned segmentation with nnU-Net's preprocessing, window helpers and export.
 
-What stays nnU-Net's: preprocessing (transpose, crop to non-zero, normalise, resample), the sliding window with
-Gaussian weights, and the resampling/crop/transpose reversal of the export. What is Iris's: the network also takes
+What stays nnU-Net's: preprocessing (transpose, crop to non-zero, normalise, resample), the sliding window's steps,
+padding and Gaussian weights (sliding_window.py), and the resampling/crop/transpose reversal of the export. What is Iris's: the network also takes
 a task (the encoded references); mirroring TTA flips the references with the query (each flip has its own task
 tokens, encoded from equally flipped reference crops: flipping the query alone would move left/right classes to
 the other side); the output is K independent sigmoid maps decided per voxel (see export.py).
@@ -18,29 +18,18 @@ the mean of the folds' sigmoid maps.
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import contextlib
 import copy
 import dataclasses
-import functools
-import io
-import itertools
-import multiprocessing
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import torch
-from batchgenerators.utilities.file_and_folder_operations import save_pickle
 from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-from tqdm import tqdm
 
 from iris_nnu.errors import IrisInputError, brief
-from iris_nnu.files import write_atomic
 from iris_nnu.inference.export import (
     Winner,
     indices_to_values,
@@ -57,14 +46,8 @@ from iris_nnu.inference.images import (
     reader_writer_for,
     sitk_to_array,
     strip_ending,
-    write_segmentation,
 )
-from iris_nnu.inference.model_folder import (
-    DEFAULT_CHECKPOINT,
-    TRAINER_NAME,
-    load_model_folder,
-)
-from iris_nnu.inference.plans import SCAN_FRAME_KEY, RunPreprocessing, inference_plans
+from iris_nnu.inference.plans import RunPreprocessing, inference_plans
 from iris_nnu.inference.references import (
     Crop,
     ReferenceCase,
@@ -73,22 +56,28 @@ from iris_nnu.inference.references import (
     remap_positions,
     structure_crops,
 )
+from iris_nnu.inference.runner import run_queries, write_result
+from iris_nnu.inference.segmenter import MIN_STEP_SIZE, Segmenter, mirror_flips
+from iris_nnu.inference.strategies import (
+    DEFAULT_TUNE_LR,
+    DEFAULT_TUNE_STEPS,
+    STRATEGIES,
+    select_references,
+    tune_task,
+)
+from iris_nnu.io.model_folder import (
+    DEFAULT_CHECKPOINT,
+    load_model_folder,
+)
 from iris_nnu.model import IrisNetwork, TaskEmbedding, TaskMismatchError
-from iris_nnu.model.loss import MaskedDiceBCELoss
 from iris_nnu.model.position import ScanFrame
 from iris_nnu.orientation import orientation_code, reorient, stored_properties, to_storage
+from iris_nnu.preprocessing.frames import SCAN_FRAME_KEY, scan_frame
 from iris_nnu.preprocessing.planner import CONFIGURATION, run_spacing
 
-STRATEGIES = ("oneshot", "ensemble", "retrieval", "tune")
-# nnU-Net accumulates Gaussian-weighted logits in fp16; clamping keeps the sums finite (sigmoid(16) = 1 - 1e-7,
-# beyond fp16's resolution of probabilities anyway) for every step size >= MIN_STEP_SIZE (<= 125 windows a voxel).
-LOGIT_LIMIT = 16.0
-MIN_STEP_SIZE = 0.2
 # Class maps of one pass (fp16, preprocessed space) and export chunks stay under this; beyond it classes go in
 # several passes. A pass decodes all its classes in ONE forward per window.
 DEFAULT_MAP_MEMORY_GB = 1.0
-DEFAULT_TUNE_STEPS = 20
-DEFAULT_TUNE_LR = 1e-2  # Adam on the tokens; the paper gives no value: a few steps should move them noticeably
 
 
 # A task of a run: one TaskEmbedding, or for a fold ensemble one per fold network (in the predictor's fold order)
@@ -139,18 +128,6 @@ class QuerySegmentation:
     preprocessed_labels: np.ndarray | None = None
 
 
-class _TaskOutputs:
-    """Stands in for nnU-Net's LabelManager inside its sliding window, which only asks how many maps to
-    accumulate: one sigmoid map per class of the current task."""
-
-    def __init__(self, predictor: IrisPredictor):
-        self._predictor = predictor
-
-    @property
-    def num_segmentation_heads(self) -> int:
-        return self._predictor._task.num_classes
-
-
 @dataclass
 class PreparedQuery:
     """A query read and preprocessed (the model's space), its properties, reader and input warnings."""
@@ -189,23 +166,6 @@ class QueryPreparation:
         return PreparedQuery(data, properties, reader_writer, warnings)
 
 
-def prepared_in_turn(prepare: QueryPreparation, queries: Sequence[Sequence[str]],
-                     executor: concurrent.futures.Executor | None, ahead: int) -> Iterator[Callable[[], PreparedQuery]]:
-    """Per query, in order, a call that returns it prepared (or raises its error); with `executor`, up to `ahead`
-    queries beyond the current one are prepared in the background."""
-    if executor is None:
-        for images in queries:
-            yield functools.partial(prepare, images)
-        return
-    pending: collections.deque[concurrent.futures.Future] = collections.deque()
-    for images in queries:
-        pending.append(executor.submit(prepare, images))
-        if len(pending) > ahead:
-            yield pending.popleft().result
-    while pending:
-        yield pending.popleft().result
-
-
 def field_of_view_warnings(task: TaskEmbedding, properties: dict) -> list[str]:
     """A query whose body is far larger or smaller than the references' along some axis (a crop of another region,
     a padded scan, another field of view): the position prior then misleads. Pairs of cases of one development
@@ -213,7 +173,7 @@ def field_of_view_warnings(task: TaskEmbedding, properties: dict) -> list[str]:
     cut differently per patient): FIELD_OF_VIEW_WARNING_FACTOR lies above them."""
     if task.extent is None or SCAN_FRAME_KEY not in properties or task.positions is None:
         return []
-    query = np.array(ScanFrame.from_dict(properties[SCAN_FRAME_KEY]).extent)
+    query = np.array(scan_frame(properties).extent)
     ratio = float(np.max(np.maximum(query / np.array(task.extent), np.array(task.extent) / query)))
     if ratio <= FIELD_OF_VIEW_WARNING_FACTOR:
         return []
@@ -222,44 +182,29 @@ def field_of_view_warnings(task: TaskEmbedding, properties: dict) -> list[str]:
             f"anatomy; consider --no_position_prior"]
 
 
-def failure_line(query: Query, error: Exception) -> str:
-    """One line for a query that failed: the error itself for bad input, else its type and message."""
-    if isinstance(error, IrisInputError):
-        return str(error)
-    return f"{query.images[0]}: failed ({type(error).__name__}: {brief(error)})"
-
-
-def cosine_similarity(a: TaskEmbedding, a_index: tuple[int, int], b: TaskEmbedding, b_index: tuple[int, int]) -> float:
-    """Cosine similarity of two classes' full embeddings (all scales, foreground and context tokens)."""
-    va = torch.cat([t[a_index].flatten().float() for t in a.tokens])
-    vb = torch.cat([t[b_index].flatten().float() for t in b.tokens]).to(va.device)
-    return float(torch.nn.functional.cosine_similarity(va, vb, dim=0))
-
-
-def select_references(pool: TaskEmbedding, query: TaskEmbedding, top_k: int = 1,
-                      ) -> tuple[TaskEmbedding, dict[int, list[int]]]:
-    """Object-level retrieval: per class the query predicted, keep the `top_k` pool references most similar to
-    the query's own embedding; other classes keep every reference. Returns the averaged task and the picks."""
-    keep = pool.present.clone()
-    picks: dict[int, list[int]] = {}
-    for k, value in enumerate(pool.classes):
-        if value not in query.classes:
-            continue
-        q = query.classes.index(value)
-        candidates = [b for b in range(pool.batch_size) if bool(pool.present[b, k])]
-        scores = [cosine_similarity(query, (0, q), pool, (b, k)) for b in candidates]
-        chosen = [candidates[i] for i in np.argsort(scores)[::-1][:top_k]]
-        keep[:, k] = False
-        keep[chosen, k] = True
-        picks[value] = sorted(chosen)
-    return dataclasses.replace(pool, present=keep).mean(), picks
-
-
 FIELD_OF_VIEW_WARNING_FACTOR = 2.5  # see field_of_view_warnings
 
 
-class IrisPredictor(nnUNetPredictor):
-    """Segment queries given references (or a task file) with an Iris model; see the module docstring."""
+class IrisPredictor:
+    """Segment queries given references (or a task file) with an Iris model; see the module docstring.
+
+    The public facade: nnU-Net's method names and argument order (`initialize_from_model_folder`,
+    `predict_single_npy_array`, `predict_from_files`, ...), each taking the task as an argument. It holds the run's
+    preprocessing and fold networks; segmentation itself is a `Segmenter` (segmenter.py) built per call.
+
+    Args:
+        tile_step_size: window step as a fraction of the patch (nnU-Net's; 0.5).
+        use_mirroring: mirrored TTA (every flip of the model's mirroring axes, query and references together).
+        device: where the networks run.
+        modality: "CT" or "other": how queries are checked (input_warnings) when the plans do not say.
+        classes_per_pass: classes decoded in one pass (None: as many as `map_memory_gb` allows).
+        map_memory_gb: memory for the class maps of one pass and the export chunks.
+        largest_component: keep each class's largest connected component in the output.
+        position_prior: False segments from the image alone, ignoring where the references hold each class
+            (model/position.py).
+        verbose: unused (nnU-Net's argument, kept for its argument order).
+        allow_tqdm: progress bars over the queries of predict_from_files.
+    """
 
     def __init__(self, tile_step_size: float = 0.5, use_mirroring: bool = False,
                  device: torch.device | str = "cpu", modality: str = "other", classes_per_pass: int | None = None,
@@ -269,22 +214,20 @@ class IrisPredictor(nnUNetPredictor):
             raise ValueError(f"step size must be in [{MIN_STEP_SIZE}, 1], got {tile_step_size}")
         if classes_per_pass is not None and classes_per_pass < 1:
             raise ValueError(f"classes_per_pass must be at least 1, got {classes_per_pass}")
-        device = torch.device(device)
-        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a notice for every non-CUDA device
-            super().__init__(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
-                             perform_everything_on_device=device.type == "cuda", device=device, verbose=verbose,
-                             verbose_preprocessing=False, allow_tqdm=allow_tqdm)
+        self.tile_step_size = tile_step_size
+        self.use_mirroring = use_mirroring
+        self.device = torch.device(device)
         self.modality = modality
         self.classes_per_pass = classes_per_pass
-        self.largest_component = largest_component  # keep each class's largest connected component in the output
-        # False: segment from the image alone, ignoring where the references hold each class (model/position.py)
+        self.largest_component = largest_component
         self.position_prior = position_prior
+        self.verbose = verbose
+        self.allow_tqdm = allow_tqdm
         self.map_memory_bytes = map_memory_gb * 1024**3
-        self._task: TaskEmbedding | None = None
-        self._flipped_tasks: dict[tuple[int, ...], TaskEmbedding] = {}
         self.preprocessing: RunPreprocessing | None = None
-        self.fold_networks: list[IrisNetwork] = []  # self.network is the one in use (the first outside a fold)
+        self.fold_networks: list[IrisNetwork] = []
         self.folds: list[str] = []
+        self.allowed_mirroring_axes: tuple[int, ...] | None = None
 
     # ------------------------------------------------------------------------------------ set-up
     def initialize_from_model_folder(self, folder: str | None, fold: int | str | Sequence[int | str] = 0,
@@ -305,11 +248,11 @@ class IrisPredictor(nnUNetPredictor):
         """Use this network with its joint plan and dataset.json (e.g. from a trainer)."""
         num_channels = len(dataset_json["channel_names"])
         self.preprocessing = RunPreprocessing(inference_plans(plans, self.modality, num_channels))
-        self.manual_initialization(network.to(self.device).eval(), self.preprocessing.plans_manager,
-                                   self.preprocessing.configuration_manager, None, dataset_json, TRAINER_NAME,
-                                   inference_allowed_mirroring_axes)
-        self.label_manager = _TaskOutputs(self)
-        self.fold_networks, self.folds = [self.network], ["0"]
+        self.plans_manager = self.preprocessing.plans_manager
+        self.configuration_manager = self.preprocessing.configuration_manager
+        self.dataset_json = dataset_json
+        self.allowed_mirroring_axes = inference_allowed_mirroring_axes
+        self.fold_networks, self.folds = [network.to(self.device).eval()], ["0"]
         self.joint_plans = plans
         self.num_channels = num_channels
         self.spacing = float(self.configuration_manager.spacing[0])
@@ -318,6 +261,11 @@ class IrisPredictor(nnUNetPredictor):
         self.model_orientation: str | None = plans.get("iris", {}).get("orientation")
         self.orientation: str | None = self.model_orientation
         self.patch_size = tuple(int(p) for p in self.configuration_manager.patch_size)
+
+    @property
+    def network(self) -> IrisNetwork:
+        """The first fold's network (the only one outside a fold ensemble)."""
+        return self.fold_networks[0]
 
     def use_spacing(self, spacing: float | None) -> None:
         """Preprocess and export at this isotropic spacing (mm; None: the plan's finest). A task records the
@@ -332,7 +280,7 @@ class IrisPredictor(nnUNetPredictor):
         self.configuration_manager = self.preprocessing.configuration_manager
         self.spacing = spacing
 
-    def _follow(self, task: Tasks) -> None:
+    def follow(self, task: Tasks) -> None:
         """Preprocess the queries of `task` as its references were: spacing and voxel order."""
         first = self.per_fold(task)[0]
         self.use_spacing(first.spacing)
@@ -347,15 +295,6 @@ class IrisPredictor(nnUNetPredictor):
     def num_folds(self) -> int:
         return len(self.fold_networks)
 
-    @contextlib.contextmanager
-    def using_fold(self, index: int):
-        """Within this block self.network is fold `index`'s network (what encoding, tuning and the window use)."""
-        network, self.network = self.network, self.fold_networks[index]
-        try:
-            yield
-        finally:
-            self.network = network
-
     def per_fold(self, task: Tasks) -> list[TaskEmbedding]:
         """The task as one TaskEmbedding per fold network."""
         tasks = [task] if isinstance(task, TaskEmbedding) else list(task)
@@ -364,26 +303,23 @@ class IrisPredictor(nnUNetPredictor):
         return tasks
 
     def for_folds(self, make: Callable[[int], TaskEmbedding]) -> Tasks:
-        """`make(i)` inside each fold i, as one task (a single fold) or a list (a fold ensemble)."""
-        tasks = []
-        for i in range(self.num_folds):
-            with self.using_fold(i):
-                tasks.append(make(i))
+        """`make(i)` for each fold i, as one task (a single fold) or a list (a fold ensemble)."""
+        tasks = [make(i) for i in range(self.num_folds)]
         return tasks[0] if len(tasks) == 1 else tasks
 
     # ------------------------------------------------------------------------------------ tasks
     @property
     def mirror_flips(self) -> list[tuple[int, ...]]:
         """The flips of mirrored TTA (every combination of the model's mirroring axes); none without TTA."""
-        axes = tuple(self.allowed_mirroring_axes or ()) if self.use_mirroring else ()
-        return [combo for n in range(1, len(axes) + 1) for combo in itertools.combinations(axes, n)]
+        return mirror_flips(self.allowed_mirroring_axes or ()) if self.use_mirroring else []
 
     def encode_crops(self, crops: Sequence[Crop], classes: Sequence[int],
-                     positions: torch.Tensor | None = None, mirrored: bool = True) -> TaskEmbedding:
-        """One embedding (B = 1) from crops of one image; crop labels index `classes` (i = classes[i - 1]);
-        `positions` (len(classes), G, G, G): the classes' position priors in the whole image (position_prior).
-        With mirrored TTA (and `mirrored`) the task also holds the tokens of the crops flipped by each TTA flip;
-        the priors stay: a flipped window keeps its voxels' scan coordinates."""
+                     positions: torch.Tensor | None = None, mirrored: bool = True, fold: int = 0) -> TaskEmbedding:
+        """One embedding (B = 1) by fold `fold`'s network from crops of one image; crop labels index `classes`
+        (i = classes[i - 1]); `positions` (len(classes), G, G, G): the classes' position priors in the whole image
+        (position_prior). With mirrored TTA (and `mirrored`) the task also holds the tokens of the crops flipped by
+        each TTA flip; the priors stay: a flipped window keeps its voxels' scan coordinates."""
+        network = self.fold_networks[fold]
         parts = []
         with torch.no_grad():
             for crop in crops:
@@ -392,10 +328,10 @@ class IrisPredictor(nnUNetPredictor):
                     self.device, torch.float32)
                 prior = None if positions is None else positions[[i - 1 for i in crop.encode]][None].to(self.device)
                 crop_classes = [classes[i - 1] for i in crop.encode]
-                task = self.network.encode_task(image, masks, classes=crop_classes, positions=prior)
-                flips = {axes: self.network.encode_task(torch.flip(image, [a + 2 for a in axes]),
-                                                        torch.flip(masks, [a + 2 for a in axes]),
-                                                        classes=crop_classes, positions=prior).tokens
+                task = network.encode_task(image, masks, classes=crop_classes, positions=prior)
+                flips = {axes: network.encode_task(torch.flip(image, [a + 2 for a in axes]),
+                                                   torch.flip(masks, [a + 2 for a in axes]),
+                                                   classes=crop_classes, positions=prior).tokens
                          for axes in (self.mirror_flips if mirrored else [])}
                 parts.append(dataclasses.replace(task, mirrored=flips or None))
         return TaskEmbedding.concatenate(parts).mean()
@@ -434,12 +370,10 @@ class IrisPredictor(nnUNetPredictor):
         extent = tuple(np.mean([f.extent for f in frames], axis=0)) if frames else None
         crops = [remap_crops(p, run_classes) for p in used]
         positions = [remap_positions(p, run_classes) for p in used]
-        pools = []
-        for i in range(self.num_folds):
-            with self.using_fold(i):
-                pools.append(dataclasses.replace(TaskEmbedding.concatenate(
-                    [self.encode_crops(c, run_classes, pos) for c, pos in zip(crops, positions)]),
-                    spacing=self.spacing, orientation=self.orientation, extent=extent))
+        pools = [dataclasses.replace(TaskEmbedding.concatenate(
+                     [self.encode_crops(c, run_classes, pos, fold=i) for c, pos in zip(crops, positions)]),
+                     spacing=self.spacing, orientation=self.orientation, extent=extent)
+                 for i in range(self.num_folds)]
         return EncodedReferences(pools, [p.case.name for p in used], crops,
                                  {p.case.label: p.lost for p in prepared if p.lost})
 
@@ -483,76 +417,23 @@ class IrisPredictor(nnUNetPredictor):
         losses: list[list[float]] = []
 
         def tuned(i: int) -> TaskEmbedding:
-            task, fold_losses = self.tune(pools[i].mean(), references, tune_steps, tune_lr)
+            task, fold_losses = self.tune(pools[i].mean(), references, tune_steps, tune_lr, fold=i)
             losses.append(fold_losses)
             return task
         return self.for_folds(tuned), [sum(step) for step in zip(*losses)]
 
     def tune(self, task: TaskEmbedding, references: EncodedReferences, steps: int = DEFAULT_TUNE_STEPS,
-             lr: float = DEFAULT_TUNE_LR) -> tuple[TaskEmbedding, list[float]]:
-        """In-context tuning: the network frozen, Adam on the task tokens, loss on the reference crops."""
-        if steps < 0 or lr <= 0:
-            raise ValueError(f"tune needs steps >= 0 and lr > 0, got {steps}, {lr}")
-        items = []
-        for r, crops in enumerate(references.crops):
-            valid = references.pools[0].present[r].to(self.device)[None]  # a reference says nothing of its absent classes
-            for crop in crops:
-                target = np.stack([crop.labels == i for i in range(1, task.num_classes + 1)])
-                coordinates = None if crop.frame is None else \
-                    crop.frame.coordinates(crop.origin, crop.labels.shape, self.device)[None]
-                items.append((torch.from_numpy(crop.image)[None].to(self.device),
-                              torch.from_numpy(target)[None].to(self.device, torch.float32), valid, coordinates))
-        params = [torch.nn.Parameter(t.detach().clone().to(self.device)) for t in task.tokens]
-        optimizer = torch.optim.Adam(params, lr=lr)
-        loss_fn = MaskedDiceBCELoss()
-        frozen = [(p, p.requires_grad) for p in self.network.parameters()]
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        losses = []
-        try:
-            for step in range(steps + 1):
-                optimizer.zero_grad(set_to_none=True)
-                total = 0.0
-                with torch.set_grad_enabled(step < steps):
-                    for image, target, valid, coordinates in items:
-                        current = self._with_position_choice(
-                            TaskEmbedding(params, task.classes, task.present, task.model_id, task.positions))
-                        loss = loss_fn(self.network(image, current, coordinates), target, valid) / len(items)
-                        if step < steps:
-                            loss.backward()
-                        total += loss.item()
-                losses.append(total)
-                if step < steps:
-                    optimizer.step()
-        finally:
-            for p, flag in frozen:
-                p.requires_grad_(flag)
-        return TaskEmbedding([p.detach() for p in params], task.classes, task.present, task.model_id,
-                             task.positions, spacing=task.spacing, orientation=task.orientation), losses
+             lr: float = DEFAULT_TUNE_LR, fold: int = 0) -> tuple[TaskEmbedding, list[float]]:
+        """In-context tuning of fold `fold`'s task on the reference crops (strategies.tune_task)."""
+        return tune_task(self.fold_networks[fold], task, references.crops, references.pools[fold].present, steps, lr,
+                         self.position_prior, self.device)
 
-    # ------------------------------------------------------------------------------------ sliding window
-    @torch.inference_mode()
-    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
-        """nnU-Net's window prediction with the task as second input; mirrored TTA (the task holds tokens of flipped
-        references) flips the window with them and averages the logits, as nnU-Net does. Channels beyond the
-        image's are the window's scan coordinates (segment_preprocessed appends them for models with a position
-        grid); they flip with the voxels, so each voxel keeps its place in the scan."""
-        if self._task is None:
-            raise RuntimeError("IrisPredictor needs a task: segment with predict_case / segment_preprocessed (or "
-                               "inside `with predictor.conditioned_on(task)`), not nnU-Net's task-free entry points")
-        x, coordinates = x[:, :self.num_channels], (x[:, self.num_channels:] if x.shape[1] > self.num_channels
-                                                     else None)
-        prediction = self.network(x, self._task, coordinates)
-        for axes, flipped_task in self._flipped_tasks.items():
-            dims = [a + 2 for a in axes]
-            flipped = None if coordinates is None else torch.flip(coordinates, dims)
-            prediction += torch.flip(self.network(torch.flip(x, dims), flipped_task, flipped), dims)
-        if self._flipped_tasks:
-            prediction /= len(self._flipped_tasks) + 1
-        return prediction.clamp_(-LOGIT_LIMIT, LOGIT_LIMIT)
-
-    def _with_position_choice(self, task: TaskEmbedding) -> TaskEmbedding:
-        return task if self.position_prior else dataclasses.replace(task, positions=None)
+    # ------------------------------------------------------------------------------------ segmentation
+    def segmenter(self) -> Segmenter:
+        """The run's Segmenter: its fold networks, window, mirroring and position-prior choice."""
+        return Segmenter(self.fold_networks, self.patch_size, self.tile_step_size,
+                         tuple(self.allowed_mirroring_axes or ()) if self.use_mirroring else (), self.position_prior,
+                         self.device)
 
     def classes_in_one_pass(self, preprocessed_shape: Sequence[int]) -> int:
         if self.classes_per_pass:
@@ -561,38 +442,13 @@ class IrisPredictor(nnUNetPredictor):
         per_voxel = 2 if self.num_folds == 1 else 10  # fp16 logits; an ensemble adds its fp32 sum and a sigmoid
         return max(1, int(self.map_memory_bytes // (per_voxel * voxels)))
 
-    def pass_logits(self, image: torch.Tensor, tasks: Sequence[TaskEmbedding], classes: Sequence[int]) -> torch.Tensor:
-        """Sliding-window logits (K, ...) of `classes` on CPU; a fold ensemble gives the logit of the mean of the
-        folds' sigmoid maps (the decision and the probabilities written are then the mean probability's)."""
-        total = None
-        for i, task in enumerate(tasks):
-            with self.using_fold(i), self.conditioned_on(task.select(classes)):
-                logits = self.predict_sliding_window_return_logits(image).cpu()
-            if len(tasks) == 1:
-                return logits
-            probability = torch.sigmoid(logits.float())
-            total = probability if total is None else total.add_(probability)
-        return torch.logit(total.div_(len(tasks))).clamp_(-LOGIT_LIMIT, LOGIT_LIMIT).to(logits.dtype)
-
-    @contextlib.contextmanager
-    def conditioned_on(self, task: TaskEmbedding):
-        """nnU-Net's sliding window calls the network with the image alone: within this block it gets `task` too
-        (and, with mirrored TTA, each flip's task, made once here rather than per window)."""
-        self._task = self._with_position_choice(task).to(self.device)
-        self._flipped_tasks = {axes: self._task.flipped(axes) for axes in self.mirror_flips
-                               if axes in (self._task.mirrored or {})}
-        try:
-            yield
-        finally:
-            self._task, self._flipped_tasks = None, {}
-
     def segment_preprocessed(self, data: np.ndarray, properties: dict, task: Tasks, *, export: bool = True,
                              probabilities: bool = False, preprocessed_labels: bool = False,
                              frame: ScanFrame | None = None) -> QuerySegmentation:
         """Segment a preprocessed query (nnU-Net's sliding window, conditioned on `task`); `export` asks for labels in
         the original geometry, `probabilities` for per-class probabilities there, `preprocessed_labels` for labels in
         the model's space. Classes go in passes of `classes_in_one_pass`. `frame`: where the query's body lies (default:
-        the one our preprocessing put in `properties`, else all of the volume)."""
+        the one our preprocessing put in `properties`)."""
         tasks = [t if t.batch_size == 1 else t.mean() for t in self.per_fold(task)]
         classes = tasks[0].classes
         if any(t.classes != classes for t in tasks[1:]):
@@ -605,13 +461,11 @@ class IrisPredictor(nnUNetPredictor):
         preprocessed = Winner(data.shape[1:]) if preprocessed_labels else None
         probs = np.zeros((k_total, *cropped_shape), dtype=np.float16) if probabilities else None
         image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
-        if self.position_grid and self.position_prior:  # the window cuts them with the image: it knows its place
-            if frame is None:
-                frame = ScanFrame.from_dict(properties[SCAN_FRAME_KEY]) if SCAN_FRAME_KEY in properties \
-                    else ScanFrame.box(image.shape[1:])
-            image = torch.cat([image, frame.coordinates((0, 0, 0), image.shape[1:])])
+        if frame is None and self.position_grid and self.position_prior:
+            frame = scan_frame(properties)
+        segmenter = self.segmenter()
         for start in range(0, k_total, per_pass):
-            logits = self.pass_logits(image, tasks, classes[start:start + per_pass])
+            logits = segmenter.logits(image, tasks, frame, classes[start:start + per_pass])
             if preprocessed is not None:
                 preprocessed.update(logits, start)
             if original is not None:
@@ -643,7 +497,7 @@ class IrisPredictor(nnUNetPredictor):
         picks: dict[int, set[int]] = {}
 
         def select(i: int) -> TaskEmbedding:
-            query_task = self.encode_crops(crops, tasks[i].classes, mirrored=False)  # compared by its tokens only
+            query_task = self.encode_crops(crops, tasks[i].classes, mirrored=False, fold=i)  # compared by its tokens
             chosen, fold_picks = select_references(pools[i], query_task, top_k)
             for value, references in fold_picks.items():
                 picks.setdefault(value, set()).update(references)
@@ -651,22 +505,23 @@ class IrisPredictor(nnUNetPredictor):
         return self.for_folds(select), {value: sorted(references) for value, references in picks.items()}
 
     @property
-    def _preparation(self) -> QueryPreparation:
+    def query_preparation(self) -> QueryPreparation:
+        """Reads and preprocesses a query as this run does (picklable: worker processes run it)."""
         return QueryPreparation(self.preprocessing, self.reader_writer_class, self.modality, self.num_channels,
                                 self.orientation)
 
     def predict_case(self, images: Sequence[str], task: Tasks, pool: Tasks | None = None,
                      retrieval_top_k: int = 1, save_probabilities: bool = False) -> CaseResult:
         """Segment one query (channel files or a DICOM folder); with `pool`, by retrieval from it."""
-        self._follow(task)
-        return self.predict_prepared(self._preparation(images), task, pool, retrieval_top_k, save_probabilities)
+        self.follow(task)
+        return self.predict_prepared(self.query_preparation(images), task, pool, retrieval_top_k, save_probabilities)
 
     def predict_array(self, data: np.ndarray, properties: dict, task: Tasks, pool: Tasks | None = None,
                       retrieval_top_k: int = 1, save_probabilities: bool = False,
                       reader_writer: BaseReaderWriter | None = None) -> CaseResult:
         """Segment one query given as nnU-Net's readers return it: (C, Z, Y, X) and its properties (not modified)."""
-        self._follow(task)
-        prepared = self._preparation.array(data, properties, reader_writer or self.reader_writer_class())
+        self.follow(task)
+        prepared = self.query_preparation.array(data, properties, reader_writer or self.reader_writer_class())
         return self.predict_prepared(prepared, task, pool, retrieval_top_k, save_probabilities)
 
     def predict_prepared(self, query: PreparedQuery, task: Tasks, pool: Tasks | None = None,
@@ -729,72 +584,12 @@ class IrisPredictor(nnUNetPredictor):
                         save_probabilities: bool = False, progress: bool = True,
                         report: Callable[[str], None] = print, reference_names: Sequence[str] | None = None,
                         preprocessing_workers: int = 0, export_workers: int = 0) -> list[str]:
-        """Segment every query into output_folder/{case}{ending}; returns one line per query that failed.
-
-        A failing query (unreadable, not 3D, ...) does not stop the others; nothing of it is written.
-        `preprocessing_workers` processes read and preprocess the next queries while the network segments one
-        (nnU-Net's -npp); `export_workers` threads write finished ones (-nps); 0: in this process, in turn."""
-        os.makedirs(output_folder, exist_ok=True)
-        self._follow(task)
-        failures, runnable = [], []
-        for query in queries:
-            target = os.path.join(output_folder, query.name)
-            if os.path.abspath(target + query.output_ending) in {os.path.abspath(p) for p in query.images}:
-                failures.append(f"{query.images[0]}: its output would overwrite it; choose another OUTPUT folder")
-            else:
-                runnable.append(query)
-        with contextlib.ExitStack() as stack:
-            preparing = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
-                preprocessing_workers, mp_context=multiprocessing.get_context("spawn"))) \
-                if preprocessing_workers else None
-            writing = stack.enter_context(concurrent.futures.ThreadPoolExecutor(export_workers)) \
-                if export_workers else None
-            prepared = prepared_in_turn(self._preparation, [q.images for q in runnable], preparing,
-                                        preprocessing_workers)
-            written = []
-            for query, get in tqdm(zip(runnable, prepared), total=len(runnable), desc="iris_predict", unit="query",
-                                   disable=not progress):
-                target = os.path.join(output_folder, query.name)
-                try:
-                    result = self.predict_prepared(get(), task, pool, retrieval_top_k, save_probabilities)
-                    for warning in result.warnings:
-                        report(f"warning: {query.images[0]}: {warning}")
-                    if result.retrieved:
-                        def name(i: int) -> str:
-                            return reference_names[i] if reference_names else f"#{i}"
-                        picks = "; ".join(f"{value}: {', '.join(name(i) for i in refs)}"
-                                          for value, refs in result.retrieved.items())
-                        report(f"{query.name}: retrieval picked, per class, {picks}")
-                    if writing is None:
-                        self.write_result(result, target, query.output_ending, save_probabilities)
-                    else:
-                        written.append((query, writing.submit(self.write_result, result, target, query.output_ending,
-                                                              save_probabilities)))
-                    del result
-                except Exception as e:  # noqa: BLE001 - one bad query must not stop the batch; reported at the end
-                    failures.append(failure_line(query, e))
-            for query, future in written:
-                try:
-                    future.result()
-                except Exception as e:  # noqa: BLE001 - as above
-                    failures.append(failure_line(query, e))
-        return failures
+        """Segment every query into output_folder/{case}{ending}; returns one line per query that failed
+        (runner.run_queries: a failing query does not stop the others; nothing of it is written)."""
+        return run_queries(self, queries, output_folder, task, pool, retrieval_top_k, save_probabilities, progress,
+                           report, reference_names, preprocessing_workers, export_workers)
 
     @staticmethod
     def write_result(result: CaseResult, target: str, ending: str, save_probabilities: bool) -> None:
-        """target{ending}, with `save_probabilities` also target.npz and .pkl (nnU-Net's --save_probabilities).
-
-        Probabilities first, the segmentation last (its presence marks a finished case); all or nothing."""
-        written = []
-        try:
-            if save_probabilities:
-                write_atomic(target + ".npz", lambda tmp: np.savez_compressed(
-                    tmp, probabilities=result.probabilities, classes=np.array(result.classes)))
-                written.append(target + ".npz")
-                write_atomic(target + ".pkl", lambda tmp: save_pickle(result.properties, tmp))
-                written.append(target + ".pkl")
-            write_segmentation(result.segmentation, target + ending, result.properties, result.reader_writer)
-        except BaseException:
-            for path in written:
-                os.remove(path)
-            raise
+        """target{ending}, with `save_probabilities` also target.npz and .pkl (runner.write_result)."""
+        write_result(result, target, ending, save_probabilities)

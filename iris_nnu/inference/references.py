@@ -29,9 +29,10 @@ from iris_nnu.inference.images import (
     reader_writer_for,
     strip_ending,
 )
-from iris_nnu.inference.plans import SCAN_FRAME_KEY, RunPreprocessing
+from iris_nnu.inference.plans import RunPreprocessing
 from iris_nnu.model.position import ScanFrame, position_prior_from_labels
 from iris_nnu.orientation import reorient
+from iris_nnu.preprocessing.frames import scan_frame
 
 
 @dataclass
@@ -196,7 +197,7 @@ def prepare_reference(case: ReferenceCase, preprocessing: RunPreprocessing, plan
     indices = np.where(sorted_values[position] == label, position + 1, 0).astype(np.int16)
     del label, position
     data, seg, _ = preprocessing(data, indices, properties)
-    return reference_from_preprocessed(case, data, seg, values, held, ScanFrame.from_dict(properties[SCAN_FRAME_KEY]),
+    return reference_from_preprocessed(case, data, seg, values, held, scan_frame(properties),
                                        patch, position_grid)
 
 

@@ -1,4 +1,7 @@
-"""The one description of IrisNetwork's shape, shared by the network, its memory model and the planner (no torch)."""
+"""The one description of IrisNetwork's shape, shared by the network, its memory model and the planner.
+
+Plain arithmetic: this module uses no torch (importing it through `iris_nnu.model` still loads the network, and torch).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields

@@ -1,4 +1,7 @@
-"""Pure-arithmetic parameter count and peak-memory estimate of IrisNetwork, for the planner (no torch needed)."""
+"""Pure-arithmetic parameter count and peak-memory estimate of IrisNetwork, for the planner.
+
+This module uses no torch (importing it through `iris_nnu.model` still loads the network, and torch).
+"""
 from __future__ import annotations
 
 from math import prod

@@ -308,17 +308,24 @@ class IrisNetwork(nn.Module):
                              TRAINING_MODEL_ID if self.training else self.model_id(),
                              None if positions is None else positions.to(reference_image.device, torch.float32))
 
-    def forward(self, query: Tensor, task: TaskEmbedding, coordinates: Tensor | None = None) -> Tensor | list[Tensor]:
-        """Query (B,C,X,Y,Z) -> logits (B,K,X,Y,Z) for all K task classes (a list, full res first, with DS).
-
-        `coordinates` (B,3,X,Y,Z): each query voxel's position in its whole scan (`scan_coordinates`,
-        `window_coordinates`); by default the query is taken to be the whole scan."""
-        self._check_image(query, "query")
-        # in training the weights change every step and tasks are re-encoded every step: hashing is skipped
-        if not self.training and task.model_id != self.model_id():
+    def check_task(self, task: TaskEmbedding) -> None:
+        """Raise TaskMismatchError unless `task` was encoded by these weights (in eval mode)."""
+        if task.model_id != self.model_id():
             hint = " (in training mode: re-encode in eval mode)" if task.model_id == TRAINING_MODEL_ID else ""
             raise TaskMismatchError(f"task was encoded by model {task.model_id}{hint}, not by this model "
                                     f"{self.model_id()}")
+
+    def forward(self, query: Tensor, task: TaskEmbedding, coordinates: Tensor | None = None, *,
+                check_model: bool = True) -> Tensor | list[Tensor]:
+        """Query (B,C,X,Y,Z) -> logits (B,K,X,Y,Z) for all K task classes (a list, full res first, with DS).
+
+        `coordinates` (B,3,X,Y,Z): each query voxel's position in its whole scan (`scan_coordinates`,
+        `window_coordinates`); by default the query is taken to be the whole scan. `check_model=False` skips
+        `check_task` (a sliding window checks once per query, not per window)."""
+        self._check_image(query, "query")
+        # in training the weights change every step and tasks are re-encoded every step: hashing is skipped
+        if check_model and not self.training:
+            self.check_task(task)
         b, k, m1 = query.shape[0], task.num_classes, self.num_query_tokens + 1
         expected = [(m1, self.features[s]) for s in self.levels]
         if [tuple(t.shape[2:]) for t in task.tokens] != expected or task.batch_size not in (1, b):
@@ -348,13 +355,18 @@ class IrisNetwork(nn.Module):
                 or coordinates.shape[2:] != query.shape[2:]:
             raise ValueError(f"coordinates must be (B, 3, X, Y, Z) = {(query.shape[0], 3, *query.shape[2:])}, "
                              f"got {tuple(coordinates.shape)}")
-        prior = task.positions.to(query.device, torch.float32)
-        weight = F.softplus(self.position_weight)
         out = []
         for i, x in enumerate(logits):
             c = coordinates.float() if i == 0 else F.avg_pool3d(coordinates.float(), 2**i)  # centres of pooled voxels
-            out.append(x + (weight * torch.log(sample_prior(prior, c) + POSITION_FLOOR)).to(x.dtype))
+            out.append(x + self.position_logits(task.positions, c).to(x.dtype))
         return out
+
+    def position_logits(self, positions: Tensor, coordinates: Tensor) -> Tensor:
+        """The position prior's term of the logits, weight * log(prior + floor): priors (B or 1, K, G, G, G) sampled
+        at grid coordinates (B, 3, X, Y, Z) -> (B, K, X, Y, Z). It depends on a voxel's scan position alone, so a
+        sliding window may add it once per voxel after averaging the windows."""
+        prior = positions.to(coordinates.device, torch.float32)
+        return F.softplus(self.position_weight) * torch.log(sample_prior(prior, coordinates.float()) + POSITION_FLOOR)
 
     def _dot(self, vec: Tensor, feats: Tensor) -> Tensor:
         out = torch.bmm(vec, feats.flatten(2)) + self.logit_bias

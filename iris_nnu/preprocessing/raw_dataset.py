@@ -298,3 +298,19 @@ def find_unreadable_file(dataset: RawDataset) -> str | None:
                 return path
     return None
 
+
+def raw_case_files(raw_folder: str, case: str) -> tuple[str, str]:
+    """(image, label) of a single-channel nnU-Net raw case."""
+    image = os.path.join(raw_folder, "imagesTr", f"{case}_0000.nii.gz")
+    label = os.path.join(raw_folder, "labelsTr", f"{case}.nii.gz")
+    for path in (image, label):
+        if not os.path.isfile(path):
+            raise IrisInputError(f"{path}: not found; is {raw_folder} the dataset the default model was trained on?")
+    return image, label
+
+
+def training_cases(raw_folder: str, held_out: list[str]) -> list[str]:
+    """The labelled cases of a raw dataset that are not held out."""
+    labels = sorted(f[: -len(".nii.gz")] for f in os.listdir(os.path.join(raw_folder, "labelsTr"))
+                    if f.endswith(".nii.gz"))
+    return [c for c in labels if c not in set(held_out)]

@@ -26,7 +26,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from threadpoolctl import threadpool_limits
 
-from iris_nnu.inference.plans import body_frame
+from iris_nnu.preprocessing.frames import body_frame
 from iris_nnu.model.position import ScanFrame, position_prior_from_labels
 from iris_nnu.preprocessing.raw_dataset import foreground_labels
 
@@ -123,9 +123,10 @@ class EpisodicDataLoader(DataLoader):
         self._centroid_cache: dict[tuple[str, str, int], torch.Tensor] = {}  # (member, case, class) -> (3,)
         # nnU-Net's loaders, one per member: their dataset and patch placement (padding, foreground centring)
         self.samplers = {}
+        self.datasets: dict[str, nnUNetDatasetBlosc2] = {}  # our own handle on each member's cases
         for m in self.members:
             cases = sorted(set(m.query_cases) | set(m.reference_cases))
-            dataset = nnUNetDatasetBlosc2(m.folder, cases)
+            dataset = self.datasets[m.name] = nnUNetDatasetBlosc2(m.folder, cases)
             self.samplers[m.name] = nnUNetDataLoader(dataset, batch_size, initial_patch_size, patch_size,
                                                      LabelManager(m.labels, None), oversample_foreground_percent)
 
@@ -336,7 +337,7 @@ class EpisodicDataLoader(DataLoader):
 
     # ---------------------------------------------------------------------------------- per-case caches
     def _load(self, member: MemberEpisodes, case: str):
-        return self.samplers[member.name]._data.load_case(case)
+        return self.datasets[member.name].load_case(case)
 
     def _frame(self, member: MemberEpisodes, case: str, seg) -> ScanFrame:
         key = (member.name, case)

@@ -38,7 +38,7 @@ from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from iris_nnu.files import write_atomic
-from iris_nnu.inference.model_folder import load_checkpoint, load_network_weights, strip_prefixes
+from iris_nnu.io.model_folder import load_checkpoint, load_network_weights, strip_prefixes
 from iris_nnu.model import IrisNetwork, MaskedDiceBCELoss, TaskEmbedding, build_network
 from iris_nnu.preprocessing.collection import Collection, load_collection
 from iris_nnu.trainers.episodes import AUGMENTED_P, SELF_SUPERVISED_P, EpisodicDataLoader, MemberEpisodes

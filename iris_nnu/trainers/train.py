@@ -17,7 +17,7 @@ from iris_nnu.cli import HelpFormatter
 from iris_nnu.device import add_device_argument, resolve_device
 from iris_nnu.errors import IrisInputError, brief, cli_entry, require_env_folder
 from iris_nnu.files import remove_stale_partials
-from iris_nnu.inference.model_folder import load_checkpoint
+from iris_nnu.io.model_folder import load_checkpoint
 from iris_nnu.preprocessing.collection import load_collection
 from iris_nnu.preprocessing.planner import CONFIGURATION, PLANS_IDENTIFIER
 from iris_nnu.trainers.iris_trainer import IrisTrainer

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from iris_nnu.files import write_json_atomic
 from iris_nnu.inference.export import indices_to_values
 from iris_nnu.inference.predictor import CaseResult, IrisPredictor
-from iris_nnu.inference.plans import body_frame
+from iris_nnu.preprocessing.frames import body_frame
 from iris_nnu.inference.references import ReferenceCase, reference_from_preprocessed
 from iris_nnu.orientation import stored_properties, to_storage
 from iris_nnu.preprocessing.planner import member_spacing

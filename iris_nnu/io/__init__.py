@@ -1,0 +1,1 @@
+"""What training and inference both read and write: checkpoints and model folders."""
