@@ -10,6 +10,8 @@ from the model's training cases of each dataset, i.e. imagesTr minus the held-ou
   multi-atlas-5     the 5 references registered, per-voxel majority vote
   box alignment     reference #1's label carried over by mapping the scans' non-zero boxes onto each other
   iris oneshot no position prior   as oneshot, from the image alone (iris_predict --no_position_prior)
+  iris oneshot calibrated   as oneshot, the decision threshold the reference's own segmentation scores best at
+                            (iris_predict --threshold auto; its time is part of "encode s")
 Queries: the first --queries held-out cases (never trained on) per dataset, from --held_out (default
 <model folder>/held_out.json: {"Dataset001_Hippocampus": ["hippocampus_026", ...], ...}).
 Dice per class on the query's own grid against labelsTr; NaN (left out of means) where the class is absent from
@@ -44,7 +46,7 @@ from iris_nnu.inference import IrisPredictor, parse_reference  # noqa: E402
 from iris_nnu.inference.images import write_segmentation  # noqa: E402
 from iris_nnu.inference.names import dataset_json_names  # noqa: E402
 from iris_nnu.inference.plans import MODALITIES  # noqa: E402
-from iris_nnu.inference.strategies import DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS  # noqa: E402
+from iris_nnu.inference.strategies import DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, calibrated_threshold  # noqa: E402
 from iris_nnu.io.model_folder import (  # noqa: E402
     DEFAULT_CHECKPOINT,
     DEFAULT_MODEL_FOLDER,
@@ -243,6 +245,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             "iris oneshot largest component": ("oneshot-largest-component", "oneshot", 1, None, True, True, False),
             "iris oneshot no position prior": ("oneshot-no-position", "oneshot", 1, None, False, False, False),
             "iris oneshot mirrored TTA": ("oneshot-tta", "oneshot", 1, None, False, True, True),
+            "iris oneshot calibrated": ("oneshot-calibrated", "oneshot", 1, None, False, True, False),
             f"iris ensemble-{n}": ("ensemble", "ensemble", n, None, False, True, False),
             f"iris retrieval-{n}": ("retrieval", "retrieval", n, None, False, True, False),
             "iris tune": ("tune", "tune", 1, None, False, True, False)}
@@ -252,7 +255,11 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             predictor.use_mirroring = tta
             encoded = predictor.encode_references(cases[:k])
             task, losses = predictor.task_for_strategy(encoded.pool, strategy, encoded, args.tune_steps, args.tune_lr)
+            threshold, calibration = 0.5, None
+            if option == "oneshot-calibrated":  # iris_predict --threshold auto
+                threshold, calibration = calibrated_threshold(predictor, cases[:k], task)
             methods[name] = {"encode_s": time.perf_counter() - start, "tune_losses": losses, "lost": encoded.lost,
+                             "threshold": threshold, "reference_dice_by_threshold": calibration,
                              "classes_per_pass": per_pass, "largest_component": largest_component,
                              "position_prior": position, "tta": tta,
                              "task": task, "pool": encoded.pool if strategy == "retrieval" else None, "per_query": {}}
@@ -282,6 +289,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                     predictor.largest_component = m["largest_component"]
                     predictor.position_prior = m["position_prior"]
                     predictor.use_mirroring = m["tta"]
+                    predictor.decision_threshold = m["threshold"]
                     result = predictor.predict_case([image_file(folder, case)], m["task"], m["pool"], 1)
                     write_segmentation(result.segmentation, os.path.join(tmp, f"{case}.nii.gz"), result.properties,
                                        result.reader_writer)
@@ -373,14 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["oneshot", "ensemble", "retrieval", "tune", "registration",
                                                     "multi-atlas"],
                    choices=["oneshot", "oneshot-1-per-pass", "oneshot-8-per-pass", "oneshot-largest-component",
-                            "oneshot-no-position", "oneshot-tta", "ensemble", "retrieval", "tune", "registration", "ants-syn",
+                            "oneshot-no-position", "oneshot-tta", "oneshot-calibrated", "ensemble", "retrieval", "tune", "registration", "ants-syn",
                             "multi-atlas", "box-alignment"],
                    help="oneshot-N-per-pass: oneshot decoding N classes per pass (1: the joint-decoding check; 8: "
                         "as many as a training episode holds); oneshot-largest-component: oneshot keeping each "
                         "class's largest connected component (iris_predict --postprocess largest_component); "
                         "oneshot-no-position: oneshot without the position prior (iris_predict "
                         "--no_position_prior); oneshot-tta: oneshot with mirrored test-time augmentation (iris_predict "
-                        "--tta: 8 flips of query and reference together); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
+                        "--tta: 8 flips of query and reference together); oneshot-calibrated: oneshot with the decision "
+                        "threshold calibrated on the reference (iris_predict --threshold auto); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
                         "box-alignment: reference #1's label carried over by aligning the scans' non-zero boxes "
                         "(what the position prior alone knows)")
     p.add_argument("--seed", type=int, default=0, help="picks the references; seeds the registration sampling")

@@ -30,10 +30,12 @@ from scipy.ndimage import find_objects
 
 
 class Winner:
-    """Running per-voxel decision over class chunks: index (1-based) of the best class with logit > 0, else 0."""
+    """Running per-voxel decision over class chunks: index (1-based) of the best class with logit > `floor`, else 0;
+    `logit` ends as the winning logit (`floor` where none won)."""
 
-    def __init__(self, shape: tuple[int, ...]):
-        self.logit = np.zeros(shape, dtype=np.float32)  # 0 = probability 0.5: a class must beat it to win
+    def __init__(self, shape: tuple[int, ...], floor: float = 0.0):
+        # floor 0 = probability 0.5: a class must beat it to win
+        self.logit = np.full(shape, floor, dtype=np.float32)
         self.index = np.zeros(shape, dtype=np.uint16)
 
     def update(self, logits: np.ndarray | torch.Tensor, first_index: int) -> None:

@@ -121,11 +121,12 @@ class CaseResult:
 class QuerySegmentation:
     """What segment_preprocessed made, each only when asked: class indices (i = task.classes[i - 1], 0 background)
     in the query's original geometry, per-class probabilities (K, ...) float16 there, class indices in the
-    preprocessed (model) space."""
+    preprocessed (model) space, the winning logits in the original geometry."""
 
     labels: np.ndarray | None = None
     probabilities: np.ndarray | None = None
     preprocessed_labels: np.ndarray | None = None
+    scores: np.ndarray | None = None  # the winning class's logit per voxel, original geometry (float32)
 
 
 @dataclass
@@ -200,6 +201,8 @@ class IrisPredictor:
         classes_per_pass: classes decoded in one pass (None: as many as `map_memory_gb` allows).
         map_memory_gb: memory for the class maps of one pass and the export chunks.
         largest_component: keep each class's largest connected component in the output.
+        decision_threshold: a voxel gets the most probable class whose probability exceeds this, else background
+            (strategies.calibrated_threshold picks one from the references).
         position_prior: False segments from the image alone, ignoring where the references hold each class
             (model/position.py).
         verbose: unused (nnU-Net's argument, kept for its argument order).
@@ -209,7 +212,8 @@ class IrisPredictor:
     def __init__(self, tile_step_size: float = 0.5, use_mirroring: bool = False,
                  device: torch.device | str = "cpu", modality: str = "other", classes_per_pass: int | None = None,
                  map_memory_gb: float = DEFAULT_MAP_MEMORY_GB, largest_component: bool = False,
-                 position_prior: bool = True, verbose: bool = False, allow_tqdm: bool = False):
+                 position_prior: bool = True, verbose: bool = False, allow_tqdm: bool = False,
+                 decision_threshold: float = 0.5):
         if not MIN_STEP_SIZE <= tile_step_size <= 1:
             raise ValueError(f"step size must be in [{MIN_STEP_SIZE}, 1], got {tile_step_size}")
         if classes_per_pass is not None and classes_per_pass < 1:
@@ -220,6 +224,9 @@ class IrisPredictor:
         self.modality = modality
         self.classes_per_pass = classes_per_pass
         self.largest_component = largest_component
+        if not 0 < decision_threshold < 1:
+            raise ValueError(f"decision_threshold must be in (0, 1), got {decision_threshold}")
+        self.decision_threshold = decision_threshold
         self.position_prior = position_prior
         self.verbose = verbose
         self.allow_tqdm = allow_tqdm
@@ -444,11 +451,13 @@ class IrisPredictor:
 
     def segment_preprocessed(self, data: np.ndarray, properties: dict, task: Tasks, *, export: bool = True,
                              probabilities: bool = False, preprocessed_labels: bool = False,
-                             frame: ScanFrame | None = None) -> QuerySegmentation:
+                             frame: ScanFrame | None = None, scores: bool = False,
+                             threshold: float | None = None) -> QuerySegmentation:
         """Segment a preprocessed query (nnU-Net's sliding window, conditioned on `task`); `export` asks for labels in
         the original geometry, `probabilities` for per-class probabilities there, `preprocessed_labels` for labels in
         the model's space. Classes go in passes of `classes_in_one_pass`. `frame`: where the query's body lies (default:
-        the one our preprocessing put in `properties`)."""
+        the one our preprocessing put in `properties`). `scores` asks for each voxel's winning logit in the original
+        geometry; `threshold` replaces the predictor's decision_threshold."""
         tasks = [t if t.batch_size == 1 else t.mean() for t in self.per_fold(task)]
         classes = tasks[0].classes
         if any(t.classes != classes for t in tasks[1:]):
@@ -457,8 +466,10 @@ class IrisPredictor:
         per_pass = self.classes_in_one_pass(data.shape[1:])
         cropped_shape = tuple(properties["shape_after_cropping_and_before_resampling"])
         per_export = max(1, int(self.map_memory_bytes // (8 * np.prod(data.shape[1:]) + 4 * np.prod(cropped_shape))))
-        original = Winner(cropped_shape) if export else None
-        preprocessed = Winner(data.shape[1:]) if preprocessed_labels else None
+        t = threshold or self.decision_threshold
+        floor = float(np.log(t / (1 - t)))  # the threshold's logit (0 for 0.5)
+        original = Winner(cropped_shape, floor) if export or scores else None
+        preprocessed = Winner(data.shape[1:], floor) if preprocessed_labels else None
         probs = np.zeros((k_total, *cropped_shape), dtype=np.float16) if probabilities else None
         image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
         if frame is None and self.position_grid and self.position_prior:
@@ -480,7 +491,8 @@ class IrisPredictor:
         return QuerySegmentation(
             revert_crop_and_transpose(original.index, properties, self.plans_manager) if original else None,
             revert_crop_and_transpose(probs, properties, self.plans_manager) if probs is not None else None,
-            preprocessed.index if preprocessed else None)
+            preprocessed.index if preprocessed else None,
+            revert_crop_and_transpose(original.logit, properties, self.plans_manager) if scores else None)
 
     # ------------------------------------------------------------------------------------ queries
     def retrieve(self, data: np.ndarray, properties: dict, task: Tasks, pool: Tasks,

@@ -2,23 +2,32 @@
 
 - ensemble: per class, the mean of the references' embeddings where the class is present (TaskEmbedding.mean);
 - retrieval: `select_references` keeps per class the references most similar to the query's own embedding;
-- tune: `tune_task` optimises the task tokens on the reference crops, the network frozen.
+- tune: `tune_task` optimises the task tokens on the reference crops, the network frozen;
+and `calibrated_threshold`, the decision threshold under which a task segments its own references best.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
-from iris_nnu.inference.references import Crop
+from iris_nnu.inference.export import indices_to_values
+from iris_nnu.inference.images import read_label, reader_writer_for
+from iris_nnu.inference.references import Crop, ReferenceCase
 from iris_nnu.model import IrisNetwork, TaskEmbedding
 from iris_nnu.model.loss import MaskedDiceBCELoss
+from iris_nnu.orientation import to_storage
+
+if TYPE_CHECKING:
+    from iris_nnu.inference.predictor import IrisPredictor, Tasks
 
 STRATEGIES = ("oneshot", "ensemble", "retrieval", "tune")
 DEFAULT_TUNE_STEPS = 20
 DEFAULT_TUNE_LR = 1e-2  # Adam on the tokens; the paper gives no value: a few steps should move them noticeably
+# the decision thresholds calibrated_threshold tries (probability of the winning class), highest first
+CALIBRATION_THRESHOLDS = (0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05)
 
 
 def cosine_similarity(a: TaskEmbedding, a_index: tuple[int, int], b: TaskEmbedding, b_index: tuple[int, int]) -> float:
@@ -92,3 +101,31 @@ def tune_task(network: IrisNetwork, task: TaskEmbedding, crops: Sequence[Sequenc
         for p, flag in frozen:
             p.requires_grad_(flag)
     return dataclasses.replace(task, tokens=[p.detach() for p in params], mirrored=None), losses
+
+
+def calibrated_threshold(predictor: IrisPredictor, references: Sequence[ReferenceCase], task: Tasks,
+                         thresholds: Sequence[float] = CALIBRATION_THRESHOLDS) -> tuple[float, dict[float, float]]:
+    """The decision threshold under which `task` segments its own reference scans best (mean Dice over the task's
+    classes each reference holds, averaged over the references; ties go to the higher threshold), and the Dice at
+    each threshold. A model trained on other anatomy can be right about which class a voxel is but unsure whether it
+    is one (brains after CT: the argmax held, the probabilities ran low); the references show at what level. Costs one
+    segmentation per reference."""
+    predictor.follow(task)
+    classes = predictor.per_fold(task)[0].classes
+    floors = {t: float(np.log(t / (1 - t))) for t in thresholds}
+    dice: dict[float, list[float]] = {t: [] for t in thresholds}
+    for case in references:
+        prepared = predictor.query_preparation(case.images)
+        result = predictor.segment_preprocessed(prepared.data, prepared.properties, task, scores=True,
+                                                threshold=min(thresholds))
+        values = to_storage(indices_to_values(result.labels, classes), prepared.properties)
+        scores = to_storage(result.scores, prepared.properties)
+        truth = read_label(case.label, reader_writer_for(case.label, predictor.reader_writer_class))[0]
+        held = [c for c in classes if (truth == c).any()]
+        for t, floor in floors.items():
+            decided = np.where(scores > floor, values, 0)
+            dice[t].append(float(np.mean([2 * np.sum((decided == c) & (truth == c))
+                                          / (np.sum(decided == c) + np.sum(truth == c)) for c in held])))
+    mean = {t: float(np.mean(d)) for t, d in dice.items()}
+    best = max(thresholds, key=lambda t: (round(mean[t], 4), t))
+    return best, mean
