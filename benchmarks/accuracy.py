@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from iris_nnu.errors import IrisInputError, cli_entry  # noqa: E402
 from iris_nnu.files import write_json_atomic  # noqa: E402
 from iris_nnu.inference import IrisPredictor, parse_reference  # noqa: E402
+from iris_nnu.inference.evaluate import dice_per_class  # noqa: E402
 from iris_nnu.inference.images import write_segmentation  # noqa: E402
 from iris_nnu.inference.names import dataset_json_names  # noqa: E402
 from iris_nnu.inference.plans import MODALITIES  # noqa: E402
@@ -170,20 +171,6 @@ def majority_vote(labels: list[np.ndarray]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-def dice_per_class(gt: np.ndarray, pred: np.ndarray, classes: list[int]) -> dict[int, float]:
-    """Dice = 2TP / (2TP + FP + FN) per class (NaN if absent from both): nnU-Net's compute_tp_fp_fn_tn counts, from
-    one confusion matrix (85 classes on a 256x256x160 brain: one pass instead of 85)."""
-    if gt.shape != pred.shape:
-        raise RuntimeError(f"prediction shape {pred.shape} differs from ground truth {gt.shape}")
-    n = int(max(gt.max(), pred.max(), max(classes))) + 1
-    confusion = np.bincount(gt.astype(np.int64).ravel() * n + pred.astype(np.int64).ravel(), minlength=n * n)
-    confusion = confusion.reshape(n, n)
-    tp = np.diag(confusion)
-    fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
-    return {c: float(2 * tp[c] / (2 * tp[c] + fp[c] + fn[c])) if tp[c] + fp[c] + fn[c] else float("nan")
-            for c in classes}
-
-
 def nanmean(values: list[float]) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # mean of nothing: NaN

@@ -31,6 +31,20 @@ from iris_nnu.inference.names import dataset_json_names, read_label_names
 PROGRAM = "iris_evaluate"
 
 
+def dice_per_class(gt: np.ndarray, pred: np.ndarray, classes: list[int]) -> dict[int, float]:
+    """Dice = 2TP / (2TP + FP + FN) per class (NaN if absent from both): nnU-Net's compute_tp_fp_fn_tn counts, from
+    one confusion matrix (85 classes on a 256x256x160 brain: one pass instead of 85)."""
+    if gt.shape != pred.shape:
+        raise RuntimeError(f"prediction shape {pred.shape} differs from ground truth {gt.shape}")
+    n = int(max(gt.max(), pred.max(), max(classes))) + 1
+    confusion = np.bincount(gt.astype(np.int64).ravel() * n + pred.astype(np.int64).ravel(), minlength=n * n)
+    confusion = confusion.reshape(n, n)
+    tp = np.diag(confusion)
+    fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
+    return {c: float(2 * tp[c] / (2 * tp[c] + fp[c] + fn[c])) if tp[c] + fp[c] + fn[c] else float("nan")
+            for c in classes}
+
+
 def list_cases(folder: str, what: str) -> dict[str, str]:
     """{case: file} of the images in a folder (any supported ending)."""
     if not os.path.isdir(folder):

@@ -167,6 +167,7 @@ def check_arguments(args: argparse.Namespace) -> None:
             threshold = -1.0
         if not 0 < threshold < 1:
             raise IrisInputError(f"--threshold {args.threshold}: give a probability between 0 and 1, or auto")
+        args.threshold = threshold
     elif not args.r:
         raise IrisInputError("--threshold auto segments the references themselves: give them with -r (a task file "
                              "holds no images)")
@@ -329,7 +330,7 @@ def run_prediction(args: argparse.Namespace) -> int:
                               classes_per_pass=args.classes_per_pass,
                               largest_component=args.postprocess == "largest_component",
                               position_prior=not args.no_position_prior,
-                              decision_threshold=0.5 if args.threshold == "auto" else float(args.threshold))
+                              decision_threshold=0.5 if args.threshold == "auto" else args.threshold)
     predictor.initialize_from_model_folder(args.m, resolve_folds(args.f, args.m), args.chk)
     if predictor.num_folds > 1 and args.save_task:  # --task: load_task says the same
         raise IrisInputError(f"--save_task {args.save_task}: a task file holds one fold's embedding; a fold ensemble "

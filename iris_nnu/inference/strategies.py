@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from iris_nnu.inference.evaluate import dice_per_class
 from iris_nnu.inference.export import indices_to_values
 from iris_nnu.inference.images import read_label, reader_writer_for
 from iris_nnu.inference.references import Crop, ReferenceCase
@@ -123,9 +124,8 @@ def calibrated_threshold(predictor: IrisPredictor, references: Sequence[Referenc
         truth = read_label(case.label, reader_writer_for(case.label, predictor.reader_writer_class))[0]
         held = [c for c in classes if (truth == c).any()]
         for t, floor in floors.items():
-            decided = np.where(scores > floor, values, 0)
-            dice[t].append(float(np.mean([2 * np.sum((decided == c) & (truth == c))
-                                          / (np.sum(decided == c) + np.sum(truth == c)) for c in held])))
+            per_class = dice_per_class(truth, np.where(scores > floor, values, 0), held)
+            dice[t].append(float(np.mean(list(per_class.values()))))
     mean = {t: float(np.mean(d)) for t, d in dice.items()}
     best = max(thresholds, key=lambda t: (round(mean[t], 4), t))
     return best, mean

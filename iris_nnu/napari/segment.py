@@ -25,6 +25,7 @@ from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from iris_nnu.device import resolve_device
 from iris_nnu.errors import IrisInputError, brief
 from iris_nnu.files import write_atomic
+from iris_nnu.inference.export import label_dtype
 from iris_nnu.inference.images import (
     MAX_LABEL_VALUE,
     NIFTI_FORMS_KEY,
@@ -252,14 +253,8 @@ def reference_names(references: Sequence[tuple[Volume, Volume]]) -> dict[int, st
     return names
 
 
-def first_task(task: Any) -> Any:
-    """The TaskEmbedding of a task, the first fold's of a fold ensemble's list."""
-    return task[0] if isinstance(task, (list, tuple)) else task
-
-
-def smallest_labels(segmentation: np.ndarray) -> np.ndarray:
-    dtype = next(t for t in (np.uint8, np.uint16, np.uint32) if segmentation.max(initial=0) <= np.iinfo(t).max)
-    return segmentation.astype(dtype, copy=False)
+def _as_label_dtype(segmentation: np.ndarray) -> np.ndarray:
+    return segmentation.astype(label_dtype(int(segmentation.max(initial=0))), copy=False)
 
 
 def segment(settings: Settings, references: Sequence[tuple[Volume, Volume]], queries: Sequence[Volume],
@@ -300,7 +295,7 @@ def segment(settings: Settings, references: Sequence[tuple[Volume, Volume]], que
             pool, names = encoded.pool, reference_names(references)
             description = f"{len(cases)} reference(s): {', '.join(labels.name for _, labels in references)}"
         task, _ = predictor.task_for_strategy(pool, settings.strategy, encoded)
-        classes = [int(c) for c in first_task(task).classes]
+        classes = [int(c) for c in predictor.per_fold(task)[0].classes]
         yield TaskEncoded(pool, names, classes, description)
         segmented = 0
         for i, query in enumerate(queries):
@@ -311,10 +306,10 @@ def segment(settings: Settings, references: Sequence[tuple[Volume, Volume]], que
                 log.debug("query %s failed", query.name, exc_info=True)
                 yield Note(f"query {query.name}: {one_line(e)}", "error")
                 continue
-            for warning in getattr(result, "warnings", None) or []:
+            for warning in result.warnings:
                 yield Note(f"query {query.name}: {warning}", "warning")
             segmented += 1
-            yield Segmented(query.name, smallest_labels(result.segmentation), classes, names)
+            yield Segmented(query.name, _as_label_dtype(result.segmentation), classes, names)
         yield Progress(total, total, f"done: {segmented} of {len(queries)} queries segmented (classes "
                                      f"{' '.join(map(str, classes))})" if queries else
                        f"done: task encoded (classes {' '.join(map(str, classes))}); Save task writes it")
@@ -373,7 +368,7 @@ def save_segmentation(labels: Any, path: str, protected: set[str] = frozenset())
         forms = nifti_forms(source)
         if forms is not None and path.lower().endswith((".nii", ".nii.gz")):
             properties[NIFTI_FORMS_KEY] = forms
-    write_segmentation(smallest_labels(volume.data), path, properties, SimpleITKIO())
+    write_segmentation(_as_label_dtype(volume.data), path, properties, SimpleITKIO())
     return path
 
 
