@@ -46,6 +46,7 @@ from iris_nnu.inference import IrisPredictor, parse_reference  # noqa: E402
 from iris_nnu.inference.evaluate import dice_per_class  # noqa: E402
 from iris_nnu.inference.images import write_segmentation  # noqa: E402
 from iris_nnu.inference.names import dataset_json_names  # noqa: E402
+from iris_nnu.inference.predictor import DEFAULT_PRIOR_ALIGNMENT  # noqa: E402
 from iris_nnu.inference.plans import MODALITIES  # noqa: E402
 from iris_nnu.inference.strategies import DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, calibrated_threshold  # noqa: E402
 from iris_nnu.io.model_folder import (  # noqa: E402
@@ -225,21 +226,27 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
     cases = [case for r in refs for case in parse_reference(f"{image_file(folder, r)}:{label_file(folder, r)}", 1)]
     methods: dict[str, dict] = {}
     # method name -> (--methods option, strategy, references, classes per pass, largest component only,
-    # position prior, mirrored TTA)
-    iris = {"iris oneshot": ("oneshot", "oneshot", 1, None, False, True, False),
-            "iris oneshot 1/pass": ("oneshot-1-per-pass", "oneshot", 1, 1, False, True, False),
-            "iris oneshot 8/pass": ("oneshot-8-per-pass", "oneshot", 1, 8, False, True, False),
-            "iris oneshot largest component": ("oneshot-largest-component", "oneshot", 1, None, True, True, False),
-            "iris oneshot no position prior": ("oneshot-no-position", "oneshot", 1, None, False, False, False),
-            "iris oneshot mirrored TTA": ("oneshot-tta", "oneshot", 1, None, False, True, True),
-            "iris oneshot calibrated": ("oneshot-calibrated", "oneshot", 1, None, False, True, False),
-            f"iris ensemble-{n}": ("ensemble", "ensemble", n, None, False, True, False),
-            f"iris retrieval-{n}": ("retrieval", "retrieval", n, None, False, True, False),
-            "iris tune": ("tune", "tune", 1, None, False, True, False)}
-    for name, (option, strategy, k, per_pass, largest_component, position, tta) in iris.items():
+    # position prior, mirrored TTA, prior alignment)
+    default = DEFAULT_PRIOR_ALIGNMENT
+    iris = {"iris oneshot": ("oneshot", "oneshot", 1, None, False, True, False, default),
+            "iris oneshot frames prior": ("oneshot-frames", "oneshot", 1, None, False, True, False, "frames"),
+            "iris oneshot affine prior": ("oneshot-affine", "oneshot", 1, None, False, True, False, "affine"),
+            "iris oneshot 1/pass": ("oneshot-1-per-pass", "oneshot", 1, 1, False, True, False, default),
+            "iris oneshot 8/pass": ("oneshot-8-per-pass", "oneshot", 1, 8, False, True, False, default),
+            "iris oneshot largest component": ("oneshot-largest-component", "oneshot", 1, None, True, True, False,
+                                               default),
+            "iris oneshot no position prior": ("oneshot-no-position", "oneshot", 1, None, False, False, False, default),
+            "iris oneshot mirrored TTA": ("oneshot-tta", "oneshot", 1, None, False, True, True, default),
+            "iris oneshot calibrated": ("oneshot-calibrated", "oneshot", 1, None, False, True, False, default),
+            f"iris ensemble-{n}": ("ensemble", "ensemble", n, None, False, True, False, default),
+            f"iris ensemble-{n} frames prior": ("ensemble-frames", "ensemble", n, None, False, True, False, "frames"),
+            f"iris retrieval-{n}": ("retrieval", "retrieval", n, None, False, True, False, default),
+            "iris tune": ("tune", "tune", 1, None, False, True, False, default)}
+    for name, (option, strategy, k, per_pass, largest_component, position, tta, alignment) in iris.items():
         if option in args.methods:
             start = time.perf_counter()  # mirrors iris_predict: encode, task for the strategy, pool for retrieval
             predictor.use_mirroring = tta
+            predictor.prior_alignment = alignment
             encoded = predictor.encode_references(cases[:k])
             task, losses = predictor.task_for_strategy(encoded.pool, strategy, encoded, args.tune_steps, args.tune_lr)
             threshold, calibration = 0.5, None
@@ -248,7 +255,8 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             methods[name] = {"encode_s": time.perf_counter() - start, "tune_losses": losses, "lost": encoded.lost,
                              "threshold": threshold, "reference_dice_by_threshold": calibration,
                              "classes_per_pass": per_pass, "largest_component": largest_component,
-                             "position_prior": position, "tta": tta,
+                             "position_prior": position, "tta": tta, "prior_alignment": alignment,
+                             "anchors": encoded.anchors,
                              "task": task, "pool": encoded.pool if strategy == "retrieval" else None, "per_query": {}}
             print(f"[{folder.name}] {name}: task encoded in {methods[name]['encode_s']:.1f} s", file=sys.stderr)
     for option, name in (("registration", "registration"), ("ants-syn", "ants syn"),
@@ -277,6 +285,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                     predictor.position_prior = m["position_prior"]
                     predictor.use_mirroring = m["tta"]
                     predictor.decision_threshold = m["threshold"]
+                    predictor.prior_alignment, predictor.alignment_anchors = m["prior_alignment"], m["anchors"]
                     result = predictor.predict_case([image_file(folder, case)], m["task"], m["pool"], 1)
                     write_segmentation(result.segmentation, os.path.join(tmp, f"{case}.nii.gz"), result.properties,
                                        result.reader_writer)
@@ -301,7 +310,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                       f"{nanmean(list(dice.values())):.3f}, {seconds:.1f} s", file=sys.stderr)
     subcortical = [c for c in classes if any(s in names[c] for s in SUBCORTICAL)]
     for m in methods.values():
-        for key in ("task", "pool"):
+        for key in ("task", "pool", "anchors"):
             m.pop(key, None)
         per_class = {c: nanmean([q["dice"][c] for q in m["per_query"].values()]) for c in classes}
         m.update(dice_per_class=per_class, mean_dice=nanmean(list(per_class.values())),
@@ -367,10 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_references", type=int, default=5, help="references of the ensemble, retrieval, multi-atlas")
     p.add_argument("--methods", nargs="+", default=["oneshot", "ensemble", "retrieval", "tune", "registration",
                                                     "multi-atlas"],
-                   choices=["oneshot", "oneshot-1-per-pass", "oneshot-8-per-pass", "oneshot-largest-component",
-                            "oneshot-no-position", "oneshot-tta", "oneshot-calibrated", "ensemble", "retrieval", "tune", "registration", "ants-syn",
+                   choices=["oneshot", "oneshot-frames", "oneshot-affine", "oneshot-1-per-pass", "oneshot-8-per-pass", "oneshot-largest-component",
+                            "oneshot-no-position", "oneshot-tta", "oneshot-calibrated", "ensemble", "ensemble-frames", "retrieval", "tune", "registration", "ants-syn",
                             "multi-atlas", "box-alignment"],
-                   help="oneshot-N-per-pass: oneshot decoding N classes per pass (1: the joint-decoding check; 8: "
+                   help="oneshot-frames / oneshot-affine: oneshot with the position prior read through the scans' "
+                        "frames / an affine registration to the reference (iris_predict --prior_alignment; oneshot "
+                        "uses its default), ensemble-frames likewise; oneshot-N-per-pass: oneshot decoding N classes per pass (1: the joint-decoding check; 8: "
                         "as many as a training episode holds); oneshot-largest-component: oneshot keeping each "
                         "class's largest connected component (iris_predict --postprocess largest_component); "
                         "oneshot-no-position: oneshot without the position prior (iris_predict "

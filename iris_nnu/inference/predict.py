@@ -19,7 +19,8 @@ from iris_nnu.inference.images import Query, find_queries
 from iris_nnu.inference.names import dataset_json_names, read_label_names
 from iris_nnu.inference.outputs import OUTPUT_TYPES, query_output_files, resolve_output_types, write_query_outputs
 from iris_nnu.inference.plans import MODALITIES, trained_on_ct_only
-from iris_nnu.inference.predictor import IrisPredictor
+from iris_nnu.inference.alignment import PRIOR_ALIGNMENTS
+from iris_nnu.inference.predictor import DEFAULT_PRIOR_ALIGNMENT, IrisPredictor
 from iris_nnu.inference.references import ReferenceCase, parse_reference
 from iris_nnu.inference.runner import failure_line
 from iris_nnu.inference.segmenter import MIN_STEP_SIZE
@@ -147,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="segment from the image alone, ignoring where in their scans the references hold each class "
                         "(use it when queries and references cover different extents: crops of other regions, CT of "
                         "another field of view; models trained with the prior lose accuracy without it)")
+    p.add_argument("--prior_alignment", choices=PRIOR_ALIGNMENTS, default=DEFAULT_PRIOR_ALIGNMENT,
+                   help="how each query meets the references' position priors: affine = the query registered to the "
+                        "first -r reference (SimpleITK, affine, mutual information, about a second per query), starting "
+                        "from and never worse-fitting than the frames' match; frames = the two scans' body frames "
+                        "(centre, principal axes, spread) put onto each other. A --task file holds no reference image, "
+                        "so it always uses frames (measured: affine is better on every member; see the README's "
+                        "Results) (default: %(default)s)")
     p.add_argument("--postprocess", choices=("none", "largest_component"), default="none",
                    help="largest_component: keep only each class's largest connected component in the written "
                         "segmentation (the authors' later code does; --save_probabilities maps stay as predicted)")
@@ -329,7 +337,7 @@ def run_prediction(args: argparse.Namespace) -> int:
                               device=device, modality=args.modality,
                               classes_per_pass=args.classes_per_pass,
                               largest_component=args.postprocess == "largest_component",
-                              position_prior=not args.no_position_prior,
+                              position_prior=not args.no_position_prior, prior_alignment=args.prior_alignment,
                               decision_threshold=0.5 if args.threshold == "auto" else args.threshold)
     predictor.initialize_from_model_folder(args.m, resolve_folds(args.f, args.m), args.chk)
     if predictor.num_folds > 1 and args.save_task:  # --task: load_task says the same
@@ -362,6 +370,9 @@ def run_prediction(args: argparse.Namespace) -> int:
               f"{' '.join(map(str, references.classes))}")
     else:
         pool = predictor.load_task(args.task, args.classes)
+        if args.prior_alignment == "affine" and predictor.position_prior and predictor.position_grid:
+            print(f"{PROGRAM}: the position prior is read through the scans' frames: a task file holds no reference "
+                  f"image to register the queries to (give -r for --prior_alignment affine)")
         if predictor.mirror_flips and not pool.mirrored:
             raise IrisInputError(f"{args.task}: the task file holds no mirrored embeddings for --tta; encode it with "
                                  f"-r ... --tta --save_task, or segment without --tta")

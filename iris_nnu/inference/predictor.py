@@ -30,6 +30,7 @@ import torch
 from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
 
 from iris_nnu.errors import IrisInputError, brief
+from iris_nnu.inference.alignment import PRIOR_ALIGNMENTS, AlignmentAnchor, aligned_frame
 from iris_nnu.inference.export import (
     Winner,
     indices_to_values,
@@ -78,6 +79,8 @@ from iris_nnu.preprocessing.planner import CONFIGURATION, run_spacing
 # Class maps of one pass (fp16, preprocessed space) and export chunks stay under this; beyond it classes go in
 # several passes. A pass decodes all its classes in ONE forward per window.
 DEFAULT_MAP_MEMORY_GB = 1.0
+# How a query meets its references' position priors by default (inference/alignment.py; measured in README Results)
+DEFAULT_PRIOR_ALIGNMENT = "affine"
 
 
 # A task of a run: one TaskEmbedding, or for a fold ensemble one per fold network (in the predictor's fold order)
@@ -92,6 +95,7 @@ class EncodedReferences:
     names: list[str]
     crops: list[list[Crop]]  # per reference; labels index the pools' classes (i = classes[i - 1])
     lost: dict[str, list[int]] = field(default_factory=dict)  # reference -> values lost by resampling
+    anchors: list[AlignmentAnchor] = field(default_factory=list)  # per reference, for prior_alignment "affine"
 
     @property
     def pool(self) -> Tasks:
@@ -205,6 +209,9 @@ class IrisPredictor:
             (strategies.calibrated_threshold picks one from the references).
         position_prior: False segments from the image alone, ignoring where the references hold each class
             (model/position.py).
+        prior_alignment: how a query is matched to its references' position priors: "affine" registers it to the
+            first reference encoded by `encode_references` (inference/alignment.py), "frames" puts the two bodies'
+            frames onto each other (also what a task file, which holds no image, gets).
         verbose: unused (nnU-Net's argument, kept for its argument order).
         allow_tqdm: progress bars over the queries of predict_from_files.
     """
@@ -213,7 +220,7 @@ class IrisPredictor:
                  device: torch.device | str = "cpu", modality: str = "other", classes_per_pass: int | None = None,
                  map_memory_gb: float = DEFAULT_MAP_MEMORY_GB, largest_component: bool = False,
                  position_prior: bool = True, verbose: bool = False, allow_tqdm: bool = False,
-                 decision_threshold: float = 0.5):
+                 decision_threshold: float = 0.5, prior_alignment: str = DEFAULT_PRIOR_ALIGNMENT):
         if not MIN_STEP_SIZE <= tile_step_size <= 1:
             raise ValueError(f"step size must be in [{MIN_STEP_SIZE}, 1], got {tile_step_size}")
         if classes_per_pass is not None and classes_per_pass < 1:
@@ -228,6 +235,11 @@ class IrisPredictor:
             raise ValueError(f"decision_threshold must be in (0, 1), got {decision_threshold}")
         self.decision_threshold = decision_threshold
         self.position_prior = position_prior
+        if prior_alignment not in PRIOR_ALIGNMENTS:
+            raise ValueError(f"prior_alignment must be one of {PRIOR_ALIGNMENTS}, got {prior_alignment!r}")
+        self.prior_alignment = prior_alignment
+        # the references queries are registered to (encode_references sets them; a loaded task has none)
+        self.alignment_anchors: list[AlignmentAnchor] = []
         self.verbose = verbose
         self.allow_tqdm = allow_tqdm
         self.map_memory_bytes = map_memory_gb * 1024**3
@@ -381,8 +393,9 @@ class IrisPredictor:
                      [self.encode_crops(c, run_classes, pos, fold=i) for c, pos in zip(crops, positions)]),
                      spacing=self.spacing, orientation=self.orientation, extent=extent)
                  for i in range(self.num_folds)]
+        self.alignment_anchors = [p.anchor for p in used if p.anchor is not None]
         return EncodedReferences(pools, [p.case.name for p in used], crops,
-                                 {p.case.label: p.lost for p in prepared if p.lost})
+                                 {p.case.label: p.lost for p in prepared if p.lost}, self.alignment_anchors)
 
     def load_task(self, path: str, classes: Sequence[int] | None = None) -> TaskEmbedding:
         """A task file written by save_task / --save_task, checked to come from this model."""
@@ -391,6 +404,7 @@ class IrisPredictor:
                                  f"{' '.join(self.folds)}) encodes the references with each fold: give them with -r")
         if not os.path.isfile(path):
             raise IrisInputError(f"{path}: task file not found")
+        self.alignment_anchors = []  # a task file holds no reference image: its priors are read through the frames
         try:
             task = TaskEmbedding.load(path, model=self.network)
         except TaskMismatchError as e:
@@ -496,11 +510,12 @@ class IrisPredictor:
 
     # ------------------------------------------------------------------------------------ queries
     def retrieve(self, data: np.ndarray, properties: dict, task: Tasks, pool: Tasks,
-                 top_k: int = 1) -> tuple[Tasks, dict[int, list[int]]]:
+                 top_k: int = 1, frame: ScanFrame | None = None) -> tuple[Tasks, dict[int, list[int]]]:
         """Segment with `task`, encode the query's predicted structures, pick per class the closest references
-        (a fold ensemble: each fold picks with its own embeddings; the picks returned are any fold's)."""
-        labels = self.segment_preprocessed(data, properties, task, export=False,
-                                           preprocessed_labels=True).preprocessed_labels
+        (a fold ensemble: each fold picks with its own embeddings; the picks returned are any fold's). `frame`: as
+        segment_preprocessed's."""
+        labels = self.segment_preprocessed(data, properties, task, export=False, preprocessed_labels=True,
+                                           frame=frame).preprocessed_labels
         present = [int(i) for i in np.unique(labels) if i != 0]
         if not present:
             return task, {}
@@ -515,6 +530,13 @@ class IrisPredictor:
                 picks.setdefault(value, set()).update(references)
             return chosen
         return self.for_folds(select), {value: sorted(references) for value, references in picks.items()}
+
+    def query_frame(self, data: np.ndarray, frame: ScanFrame) -> ScanFrame:
+        """The frame a preprocessed query (C, X, Y, Z) whose body frame is `frame` reads its task's position priors
+        through: registered to the first reference (prior_alignment "affine", references encoded here), else its own."""
+        if self.prior_alignment != "affine" or not self.alignment_anchors:
+            return frame
+        return aligned_frame(data, frame, self.alignment_anchors[0])
 
     @property
     def query_preparation(self) -> QueryPreparation:
@@ -540,10 +562,11 @@ class IrisPredictor:
                          retrieval_top_k: int = 1, save_probabilities: bool = False) -> CaseResult:
         """Segment a query preprocessed by QueryPreparation; with `pool`, by retrieval from it."""
         data, properties = query.data, query.properties
+        frame = self.query_frame(data, scan_frame(properties)) if self.position_grid and self.position_prior else None
         retrieved = None
         if pool is not None:
-            task, retrieved = self.retrieve(data, properties, task, pool, retrieval_top_k)
-        result = self.segment_preprocessed(data, properties, task, probabilities=save_probabilities)
+            task, retrieved = self.retrieve(data, properties, task, pool, retrieval_top_k, frame)
+        result = self.segment_preprocessed(data, properties, task, probabilities=save_probabilities, frame=frame)
         classes = list(self.per_fold(task)[0].classes)
         warnings = query.warnings + field_of_view_warnings(self.per_fold(task)[0], properties)
         segmentation = indices_to_values(result.labels, classes)

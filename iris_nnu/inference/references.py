@@ -19,6 +19,7 @@ from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
 from scipy.ndimage import find_objects
 
 from iris_nnu.errors import IrisInputError
+from iris_nnu.inference.alignment import AlignmentAnchor, alignment_anchor
 from iris_nnu.inference.images import (
     CHANNEL_SUFFIX,
     SUPPORTED_ENDINGS,
@@ -65,6 +66,7 @@ class PreparedReference:
     lost: list[int] = field(default_factory=list)  # label values too small to survive resampling
     held: list[int] = field(default_factory=list)  # every non-zero value of the label, selected or not
     positions: torch.Tensor | None = None  # (len(values), G, G, G) where each class lies in the scan (position grid)
+    anchor: AlignmentAnchor | None = None  # the scan, coarse, for registering queries to it (inference/alignment.py)
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -197,8 +199,11 @@ def prepare_reference(case: ReferenceCase, preprocessing: RunPreprocessing, plan
     indices = np.where(sorted_values[position] == label, position + 1, 0).astype(np.int16)
     del label, position
     data, seg, _ = preprocessing(data, indices, properties)
-    return reference_from_preprocessed(case, data, seg, values, held, scan_frame(properties),
-                                       patch, position_grid)
+    frame = scan_frame(properties)
+    prepared = reference_from_preprocessed(case, data, seg, values, held, frame, patch, position_grid)
+    if position_grid:
+        prepared.anchor = alignment_anchor(data, frame, preprocessing.configuration_manager.spacing)
+    return prepared
 
 
 def reference_from_preprocessed(case: ReferenceCase, data: np.ndarray, seg: np.ndarray, values: list[int],

@@ -19,6 +19,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from tqdm import tqdm
 
 from iris_nnu.files import write_json_atomic
+from iris_nnu.inference.alignment import alignment_anchor
 from iris_nnu.inference.export import indices_to_values
 from iris_nnu.inference.predictor import CaseResult, IrisPredictor
 from iris_nnu.preprocessing.frames import body_frame
@@ -56,7 +57,8 @@ def one_shot_validation(trainer, folder_name: str = "validation", max_cases: int
                              disable=trainer.local_rank != 0):
                 data, seg, _, properties = dataset.load_case(case)
                 segmented = predictor.segment_preprocessed(np.asarray(data), properties, task,
-                                                           probabilities=save_probabilities, frame=body_frame(seg))
+                                                           probabilities=save_probabilities,
+                                                           frame=predictor.query_frame(np.asarray(data), body_frame(seg)))
                 # in the case's own voxel order and header, as its ground truth (preprocessing may reorient)
                 result = CaseResult(to_storage(indices_to_values(segmented.labels, task.classes), properties),
                                     stored_properties(properties), reader_writer, list(task.classes),
@@ -90,7 +92,7 @@ def reference_following(trainer, max_cases: int | None = None, max_classes: int 
                                          np.zeros(len(classes)))
             for case in cases:
                 data, seg, _, properties = dataset.load_case(case)
-                frame = body_frame(seg)  # once per case, not per class asked
+                frame = predictor.query_frame(np.asarray(data), body_frame(seg))  # once per case, not per class asked
                 seg = np.asarray(seg)[0]
                 masks = [seg == c for c in classes]
                 truth += [m.sum() for m in masks]
@@ -148,8 +150,12 @@ def _member_tasks(trainer, predictor: IrisPredictor, max_cases: int | None):
             indices[seg[0] == label] = i
         gt = os.path.join(os.path.dirname(member.preprocessed_folder), "gt_segmentations", reference)
         # the same preparation as inference's references (a reference may lack some of the member's classes)
+        frame = body_frame(seg)
         prepared = reference_from_preprocessed(ReferenceCase(reference, [], gt), np.asarray(data), indices, labels,
-                                               labels, body_frame(seg), predictor.patch_size, predictor.position_grid)
+                                               labels, frame, predictor.patch_size, predictor.position_grid)
         predictor.use_spacing(member_spacing(trainer.plans_manager.plans, member.name))
+        # queries meet the prior as iris_predict's do: registered to the reference (prior_alignment)
+        predictor.alignment_anchors = [alignment_anchor(np.asarray(data), frame,
+                                                        predictor.configuration_manager.spacing)]
         task = predictor.encode_crops(prepared.crops, prepared.values, prepared.positions)
         yield member, dataset, task, sorted(val_cases[member.name])[:max_cases]

@@ -1,0 +1,127 @@
+"""The position prior read through an affine registration of query to reference (inference/alignment.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy.ndimage import gaussian_filter
+
+from iris_nnu.inference import IrisPredictor, parse_reference
+from iris_nnu.inference.alignment import (
+    aligned_frame,
+    alignment_anchor,
+    frames_transform,
+    transform_frame,
+)
+from iris_nnu.inference.evaluate import dice_per_class
+from iris_nnu.inference.predict import main as predict_main
+from iris_nnu.model.position import ScanFrame
+
+DEMO = Path(__file__).resolve().parents[1] / "iris_nnu" / "demo_data" / "Dataset001_Hippocampus"
+REFERENCE = f"{DEMO}/imagesTr/hippocampus_004_0000.nii.gz:{DEMO}/labelsTr/hippocampus_004.nii.gz"
+QUERIES = ("026", "040", "041")
+
+
+def test_frames_transform_and_transform_frame_are_inverse():
+    """The frames' match as a transform, read back as a frame, is the query's own frame (anisotropic spacing)."""
+    rotation = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]
+    query = ScanFrame.from_dict({"centre": [10, 20, 30], "axes": np.diag([0.1, 0.2, 0.3]) @ rotation})
+    reference = ScanFrame.from_dict({"centre": [15, 22, 28], "axes": np.diag([0.12, 0.25, 0.2])})
+    frame = transform_frame(frames_transform(query, reference, (1.5, 1.5, 2.0)), reference, (1.5, 1.5, 2.0))
+    np.testing.assert_allclose(frame.centre, query.centre, atol=1e-9)
+    np.testing.assert_allclose(frame.axes, query.axes, atol=1e-12)
+
+
+def _textured_body(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    texture = gaussian_filter(np.random.default_rng(seed).normal(size=shape), 3)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    body = (grid**2).sum(0) < 0.8
+    return np.where(body, 1 + texture / texture.std(), 0).astype(np.float32)
+
+
+def test_registration_finds_the_voxel_the_frames_miss():
+    """A query showing the reference's body moved by (4, -3, 2) voxels with an extra slab of tissue (another field
+    of view): its body frame is pulled off, the registration puts each voxel where it belongs in the reference."""
+    reference = _textured_body((48, 48, 40), seed=1)
+    query = np.zeros((60, 48, 40), np.float32)
+    query[4:52, :, :] = np.roll(reference, (-3, 2), axis=(1, 2))
+    query[52:, 8:40, 8:32] = 1.0  # tissue the reference's field of view lacks
+    frames = (ScanFrame.of(query > 0), ScanFrame.of(reference > 0))
+    anchor = alignment_anchor(reference[None], frames[1], (2.0, 2.0, 2.0))
+    aligned = aligned_frame(query[None], frames[0], anchor)
+    points = torch.tensor([[20.0, 20.0, 20.0], [30.0, 25.0, 15.0], [14.0, 30.0, 24.0]])
+    truth = frames[1].grid_coordinates(points)
+    in_query = points + torch.tensor([4.0, -3.0, 2.0])
+    error_frames = (frames[0].grid_coordinates(in_query) - truth).norm(dim=1).max().item()
+    error_aligned = (aligned.grid_coordinates(in_query) - truth).norm(dim=1).max().item()
+    assert error_aligned < error_frames / 3, (error_aligned, error_frames)
+
+
+def _one_shot_dice(predictor: IrisPredictor, task, queries: dict[str, tuple[str, sitk.Image]]) -> dict[str, float]:
+    out = {}
+    for name, (image_file, label) in queries.items():
+        result = predictor.predict_case([image_file], task)
+        dice = dice_per_class(sitk.GetArrayFromImage(label), result.segmentation, [1, 2])
+        out[name] = float(np.nanmean(list(dice.values())))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cut_queries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, sitk.Image]]:
+    """The bundled held-out hippocampi, whole and with their first 10 slices cut off (a field of view that the
+    reference does not share, which moves the body frame)."""
+    folder = tmp_path_factory.mktemp("queries")
+    queries = {}
+    for case in QUERIES:
+        image = sitk.ReadImage(f"{DEMO}/imagesTr/hippocampus_{case}_0000.nii.gz")
+        label = sitk.ReadImage(f"{DEMO}/labelsTr/hippocampus_{case}.nii.gz")
+        for cut in (0, 10):
+            name = f"hippocampus_{case}_cut{cut}"
+            sitk.WriteImage(image[:, :, cut:], str(folder / f"{name}_0000.nii.gz"))
+            queries[name] = (str(folder / f"{name}_0000.nii.gz"), label[:, :, cut:])
+    return queries
+
+
+def test_affine_prior_recovers_queries_of_another_field_of_view(cut_queries):
+    """The bundled model, one-shot from one reference: on queries cut short the affine prior segments far better than
+    the frames' (measured 0.45 -> 0.62 mean Dice), and no worse on the whole queries."""
+    dice = {}
+    for alignment in ("frames", "affine"):
+        predictor = IrisPredictor(prior_alignment=alignment)
+        predictor.initialize_from_model_folder(None)
+        encoded = predictor.encode_references(parse_reference(REFERENCE, 1))
+        assert len(encoded.anchors) == 1
+        task, _ = predictor.task_for_strategy(encoded.pool, "oneshot")
+        dice[alignment] = _one_shot_dice(predictor, task, cut_queries)
+    cut = {a: np.mean([v for k, v in d.items() if k.endswith("cut10")]) for a, d in dice.items()}
+    whole = {a: np.mean([v for k, v in d.items() if k.endswith("cut0")]) for a, d in dice.items()}
+    assert cut["affine"] > cut["frames"] + 0.08, dice
+    assert whole["affine"] > whole["frames"] - 0.02, dice
+    assert whole["affine"] > 0.8, dice
+
+
+def test_a_task_file_reads_the_prior_through_the_frames(tmp_path: Path, cut_queries, capsys):
+    """A task file holds no reference image: --task segments as -r with --prior_alignment frames (said in one line),
+    and -r with the default affine alignment segments the cut query differently."""
+    name = "hippocampus_026_cut10"
+    query = tmp_path / "in"
+    query.mkdir()
+    (query / f"{name}_0000.nii.gz").symlink_to(cut_queries[name][0])
+    task = tmp_path / "task.pt"
+    assert predict_main(["-i", str(query), "-o", str(tmp_path / "frames"), "-r", REFERENCE,
+                         "--prior_alignment", "frames", "--save_task", str(task)]) == 0
+    assert predict_main(["-i", str(query), "-o", str(tmp_path / "affine"), "-r", REFERENCE]) == 0
+    capsys.readouterr()
+    assert predict_main(["-i", str(query), "-o", str(tmp_path / "task"), "--task", str(task)]) == 0
+    assert "read through the scans' frames" in capsys.readouterr().out
+
+    def labels(folder: str) -> np.ndarray:
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / folder / f"{name}.nii.gz")))
+    np.testing.assert_array_equal(labels("task"), labels("frames"))
+    truth = sitk.GetArrayFromImage(cut_queries[name][1])
+    affine, frames = (float(np.nanmean(list(dice_per_class(truth, labels(f), [1, 2]).values())))
+                      for f in ("affine", "frames"))
+    assert affine > frames + 0.05, (affine, frames)
