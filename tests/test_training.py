@@ -16,6 +16,8 @@ from synthetic import make_raw_dataset
 
 from iris_nnu.errors import IrisInputError
 from iris_nnu.preprocessing.collection import load_collection
+from iris_nnu.model.position import position_prior_from_labels
+from iris_nnu.preprocessing.frames import body_frame
 from iris_nnu.preprocessing.plan_and_preprocess import main as plan_main
 from iris_nnu.trainers import episodes
 from iris_nnu.trainers.episodes import EpisodicDataLoader, MemberEpisodes
@@ -274,6 +276,62 @@ def test_member_sampling_weights_from_plans_and_manifest_format(collection_env):
     finally:
         plans_file.write_text(original_plans)
         manifest_file.write_text(original_manifest)
+
+
+def test_prior_alignment_affine_registers_every_case_to_its_member_s_template(collection_env, monkeypatch):
+    """plans' iris.prior_alignment "affine": each case's frame (its crops' coordinates and its classes' priors) is its
+    body frame registered to the member's template, its first training case (the registration itself:
+    test_alignment.py); "frames" leaves every body frame as it is, and an unknown value is refused."""
+    folder = collection_env / "nnUNet_preprocessed" / "Dataset900_SynthCT_SynthMR"
+    plans_file = folder / "IrisPlans.json"
+    original = plans_file.read_text()
+    calls = []
+
+    def registered(data, frame, anchor):  # a frame that differs from the body frame, to see it used
+        calls.append((data.shape, frame, anchor))
+        return dataclasses.replace(frame, centre=tuple(c + 3.0 for c in frame.centre))
+    monkeypatch.setattr(episodes, "aligned_frame", registered)
+    try:
+        for value in ("affine", "sideways"):
+            plans = json.loads(original)
+            plans["iris"]["prior_alignment"] = value
+            plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["position_grid"] = 8
+            plans_file.write_text(json.dumps(plans))
+            if value == "sideways":
+                with pytest.raises(ValueError, match="prior_alignment"):
+                    make_trainer(1, 1)
+                continue
+            trainer = make_trainer(1, 1)
+            trainer.initialize()
+            loader = trainer.get_dataloaders()[0].data_loader
+            assert loader.position_grid == 8
+            for member in loader.members:
+                template = sorted(member.reference_cases)[0]
+                template_data, template_seg = loader._load(member, template)[:2]
+                for case in sorted(member.reference_cases)[:3]:
+                    data, seg = loader._load(member, case)[:2]
+                    frame = loader._frame(member, case, seg)
+                    shape, body, anchor = calls[-1]
+                    assert shape == data.shape and body == body_frame(seg)
+                    assert anchor.frame == body_frame(template_seg)
+                    assert anchor.spacing == member.alignment_spacing == (trainer.collection.plans["iris"][
+                        "members"][member.name]["spacing"][0],) * 3
+                    assert frame.centre == tuple(c + 3.0 for c in body.centre)
+                    priors = loader._priors[(member.name, case)]
+                    assert torch.equal(priors[member.foreground_labels[0]], position_prior_from_labels(
+                        torch.from_numpy(np.asarray(seg[0])), member.foreground_labels[:1], loader.position_grid,
+                        frame)[0])
+        plans_file.write_text(original)
+        trainer = make_trainer(1, 1)
+        trainer.initialize()
+        loader = trainer.get_dataloaders()[0].data_loader
+        calls.clear()
+        member = loader.members[0]
+        seg = loader._load(member, member.reference_cases[0])[1]
+        assert member.alignment_spacing is None and loader._frame(member, member.reference_cases[0], seg) == \
+            body_frame(seg) and not calls
+    finally:
+        plans_file.write_text(original)
 
 
 def test_masked_loss_ignores_absent_classes():

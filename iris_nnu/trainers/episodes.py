@@ -26,6 +26,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from threadpoolctl import threadpool_limits
 
+from iris_nnu.inference.alignment import AlignmentAnchor, aligned_frame, alignment_anchor
 from iris_nnu.preprocessing.frames import body_frame
 from iris_nnu.model.position import ScanFrame, position_prior_from_labels
 from iris_nnu.preprocessing.raw_dataset import foreground_labels
@@ -64,6 +65,9 @@ class MemberEpisodes:
     # this member's shares of self-supervised and augmented episodes; None: the loader's
     self_supervised_p: float | None = None
     augmented_p: float | None = None
+    # the member's preprocessed voxel size (mm) when every case's frame is registered to the member's template case
+    # (plans' iris.prior_alignment "affine"); None: each case keeps its own body frame
+    alignment_spacing: tuple[float, float, float] | None = None
 
     @property
     def foreground_labels(self) -> list[int]:
@@ -119,6 +123,7 @@ class EpisodicDataLoader(DataLoader):
         self.position_grid = position_grid
         self._priors: dict[tuple[str, str], dict[int, torch.Tensor]] = {}  # (member, case) -> {label: (G,G,G)}
         self._frames: dict[tuple[str, str], ScanFrame] = {}  # (member, case) -> where its body lies
+        self._templates: dict[str, AlignmentAnchor] = {}  # member -> its template case (prior_alignment "affine")
         self._body_priors: dict[tuple[str, str], torch.Tensor] = {}  # (member, case) -> (G, G, G)
         self._centroid_cache: dict[tuple[str, str, int], torch.Tensor] = {}  # (member, case, class) -> (3,)
         # nnU-Net's loaders, one per member: their dataset and patch placement (padding, foreground centring)
@@ -343,11 +348,25 @@ class EpisodicDataLoader(DataLoader):
         key = (member.name, case)
         if key not in self._frames:  # once per case
             self._frames[key] = body_frame(seg)
+            if member.alignment_spacing is not None:
+                # the frame that reads the template's grid where an affine registration puts each voxel: any two
+                # cases then meet through two registrations, as a query meets its reference at inference
+                data = np.asarray(self._load(member, case)[0])
+                self._frames[key] = aligned_frame(data, self._frames[key], self._template(member))
             if self.position_grid and member.foreground_labels:
                 self._priors[key] = dict(zip(member.foreground_labels, position_prior_from_labels(
                     torch.from_numpy(np.asarray(seg[0])), member.foreground_labels, self.position_grid,
                     self._frames[key])))
         return self._frames[key]
+
+    def _template(self, member: MemberEpisodes) -> AlignmentAnchor:
+        """The member's template: its first reference case by name, with its own body frame."""
+        if member.name not in self._templates:
+            case = sorted(member.reference_cases)[0]
+            data, seg, _, _ = self._load(member, case)
+            self._templates[member.name] = alignment_anchor(np.asarray(data), body_frame(seg),
+                                                            member.alignment_spacing)
+        return self._templates[member.name]
 
     def _body_prior(self, member: MemberEpisodes, case: str) -> torch.Tensor:
         """(G, G, G) where the scan's body lies in its frame (the prior of whole-body and intensity tasks); once per

@@ -38,9 +38,11 @@ from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from iris_nnu.files import write_atomic
+from iris_nnu.inference.alignment import PRIOR_ALIGNMENTS
 from iris_nnu.io.model_folder import load_checkpoint, load_network_weights, strip_prefixes
 from iris_nnu.model import IrisNetwork, MaskedDiceBCELoss, TaskEmbedding, build_network
 from iris_nnu.preprocessing.collection import Collection, load_collection
+from iris_nnu.preprocessing.planner import member_spacing
 from iris_nnu.trainers.episodes import AUGMENTED_P, SELF_SUPERVISED_P, EpisodicDataLoader, MemberEpisodes
 from iris_nnu.trainers.validation import one_shot_validation
 
@@ -100,6 +102,13 @@ class IrisTrainer(nnUNetTrainer):
         self.self_supervised_p = float(mix.get("self_supervised", SELF_SUPERVISED_P))
         self.augmented_p = float(mix.get("augmented", AUGMENTED_P))
         self.member_episode_mix: dict[str, dict[str, float]] = dict(mix.get("members", {}))
+        # how episodes put a query crop's voxels on its reference's position prior: "frames" (each case's body
+        # frame) or "affine" (every case registered to its member's template case, as iris_predict registers a
+        # query to its reference); plans' "iris": {"prior_alignment": ...} sets it
+        self.prior_alignment = str(self.plans_manager.plans.get("iris", {}).get("prior_alignment", "frames"))
+        if self.prior_alignment not in PRIOR_ALIGNMENTS:
+            raise ValueError(f"plans' iris.prior_alignment must be one of {PRIOR_ALIGNMENTS}, got "
+                             f"{self.prior_alignment!r}")
         self.memory_bank_alpha = 0.999  # the paper's EMA factor
         self.episode_seed: int | None = None  # seed of the training episodes (None: fresh randomness)
         self.save_every = 1  # an interrupted run loses at most one epoch
@@ -192,7 +201,9 @@ class IrisTrainer(nnUNetTrainer):
         return [MemberEpisodes(m.name, m.preprocessed_folder, m.labels, query_cases[m.name],
                                reference_cases[m.name], float(weights.get(m.name, 1.0)),
                                tuple(int(v) for v in held_out.get(m.name, ())),
-                               share(m.name, "self_supervised"), share(m.name, "augmented"))
+                               share(m.name, "self_supervised"), share(m.name, "augmented"),
+                               (member_spacing(self.plans_manager.plans, m.name),) * 3
+                               if self.prior_alignment == "affine" else None)
                 for m in self.collection.members if query_cases[m.name] and reference_cases[m.name]]
 
     def get_dataloaders(self):
