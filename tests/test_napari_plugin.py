@@ -200,7 +200,7 @@ def test_saving_refuses_inputs_and_foreign_files(tmp_path):
 def test_widget_segments_as_iris_predict(viewer, qtbot, tmp_path):
     """Reference and query opened with the plugin's reader; the widget's labels layer equals iris_predict's output
     for the same files (voxels and geometry); save segmentation, save task; with the task file loaded, the query and a
-    copy of it without a file (a temporary NIfTI) give the same again."""
+    copy of it without a file (a temporary NIfTI) give what iris_predict --task gives."""
     reference_image = open_layer(viewer, image_path(REFERENCE))
     reference_labels = open_layer(viewer, label_path(REFERENCE))
     query = open_layer(viewer, image_path(QUERY))
@@ -244,6 +244,9 @@ def test_widget_segments_as_iris_predict(viewer, qtbot, tmp_path):
 
     task = widget.save_task_to(str(tmp_path / "task.pt"))
     assert task and iris_predict.is_task_file(task)
+    # a task file holds no reference image: its queries meet the prior through the frames, as iris_predict --task
+    assert iris_predict.main(["-i", image_path(QUERY), "-o", str(tmp_path / "cli_task"), "--task", task]) == 0
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cli_task" / f"{QUERY}.nii.gz")))
     widget.load_task_file(task)
     copy = viewer.add_image(np.array(query.data), name="query copy", scale=query.scale, translate=query.translate,
                             metadata={reader.GEOMETRY_KEY: query.metadata[reader.GEOMETRY_KEY]})
