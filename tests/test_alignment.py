@@ -14,11 +14,12 @@ from iris_nnu.inference.alignment import (
     aligned_frame,
     alignment_anchor,
     frames_transform,
+    priors_onto,
     transform_frame,
 )
 from iris_nnu.inference.evaluate import dice_per_class
 from iris_nnu.inference.predict import main as predict_main
-from iris_nnu.model.position import ScanFrame
+from iris_nnu.model.position import ScanFrame, position_prior_from_labels
 
 DEMO = Path(__file__).resolve().parents[1] / "iris_nnu" / "demo_data" / "Dataset001_Hippocampus"
 REFERENCE = f"{DEMO}/imagesTr/hippocampus_004_0000.nii.gz:{DEMO}/labelsTr/hippocampus_004.nii.gz"
@@ -58,6 +59,31 @@ def test_registration_finds_the_voxel_the_frames_miss():
     error_frames = (frames[0].grid_coordinates(in_query) - truth).norm(dim=1).max().item()
     error_aligned = (aligned.grid_coordinates(in_query) - truth).norm(dim=1).max().item()
     assert error_aligned < error_frames / 3, (error_aligned, error_frames)
+
+
+def test_an_ensemble_s_priors_are_carried_onto_its_first_reference_s_grid():
+    """A second reference showing the first's body moved and with more tissue: its prior of a structure, carried onto
+    the first reference's grid by priors_onto, lies where the first reference's own prior of it lies."""
+    first = _textured_body((48, 48, 40), seed=1)
+    second = np.zeros((72, 48, 40), np.float32)
+    second[4:52, :, :] = np.roll(first, (-3, 2), axis=(1, 2))
+    second[52:, 8:40, 8:32] = 1.0
+    labels_first = np.zeros(first.shape, np.int16)
+    labels_first[14:22, 26:34, 10:16] = 1  # a structure off the body's centre
+    labels_second = np.zeros(second.shape, np.int16)
+    labels_second[4:52] = np.roll(labels_first, (-3, 2), axis=(1, 2))
+    frames = [ScanFrame.of(image > 0) for image in (first, second)]
+    anchors = [alignment_anchor(image[None], frame, (2.0, 2.0, 2.0)) for image, frame in zip((first, second), frames)]
+    priors = [position_prior_from_labels(torch.from_numpy(labels), [1], 32, frame)
+              for labels, frame in zip((labels_first, labels_second), frames)]
+    moved = priors_onto(anchors[0], anchors[1], priors[1])
+    assert moved.shape == priors[0].shape and float(moved.max()) == pytest.approx(1.0)
+
+    def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a * b).sum() / (a.norm() * b.norm()))
+    assert overlap(moved, priors[0]) > 0.9
+    assert overlap(moved, priors[0]) > overlap(priors[1], priors[0]) + 0.1, (overlap(moved, priors[0]),
+                                                                             overlap(priors[1], priors[0]))
 
 
 def _one_shot_dice(predictor: IrisPredictor, task, queries: dict[str, tuple[str, sitk.Image]]) -> dict[str, float]:

@@ -17,8 +17,9 @@ from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
-from iris_nnu.model.position import ScanFrame
+from iris_nnu.model.position import POSITION_EXTENT, ScanFrame, sample_prior
 
 PRIOR_ALIGNMENTS = ("affine", "frames")
 # Registration grid: coarse on purpose (an affine transform has 12 parameters; a cell of the prior's grid is 4-40 mm):
@@ -98,7 +99,11 @@ def _method() -> sitk.ImageRegistrationMethod:
 def aligned_frame(query_data: np.ndarray, query_frame: ScanFrame, anchor: AlignmentAnchor) -> ScanFrame:
     """The query's frame for the anchor's prior: its frames' match refined by an affine registration of the query
     (C, X, Y, Z, preprocessed at the anchor's spacing) to the reference; the frames' match where it fits better."""
-    fixed = registration_image(query_data, anchor.spacing)
+    return registered_frame(registration_image(query_data, anchor.spacing), query_frame, anchor)
+
+
+def registered_frame(fixed: sitk.Image, query_frame: ScanFrame, anchor: AlignmentAnchor) -> ScanFrame:
+    """aligned_frame for a query already on its registration grid (registration_image)."""
     moving = anchor.image
     start = frames_transform(query_frame, anchor.frame, anchor.spacing)
     method = _method()
@@ -133,3 +138,18 @@ def _better(fixed: sitk.Image, moving: sitk.Image, start: sitk.AffineTransform,
         except RuntimeError:
             return float("inf")
     return result if value(result) <= value(start) else start
+
+
+def priors_onto(first: AlignmentAnchor, other: AlignmentAnchor, priors: torch.Tensor) -> torch.Tensor:
+    """Another reference's priors (K, G, G, G) carried onto the first reference's grid through an affine registration
+    of the first to the other, so that an ensemble averages them where the first reference's frame puts them and a
+    query registered to the first reads them all (peaks kept at 1)."""
+    frame = registered_frame(first.image, first.frame, other)
+    g = priors.shape[-1]
+    cells = (torch.arange(g, dtype=torch.float64) * 2 + 1) / g - 1  # cell centres' grid coordinates
+    grid = torch.stack(torch.meshgrid(cells, cells, cells, indexing="ij"), -1).reshape(-1, 3) * POSITION_EXTENT
+    axes, centre = (torch.tensor(v, dtype=torch.float64) for v in (first.frame.axes, first.frame.centre))
+    voxels = grid @ torch.linalg.inv(axes).T + centre  # the first reference's voxels at its cells' centres
+    coordinates = frame.grid_coordinates(voxels).T.reshape(1, 3, g, g, g)  # where they lie on the other's grid
+    moved = sample_prior(priors[None].float(), coordinates)[0]
+    return moved / moved.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]

@@ -30,7 +30,7 @@ import torch
 from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
 
 from iris_nnu.errors import IrisInputError, brief
-from iris_nnu.inference.alignment import PRIOR_ALIGNMENTS, AlignmentAnchor, aligned_frame
+from iris_nnu.inference.alignment import PRIOR_ALIGNMENTS, AlignmentAnchor, aligned_frame, priors_onto
 from iris_nnu.inference.export import (
     Winner,
     indices_to_values,
@@ -210,8 +210,9 @@ class IrisPredictor:
         position_prior: False segments from the image alone, ignoring where the references hold each class
             (model/position.py).
         prior_alignment: how a query is matched to its references' position priors: "affine" registers it to the
-            first reference encoded by `encode_references` (inference/alignment.py), "frames" puts the two bodies'
-            frames onto each other (also what a task file, which holds no image, gets).
+            first reference encoded by `encode_references` (inference/alignment.py; the other references' priors are
+            carried onto the first's grid at encoding), "frames" puts the two bodies' frames onto each other (also
+            what a task file, which holds no image, gets).
         verbose: unused (nnU-Net's argument, kept for its argument order).
         allow_tqdm: progress bars over the queries of predict_from_files.
     """
@@ -389,11 +390,16 @@ class IrisPredictor:
         extent = tuple(np.mean([f.extent for f in frames], axis=0)) if frames else None
         crops = [remap_crops(p, run_classes) for p in used]
         positions = [remap_positions(p, run_classes) for p in used]
+        anchors = [p.anchor for p in used if p.anchor is not None]
+        if self.prior_alignment == "affine" and len(anchors) == len(used) > 1:
+            # an ensemble's priors go onto its first reference's grid, where its queries will be registered
+            positions = positions[:1] + [priors_onto(anchors[0], anchor, position)
+                                         for anchor, position in zip(anchors[1:], positions[1:])]
         pools = [dataclasses.replace(TaskEmbedding.concatenate(
                      [self.encode_crops(c, run_classes, pos, fold=i) for c, pos in zip(crops, positions)]),
                      spacing=self.spacing, orientation=self.orientation, extent=extent)
                  for i in range(self.num_folds)]
-        self.alignment_anchors = [p.anchor for p in used if p.anchor is not None]
+        self.alignment_anchors = anchors
         return EncodedReferences(pools, [p.case.name for p in used], crops,
                                  {p.case.label: p.lost for p in prepared if p.lost}, self.alignment_anchors)
 
