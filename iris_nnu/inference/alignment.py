@@ -87,11 +87,15 @@ def transform_frame(transform: sitk.AffineTransform, reference: ScanFrame, spaci
                                 "axes": np.asarray(reference.axes) @ m})
 
 
-def _method() -> sitk.ImageRegistrationMethod:
+def _method(fraction: float | None) -> sitk.ImageRegistrationMethod:
+    """Mattes MI, linear interpolation; `fraction` of the fixed grid sampled at random (seeded), None: every voxel."""
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(1.0, ALIGNMENT_SEED)
+    if fraction is None:
+        method.SetMetricSamplingStrategy(method.NONE)
+    else:
+        method.SetMetricSamplingStrategy(method.RANDOM)
+        method.SetMetricSamplingPercentage(fraction, ALIGNMENT_SEED)
     method.SetInterpolator(sitk.sitkLinear)
     return method
 
@@ -106,9 +110,7 @@ def registered_frame(fixed: sitk.Image, query_frame: ScanFrame, anchor: Alignmen
     """aligned_frame for a query already on its registration grid (registration_image)."""
     moving = anchor.image
     start = frames_transform(query_frame, anchor.frame, anchor.spacing)
-    method = _method()
-    fraction = min(1.0, ALIGNMENT_SAMPLES / float(np.prod(fixed.GetSize())))
-    method.SetMetricSamplingPercentage(fraction, ALIGNMENT_SEED)
+    method = _method(min(1.0, ALIGNMENT_SAMPLES / float(np.prod(fixed.GetSize()))))
     shrinks = [f for f in (2, 1) if min(fixed.GetSize()) / f >= 12] or [1]
     method.SetShrinkFactorsPerLevel(shrinks)
     method.SetSmoothingSigmasPerLevel([f - 1 for f in shrinks])
@@ -130,8 +132,7 @@ def _better(fixed: sitk.Image, moving: sitk.Image, start: sitk.AffineTransform,
     """Of the frames' match and the registration's result, the one the metric (lower: better) prefers, evaluated
     on every voxel of the registration grid."""
     def value(transform: sitk.AffineTransform) -> float:
-        method = _method()
-        method.SetMetricSamplingStrategy(method.NONE)
+        method = _method(None)
         method.SetInitialTransform(transform)
         try:
             return float(method.MetricEvaluate(fixed, moving))

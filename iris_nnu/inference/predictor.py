@@ -537,6 +537,10 @@ class IrisPredictor:
             return chosen
         return self.for_folds(select), {value: sorted(references) for value, references in picks.items()}
 
+    def prepared_frame(self, data: np.ndarray, properties: dict) -> ScanFrame | None:
+        """query_frame of a query our preprocessing made (its frame in `properties`); None without a position prior."""
+        return self.query_frame(data, scan_frame(properties)) if self.position_grid and self.position_prior else None
+
     def query_frame(self, data: np.ndarray, frame: ScanFrame) -> ScanFrame:
         """The frame a preprocessed query (C, X, Y, Z) whose body frame is `frame` reads its task's position priors
         through: registered to the first reference (prior_alignment "affine", references encoded here), else its own."""
@@ -568,7 +572,7 @@ class IrisPredictor:
                          retrieval_top_k: int = 1, save_probabilities: bool = False) -> CaseResult:
         """Segment a query preprocessed by QueryPreparation; with `pool`, by retrieval from it."""
         data, properties = query.data, query.properties
-        frame = self.query_frame(data, scan_frame(properties)) if self.position_grid and self.position_prior else None
+        frame = self.prepared_frame(data, properties)
         retrieved = None
         if pool is not None:
             task, retrieved = self.retrieve(data, properties, task, pool, retrieval_top_k, frame)

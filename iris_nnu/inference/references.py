@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -199,19 +200,16 @@ def prepare_reference(case: ReferenceCase, preprocessing: RunPreprocessing, plan
     indices = np.where(sorted_values[position] == label, position + 1, 0).astype(np.int16)
     del label, position
     data, seg, _ = preprocessing(data, indices, properties)
-    frame = scan_frame(properties)
-    prepared = reference_from_preprocessed(case, data, seg, values, held, frame, patch, position_grid)
-    if position_grid:
-        prepared.anchor = alignment_anchor(data, frame, preprocessing.configuration_manager.spacing)
-    return prepared
+    return reference_from_preprocessed(case, data, seg, values, held, scan_frame(properties), patch, position_grid,
+                                       preprocessing.configuration_manager.spacing)
 
 
 def reference_from_preprocessed(case: ReferenceCase, data: np.ndarray, seg: np.ndarray, values: list[int],
-                                held: list[int], frame: ScanFrame, patch: tuple[int, ...],
-                                position_grid: int = 0) -> PreparedReference:
+                                held: list[int], frame: ScanFrame, patch: tuple[int, ...], position_grid: int = 0,
+                                spacing: Sequence[float] | None = None) -> PreparedReference:
     """A preprocessed reference (image (C, X, Y, Z); `seg` indexes `values`, i = values[i - 1], 0 background) ->
     its crops and position priors, renumbered to the classes that survived preprocessing (a reference may lack
-    some of `values`). Inference (prepare_reference) and iris_train's validation both make their tasks with it."""
+    some of `values`); with a position grid and the voxel `spacing` (mm), also its anchor for registering queries. Inference (prepare_reference) and iris_train's validation both make their tasks with it."""
     present = [int(i) for i in np.unique(seg) if i > 0]
     if not present:
         raise IrisInputError(f"{case.label}: the labelled structures vanish when resampled to the model's spacing")
@@ -223,7 +221,8 @@ def reference_from_preprocessed(case: ReferenceCase, data: np.ndarray, seg: np.n
                                            frame) if position_grid else None
     return PreparedReference(case, [values[i - 1] for i in present], crops,
                              lost=[v for i, v in enumerate(values, start=1) if i not in present], held=held,
-                             positions=positions)
+                             positions=positions,
+                             anchor=alignment_anchor(data, frame, spacing) if position_grid and spacing else None)
 
 
 def remap_crops(reference: PreparedReference, classes: list[int]) -> list[Crop]:

@@ -118,7 +118,8 @@ def calibrated_threshold(predictor: IrisPredictor, references: Sequence[Referenc
     for case in references:
         prepared = predictor.query_preparation(case.images)
         result = predictor.segment_preprocessed(prepared.data, prepared.properties, task, scores=True,
-                                                threshold=min(thresholds))
+                                                threshold=min(thresholds),
+                                                frame=predictor.prepared_frame(prepared.data, prepared.properties))
         values = to_storage(indices_to_values(result.labels, classes), prepared.properties)
         scores = to_storage(result.scores, prepared.properties)
         truth = read_label(case.label, reader_writer_for(case.label, predictor.reader_writer_class))[0]

@@ -19,7 +19,6 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from tqdm import tqdm
 
 from iris_nnu.files import write_json_atomic
-from iris_nnu.inference.alignment import alignment_anchor
 from iris_nnu.inference.export import indices_to_values
 from iris_nnu.inference.predictor import CaseResult, IrisPredictor
 from iris_nnu.preprocessing.frames import body_frame
@@ -150,12 +149,11 @@ def _member_tasks(trainer, predictor: IrisPredictor, max_cases: int | None):
             indices[seg[0] == label] = i
         gt = os.path.join(os.path.dirname(member.preprocessed_folder), "gt_segmentations", reference)
         # the same preparation as inference's references (a reference may lack some of the member's classes)
-        frame = body_frame(seg)
-        prepared = reference_from_preprocessed(ReferenceCase(reference, [], gt), np.asarray(data), indices, labels,
-                                               labels, frame, predictor.patch_size, predictor.position_grid)
         predictor.use_spacing(member_spacing(trainer.plans_manager.plans, member.name))
+        prepared = reference_from_preprocessed(ReferenceCase(reference, [], gt), np.asarray(data), indices, labels,
+                                               labels, body_frame(seg), predictor.patch_size, predictor.position_grid,
+                                               predictor.configuration_manager.spacing)
         # queries meet the prior as iris_predict's do: registered to the reference (prior_alignment)
-        predictor.alignment_anchors = [alignment_anchor(np.asarray(data), frame,
-                                                        predictor.configuration_manager.spacing)]
+        predictor.alignment_anchors = [prepared.anchor] if prepared.anchor else []
         task = predictor.encode_crops(prepared.crops, prepared.values, prepared.positions)
         yield member, dataset, task, sorted(val_cases[member.name])[:max_cases]
