@@ -11,7 +11,7 @@ from the model's training cases of each dataset, i.e. imagesTr minus the held-ou
   box alignment     reference #1's label carried over by mapping the scans' non-zero boxes onto each other
   iris oneshot no position prior   as oneshot, from the image alone (iris_predict --no_position_prior)
   iris oneshot calibrated   as oneshot, the decision threshold the reference's own segmentation scores best at
-                            (iris_predict --threshold auto; its time is part of "encode s")
+                            (iris_predict's default, --threshold auto; its time is part of "encode s")
 Queries: the first --queries held-out cases (never trained on) per dataset, from --held_out (default
 <model folder>/held_out.json: {"Dataset001_Hippocampus": ["hippocampus_026", ...], ...}).
 Dice per class on the query's own grid against labelsTr; NaN (left out of means) where the class is absent from

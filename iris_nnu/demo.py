@@ -22,7 +22,9 @@ from iris_nnu.inference.images import Query
 from iris_nnu.inference.names import dataset_json_names
 from iris_nnu.inference.predictor import IrisPredictor
 from iris_nnu.inference.references import ReferenceCase
+from iris_nnu.inference.strategies import AUTO_THRESHOLD, run_threshold
 from iris_nnu.io.model_folder import read_held_out
+from iris_nnu.model import TaskEmbedding
 from iris_nnu.preprocessing.raw_dataset import raw_case_files, training_cases
 
 PROGRAM = "iris_demo"
@@ -60,6 +62,15 @@ def describe(dice: dict[int, float], names: dict[int, str], show: int = 3) -> st
     return f"mean Dice {mean:.3f} over {len(valid)} structures ({parts})"
 
 
+def oneshot_task(predictor: IrisPredictor, reference: ReferenceCase) -> TaskEmbedding:
+    """The one-shot task of `reference`, the predictor set to its calibrated decision threshold (as iris_predict's
+    default, --threshold auto)."""
+    references = predictor.encode_references([reference])
+    task, _ = predictor.task_for_strategy(references.pool, "oneshot", references)
+    predictor.decision_threshold, _ = run_threshold(predictor, AUTO_THRESHOLD, task, [reference])
+    return task
+
+
 def run_dataset(predictor: IrisPredictor, raw_folder: str, held_out: list[str], output: str,
                 num_queries: int | None) -> dict:
     """Segment the first held-out queries of one dataset (all it holds for None) from its first training case;
@@ -74,12 +85,11 @@ def run_dataset(predictor: IrisPredictor, raw_folder: str, held_out: list[str], 
                              f"scripts/pack_demo_data.py")
     reference = training[0]
     ref_image, ref_label = raw_case_files(raw_folder, reference)
-    references = predictor.encode_references([ReferenceCase(reference, [ref_image], ref_label)])
-    task, _ = predictor.task_for_strategy(references.pool, "oneshot", references)
+    task = oneshot_task(predictor, ReferenceCase(reference, [ref_image], ref_label))
     queries = [Query(case, [raw_case_files(raw_folder, case)[0]]) for case in present]
     out = os.path.join(output, name)
-    print(f"{PROGRAM}: {name}: reference {reference} ({len(task.classes)} structures), "
-          f"{len(queries)} held-out quer{'y' if len(queries) == 1 else 'ies'}")
+    print(f"{PROGRAM}: {name}: reference {reference} ({len(task.classes)} structures, decision threshold "
+          f"{predictor.decision_threshold}), {len(queries)} held-out quer{'y' if len(queries) == 1 else 'ies'}")
     failures = predictor.predict_queries(queries, out, task, progress=False)
     if failures:
         raise IrisInputError("; ".join(failures))
@@ -118,8 +128,7 @@ def run_dicom(predictor: IrisPredictor, raw_folder: str, held_out: list[str], ou
     write_dicom_series(sitk.ReadImage(image), series, series_description=f"iris-nnu demo {case}")
     print(f"{PROGRAM}: DICOM: {case} written as a DICOM MR series of {len(os.listdir(series))} slices in {series}")
     ref_image, ref_label = raw_case_files(raw_folder, reference)
-    references = predictor.encode_references([ReferenceCase(reference, [ref_image], ref_label)])
-    task, _ = predictor.task_for_strategy(references.pool, "oneshot", references)
+    task = oneshot_task(predictor, ReferenceCase(reference, [ref_image], ref_label))
     query = Query(case, [series])
     failures = predictor.predict_queries([query], out, task, progress=False)
     if failures:

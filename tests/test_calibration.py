@@ -11,6 +11,7 @@ from conftest import cli_error
 from iris_nnu.inference import IrisPredictor, parse_reference
 from iris_nnu.inference.predict import main
 from iris_nnu.inference.strategies import calibrated_threshold
+from iris_nnu.model import TaskEmbedding
 
 DEMO = Path(__file__).resolve().parents[1] / "iris_nnu" / "demo_data" / "Dataset001_Hippocampus"
 REFERENCE = f"{DEMO}/imagesTr/hippocampus_004_0000.nii.gz:{DEMO}/labelsTr/hippocampus_004.nii.gz"
@@ -43,15 +44,27 @@ def test_a_calibrated_threshold_recovers_a_model_unsure_of_its_classes():
 
 
 def test_threshold_option(tmp_path, capsys):
+    """auto is the default: calibrated on the -r references; a saved task records the run's threshold, which a
+    --task run then segments at; a given P overrides it."""
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "hippocampus_026_0000.nii.gz").symlink_to(QUERY)
-    assert main(["-i", str(tmp_path / "q"), "-o", str(tmp_path / "out"), "-r", REFERENCE, "--threshold", "auto"]) == 0
+    assert main(["-i", str(tmp_path / "q"), "-o", str(tmp_path / "out"), "-r", REFERENCE]) == 0
     assert "decision threshold" in capsys.readouterr().out and (tmp_path / "out" / "hippocampus_026.nii.gz").is_file()
     line = cli_error(capsys, main, "iris_predict", ["-i", str(tmp_path / "q"), "-o", str(tmp_path / "o2"), "-r",
                                                     REFERENCE, "--threshold", "1.5"])
     assert "--threshold 1.5" in line
+    # a low threshold, recorded in the task file, segments more voxels than 0.5
     task = tmp_path / "task.pt"
-    assert main(["-r", REFERENCE, "--save_task", str(task)]) == 0
-    line = cli_error(capsys, main, "iris_predict", ["-i", str(tmp_path / "q"), "-o", str(tmp_path / "o3"), "--task",
-                                                    str(task), "--threshold", "auto"])
-    assert "-r" in line
+    assert main(["-r", REFERENCE, "--save_task", str(task), "--threshold", "0.05"]) == 0
+    assert TaskEmbedding.load(task).decision_threshold == 0.05
+    capsys.readouterr()
+    assert main(["-i", str(tmp_path / "q"), "-o", str(tmp_path / "o3"), "--task", str(task)]) == 0
+    assert "decision threshold 0.05, as the task file was calibrated" in capsys.readouterr().out
+    assert main(["-i", str(tmp_path / "q"), "-o", str(tmp_path / "o4"), "-r", REFERENCE, "--threshold", "0.05",
+                 "--prior_alignment", "frames"]) == 0  # a task file holds no image to register to
+    assert main(["-i", str(tmp_path / "q"), "-o", str(tmp_path / "o5"), "--task", str(task), "--threshold",
+                 "0.5"]) == 0
+    out = {name: sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / "hippocampus_026.nii.gz")))
+           for name in ("o3", "o4", "o5")}
+    assert np.array_equal(out["o3"], out["o4"])
+    assert (out["o3"] > 0).sum() > (out["o5"] > 0).sum()

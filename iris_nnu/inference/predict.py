@@ -24,7 +24,8 @@ from iris_nnu.inference.predictor import DEFAULT_PRIOR_ALIGNMENT, IrisPredictor
 from iris_nnu.inference.references import ReferenceCase, parse_reference
 from iris_nnu.inference.runner import failure_line
 from iris_nnu.inference.segmenter import MIN_STEP_SIZE
-from iris_nnu.inference.strategies import DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, STRATEGIES, calibrated_threshold
+from iris_nnu.inference.strategies import (AUTO_THRESHOLD, DEFAULT_THRESHOLD, DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS,
+                                          STRATEGIES, run_threshold, with_threshold)
 from iris_nnu.io.model_folder import DEFAULT_CHECKPOINT, DEFAULT_MODEL_FOLDER, model_folder_folds
 from iris_nnu.model.task import FORMAT_VERSION as TASK_FORMAT
 
@@ -101,11 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "task encoded from the references flipped the same way, and the logits are averaged "
                           "(measured: +0.01 Dice for 5.4-6.5x the time per query; see the README's Results)")
     tta.add_argument("--disable_tta", action="store_true", help="no test-time augmentation (the default; nnU-Net's flag)")
-    p.add_argument("--threshold", default="0.5", metavar="P|auto",
+    p.add_argument("--threshold", default=AUTO_THRESHOLD, metavar="P|auto",
                    help="a voxel gets the most probable class whose probability exceeds P, else background (0.5: "
-                        "nnU-Net's sigmoid rule). auto: the P (0.5 down to 0.05) under which the task segments its "
-                        "own -r references best, at the cost of segmenting each once; for models unsure on anatomy "
-                        "they were not trained on (see the README)")
+                        "nnU-Net's sigmoid rule). auto: with -r, the P (0.5 down to 0.05) under which the task "
+                        "segments its own references best, at the cost of segmenting each once (measured never "
+                        "worse than 0.5; see the README); with --task, the P the task file was calibrated at (0.5 if "
+                        "none). --save_task records the run's P in the task file")
     p.add_argument("-step_size", type=float, default=0.5,
                    help=f"sliding-window step as a fraction of the patch ({MIN_STEP_SIZE} to 1)")
     add_device_argument(p)
@@ -168,7 +170,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise IrisInputError("nothing to do: give -i INPUT -o OUTPUT, or --save_task FILE to only encode the task")
     if args.o is not None and os.path.exists(args.o) and not os.path.isdir(args.o):
         raise IrisInputError(f"{args.o}: OUTPUT exists and is not a folder")
-    if args.threshold != "auto":
+    if args.threshold != AUTO_THRESHOLD:
         try:
             threshold = float(args.threshold)
         except ValueError:
@@ -176,9 +178,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         if not 0 < threshold < 1:
             raise IrisInputError(f"--threshold {args.threshold}: give a probability between 0 and 1, or auto")
         args.threshold = threshold
-    elif not args.r:
-        raise IrisInputError("--threshold auto segments the references themselves: give them with -r (a task file "
-                             "holds no images)")
     if not MIN_STEP_SIZE <= args.step_size <= 1:
         raise IrisInputError(f"-step_size must be in [{MIN_STEP_SIZE}, 1], got {args.step_size}")
     if args.classes and min(args.classes) <= 0:
@@ -338,7 +337,8 @@ def run_prediction(args: argparse.Namespace) -> int:
                               classes_per_pass=args.classes_per_pass,
                               largest_component=args.postprocess == "largest_component",
                               position_prior=not args.no_position_prior, prior_alignment=args.prior_alignment,
-                              decision_threshold=0.5 if args.threshold == "auto" else args.threshold)
+                              decision_threshold=DEFAULT_THRESHOLD if args.threshold == AUTO_THRESHOLD
+                              else args.threshold)
     predictor.initialize_from_model_folder(args.m, resolve_folds(args.f, args.m), args.chk)
     if predictor.num_folds > 1 and args.save_task:  # --task: load_task says the same
         raise IrisInputError(f"--save_task {args.save_task}: a task file holds one fold's embedding; a fold ensemble "
@@ -380,16 +380,16 @@ def run_prediction(args: argparse.Namespace) -> int:
     if losses:
         print(f"{PROGRAM}: tuned the task embedding for {args.tune_steps} steps: reference loss "
               f"{losses[0]:.4f} -> {losses[-1]:.4f}")
+    predictor.decision_threshold, line = run_threshold(predictor, args.threshold, task, cases)
+    if line:
+        print(f"{PROGRAM}: {line}")
     names = structure_names(args, pool)
     if args.save_task:
-        dataclasses.replace(task if args.strategy == "tune" else pool, names=names or None).save(args.save_task)
+        saved = with_threshold(task if args.strategy == "tune" else pool, predictor.decision_threshold)
+        dataclasses.replace(saved, names=names or None).save(args.save_task)
         print(f"{PROGRAM}: task written to {args.save_task}")
     if args.i is None:
         return 0
-    if args.threshold == "auto":
-        predictor.decision_threshold, dice = calibrated_threshold(predictor, cases, task)
-        print(f"{PROGRAM}: decision threshold {predictor.decision_threshold} from the references (their own Dice "
-              f"{dice[predictor.decision_threshold]:.3f}; at 0.5: {dice[0.5]:.3f})")
 
     types = resolve_output_types(args.output_type)
     # without nifti the segmentations are written to a temporary folder, the DICOM outputs made from them

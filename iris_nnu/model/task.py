@@ -44,6 +44,9 @@ class TaskEmbedding:
     orientation: str | None = None
     # the references' bodies: their frames' spreads (voxels at `spacing`, sorted), for the field-of-view check
     extent: tuple[float, float, float] | None = None
+    # the decision threshold the task segments at (calibrated on its references: iris_predict --threshold auto);
+    # None: not recorded (0.5)
+    decision_threshold: float | None = None
 
     def __post_init__(self) -> None:
         self.tokens = list(self.tokens)
@@ -54,6 +57,10 @@ class TaskEmbedding:
         self.classes = [int(c) for c in self.classes]
         self.spacing = None if self.spacing is None else float(self.spacing)
         self.extent = None if self.extent is None else tuple(float(e) for e in self.extent)
+        if self.decision_threshold is not None:
+            self.decision_threshold = float(self.decision_threshold)
+            if not 0 < self.decision_threshold < 1:
+                raise ValueError(f"decision_threshold must be in (0, 1), got {self.decision_threshold}")
         self.names = None if self.names is None else {int(v): str(n) for v, n in self.names.items()}
         if not self.tokens or any(t.dim() != 4 for t in self.tokens):
             raise ValueError("tokens must be a non-empty list of (B, K, m+1, C) tensors")
@@ -164,7 +171,10 @@ class TaskEmbedding:
             first, tokens=stacked([t.tokens for t in tasks]), classes=classes, present=torch.cat(present),
             positions=torch.cat(positions) if positions else None, mirrored=mirrored,
             names=names if any(t.names is not None for t in tasks) else None,
-            extent=tuple(np.mean(extents, axis=0)) if extents else None)
+            extent=tuple(np.mean(extents, axis=0)) if extents else None,
+            # a threshold calibrated on some of the tasks' references holds for the union only where they agree
+            decision_threshold=first.decision_threshold
+            if len({t.decision_threshold for t in tasks}) == 1 else None)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TaskEmbedding:
         tokens, mirrored = self._map_tokens(lambda ts: [t.to(device=device, dtype=dtype) for t in ts])
@@ -179,7 +189,8 @@ class TaskEmbedding:
                  "mirrored": None if self.mirrored is None else
                  [[list(axes), [t.detach().cpu() for t in ts]] for axes, ts in self.mirrored.items()],
                  "spacing": self.spacing, "names": self.names, "orientation": self.orientation,
-                 "extent": None if self.extent is None else list(self.extent)}
+                 "extent": None if self.extent is None else list(self.extent),
+                 "decision_threshold": self.decision_threshold}
         write_atomic(path, lambda tmp: torch.save(state, tmp))
 
     @classmethod
@@ -199,7 +210,8 @@ class TaskEmbedding:
                    state.get("spacing"),  # absent from files written before the spacing rule
                    names=state.get("names"),  # absent from files written before structure names
                    orientation=state.get("orientation"),  # ... and before one voxel order per run
-                   extent=state.get("extent"))
+                   extent=state.get("extent"),
+                   decision_threshold=state.get("decision_threshold"))  # absent before calibrated thresholds
         if model is not None and model.model_id() != task.model_id:
             raise TaskMismatchError(
                 f"task file {path} was encoded by model {task.model_id}, not by this model {model.model_id()}")

@@ -38,6 +38,7 @@ from iris_nnu.inference.names import structure_name
 from iris_nnu.inference.predict import is_task_file, resolve_folds
 from iris_nnu.inference.predictor import IrisPredictor
 from iris_nnu.inference.references import ReferenceCase
+from iris_nnu.inference.strategies import AUTO_THRESHOLD, run_threshold, with_threshold
 from iris_nnu.napari.reader import GEOMETRY_KEY, NAMES_KEY, SOURCE_KEY, names_features
 
 log = logging.getLogger(__name__)
@@ -280,7 +281,7 @@ def segment(settings: Settings, references: Sequence[tuple[Volume, Volume]], que
             if predictor.mirror_flips and not pool.mirrored:
                 raise IrisInputError(f"{task_file}: the task file holds no mirrored embeddings for TTA; save it from "
                                      f"a run with TTA, or segment without TTA")
-            encoded, names = None, dict(pool.names or {})
+            encoded, cases, names = None, [], dict(pool.names or {})
             description = f"task file {os.path.basename(task_file)}"
         else:
             if not references:
@@ -295,6 +296,13 @@ def segment(settings: Settings, references: Sequence[tuple[Volume, Volume]], que
             pool, names = encoded.pool, reference_names(references)
             description = f"{len(cases)} reference(s): {', '.join(labels.name for _, labels in references)}"
         task, _ = predictor.task_for_strategy(pool, settings.strategy, encoded)
+        if cases:
+            yield Progress(1, total, "calibrating the decision threshold on the references")
+        # as iris_predict's default (--threshold auto); a saved task records it
+        predictor.decision_threshold, line = run_threshold(predictor, AUTO_THRESHOLD, task, cases)
+        if line:
+            yield Note(line)
+        pool = with_threshold(pool, predictor.decision_threshold)
         classes = [int(c) for c in predictor.per_fold(task)[0].classes]
         yield TaskEncoded(pool, names, classes, description)
         segmented = 0
