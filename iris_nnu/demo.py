@@ -1,9 +1,10 @@
 """`iris_demo`: segment real held-out scans with the bundled default model from one real reference, offline.
 
-For each dataset of the shared data (nnU-Net raw format): the first training case of the default model is the
-reference, the first held-out cases (never seen in training) are the queries. Writes each segmentation, an overlay
-PNG and nnU-Net's metrics summary, and prints Dice per structure. Without a data folder it runs on the held-out
-hippocampus cases bundled in the package (iris_nnu/demo_data, packed by scripts/pack_demo_data.py).
+For each dataset of the shared data (nnU-Net raw format) the default model trained on: the first training case of
+the default model is the reference, the first held-out cases (never seen in training) are the queries; for the
+abdominal MR it never trained on (UNSEEN_DATASETS), the benchmarks' reference and held-out queries. Writes each
+segmentation, an overlay PNG and nnU-Net's metrics summary, and prints Dice per structure. Without a data folder it
+runs on the cases bundled in the package (iris_nnu/demo_data, packed by scripts/pack_demo_data.py).
 """
 from __future__ import annotations
 
@@ -28,8 +29,14 @@ from iris_nnu.model import TaskEmbedding
 from iris_nnu.preprocessing.raw_dataset import raw_case_files, training_cases
 
 PROGRAM = "iris_demo"
-# real held-out cases of the default model shipped in the package (MSD Task04 Hippocampus, CC-BY-SA 4.0)
+# real cases shipped in the package: held-out hippocampus crops of the default model (MSD Task04, CC-BY-SA 4.0)
+# and an abdominal MR reference and query (CHAOS, CC BY-SA 4.0)
 BUNDLED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_data")
+# datasets the default model never trained on (what Iris is for), with their reference and queries: those of
+# benchmarks/accuracy.py on the 4-member split (its reference abdomen_010, the split's held-out cases); bundled:
+# the reference and the first query (CHAOS T2-SPIR, CC BY-SA 4.0)
+UNSEEN_DATASETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "Dataset004_AbdomenMR": ("abdomen_010", ("abdomen_001", "abdomen_005", "abdomen_019"))}
 
 
 def default_data_folder() -> str:
@@ -71,25 +78,38 @@ def oneshot_task(predictor: IrisPredictor, reference: ReferenceCase) -> TaskEmbe
     return task
 
 
+def demo_cases(raw_folder: str, held_out: list[str]) -> tuple[str, list[str]]:
+    """(reference, queries) of a dataset: for one the default model trained on, its first training case and its
+    held-out cases; for UNSEEN_DATASETS, theirs."""
+    name = os.path.basename(raw_folder)
+    if name in UNSEEN_DATASETS:
+        reference, queries = UNSEEN_DATASETS[name]
+        return reference, list(queries)
+    training = training_cases(raw_folder, held_out)
+    if not training:
+        raise IrisInputError(f"{raw_folder}: holds no training case of the default model (its held_out.json); "
+                             f"bundled cases are refreshed by scripts/pack_demo_data.py")
+    return training[0], held_out
+
+
 def run_dataset(predictor: IrisPredictor, raw_folder: str, held_out: list[str], output: str,
                 num_queries: int | None) -> dict:
-    """Segment the first held-out queries of one dataset (all it holds for None) from its first training case;
-    returns the summary."""
+    """Segment the first queries of one dataset (all it holds for None) from its reference (demo_cases); returns
+    the summary."""
     name = os.path.basename(raw_folder)
-    training = training_cases(raw_folder, held_out)
-    present = [case for case in held_out
+    reference, candidates = demo_cases(raw_folder, held_out)
+    present = [case for case in candidates
                if os.path.isfile(os.path.join(raw_folder, "labelsTr", f"{case}.nii.gz"))][:num_queries]
-    if not training or not present:
-        raise IrisInputError(f"{raw_folder}: holds {'no training case' if not training else 'no held-out case'} of "
-                             f"the default model (its held_out.json); bundled cases are refreshed by "
-                             f"scripts/pack_demo_data.py")
-    reference = training[0]
+    if not present or not os.path.isfile(os.path.join(raw_folder, "labelsTr", f"{reference}.nii.gz")):
+        raise IrisInputError(f"{raw_folder}: holds {'no query' if not present else 'not the reference ' + reference}"
+                             f" of the demo; bundled cases are refreshed by scripts/pack_demo_data.py")
     ref_image, ref_label = raw_case_files(raw_folder, reference)
     task = oneshot_task(predictor, ReferenceCase(reference, [ref_image], ref_label))
     queries = [Query(case, [raw_case_files(raw_folder, case)[0]]) for case in present]
     out = os.path.join(output, name)
+    kind = "a dataset the default model never trained on" if name in UNSEEN_DATASETS else "held-out"
     print(f"{PROGRAM}: {name}: reference {reference} ({len(task.classes)} structures, decision threshold "
-          f"{predictor.decision_threshold}), {len(queries)} held-out quer{'y' if len(queries) == 1 else 'ies'}")
+          f"{predictor.decision_threshold}), {len(queries)} quer{'y' if len(queries) == 1 else 'ies'} ({kind})")
     failures = predictor.predict_queries(queries, out, task, progress=False)
     if failures:
         raise IrisInputError("; ".join(failures))
@@ -169,18 +189,20 @@ def run_dicom(predictor: IrisPredictor, raw_folder: str, held_out: list[str], ou
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROGRAM,
-        description="Segment real held-out MRI scans with the default model bundled with iris-nnu, from one real "
-                    "reference each (no training, no network access): Hippocampus (2 structures) and OASIS "
-                    "brains (85 structures) of a data folder, or, without one, the held-out hippocampus cases "
-                    "bundled with iris-nnu. Writes segmentations, overlay PNGs and metrics, and prints Dice.",
+        description="Segment real MRI scans the default model bundled with iris-nnu never saw, from one real "
+                    "reference each (no training, no network access): held-out Hippocampus crops (2 structures) "
+                    "and OASIS brains (85 structures), and abdominal MR of a dataset it never trained on "
+                    "(AbdomenMR: liver, kidneys), of a data folder, or, without one, the cases bundled with "
+                    "iris-nnu. Writes segmentations, overlay PNGs and metrics, and prints Dice.",
         formatter_class=HelpFormatter)
     p.add_argument("--data", default=None,
-                   help="folder holding Dataset001_Hippocampus and/or Dataset002_OASISBrain in nnU-Net raw format "
-                        "(default: $IRIS_DATA, else ../shared/data if it holds one; else the held-out hippocampus "
+                   help="folder holding Dataset001_Hippocampus, Dataset002_OASISBrain and/or Dataset004_AbdomenMR in "
+                        "nnU-Net raw format (default: $IRIS_DATA, else ../shared/data if it holds one; else the "
                         "cases bundled in the package, iris_nnu/demo_data)")
     p.add_argument("-o", default="iris_demo_output", metavar="OUTPUT", help="output folder")
     p.add_argument("--queries", type=int, default=None,
-                   help="held-out queries per dataset (default: 1 from a data folder, all 3 bundled ones)")
+                   help="queries per dataset (default: 1 from a data folder, all bundled ones: 3 hippocampus "
+                        "crops, 1 abdomen)")
     p.add_argument("--dicom", action="store_true",
                    help="also the clinical path: the first held-out hippocampus query written as a DICOM MR series "
                         "(OUTPUT/dicom/series), segmented as a DICOM query and written as DICOM-SEG "
@@ -195,20 +217,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.queries is not None and args.queries < 1:
         raise IrisInputError(f"--queries must be at least 1, got {args.queries}")
     held_out = read_held_out(None)
-    data, bundled = data_folder(args.data, list(held_out))
-    found = [os.path.join(data, name) for name in held_out if os.path.isdir(os.path.join(data, name, "labelsTr"))]
+    datasets = [*held_out, *UNSEEN_DATASETS]
+    data, bundled = data_folder(args.data, datasets)
+    found = [os.path.join(data, name) for name in datasets if os.path.isdir(os.path.join(data, name, "labelsTr"))]
     if bundled:
-        print(f"{PROGRAM}: no data folder (--data, $IRIS_DATA or ../shared/data): segmenting the held-out "
-              f"hippocampus cases bundled with iris-nnu ({data}; MSD Task04 Hippocampus, CC-BY-SA 4.0, see "
-              f"ATTRIBUTION.md there), cases the default model never trained on")
+        print(f"{PROGRAM}: no data folder (--data, $IRIS_DATA or ../shared/data): segmenting the cases bundled with "
+              f"iris-nnu ({data}; see ATTRIBUTION.md there): held-out hippocampus crops (MSD Task04, CC-BY-SA 4.0) "
+              f"and an abdominal MR of a dataset the default model never trained on (CHAOS, CC BY-SA 4.0)")
     if not found:
-        raise IrisInputError(f"{data}: holds none of {', '.join(held_out)} (nnU-Net raw format); set --data or "
+        raise IrisInputError(f"{data}: holds none of {', '.join(datasets)} (nnU-Net raw format); set --data or "
                              f"IRIS_DATA to the folder that does")
     predictor = IrisPredictor(device=resolve_device(args.device))
     predictor.initialize_from_model_folder(None)
     means = {}
     for raw_folder in found:
-        summary = run_dataset(predictor, raw_folder, held_out[os.path.basename(raw_folder)], args.o,
+        summary = run_dataset(predictor, raw_folder, held_out.get(os.path.basename(raw_folder), []), args.o,
                               args.queries if args.queries or bundled else 1)
         means[os.path.basename(raw_folder)] = summary["foreground_mean"]["Dice"]
     hippocampus = [f for f in found if os.path.basename(f) == "Dataset001_Hippocampus"]

@@ -258,6 +258,11 @@ def test_demo_without_a_data_folder_runs_on_the_bundled_held_out_cases(tmp_path,
         assert (out / "Dataset001_Hippocampus" / f"{case}.png").stat().st_size > 1000
         assert f"{case}: mean Dice" in printed
     assert summary["foreground_mean"]["Dice"] > 0.6  # measured 0.86 (the default model on held-out cases)
+    # a dataset the default model never trained on: the bundled abdominal MR, liver and kidneys from one reference
+    abdomen = json.loads((out / "Dataset004_AbdomenMR" / "summary.json").read_text())
+    assert [r["case"] for r in abdomen["metric_per_case"]] == ["abdomen_001"]
+    assert "abdomen_001: mean Dice" in printed and "never trained on" in printed
+    assert abdomen["foreground_mean"]["Dice"] > 0.35  # measured 0.506 (liver 0.78); ANTs SyN 0.537 on this case
 
 
 def test_demo_dicom_path_writes_a_seg_of_a_bundled_case(tmp_path, monkeypatch, capsys):
