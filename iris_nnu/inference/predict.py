@@ -24,7 +24,7 @@ from iris_nnu.inference.predictor import DEFAULT_PRIOR_ALIGNMENT, IrisPredictor
 from iris_nnu.inference.references import ReferenceCase, parse_reference
 from iris_nnu.inference.runner import failure_line
 from iris_nnu.inference.segmenter import MIN_STEP_SIZE
-from iris_nnu.inference.strategies import (AUTO_THRESHOLD, DEFAULT_THRESHOLD, DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS,
+from iris_nnu.inference.strategies import (AUTO_THRESHOLD, DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS,
                                           STRATEGIES, run_threshold, with_threshold)
 from iris_nnu.io.model_folder import DEFAULT_CHECKPOINT, DEFAULT_MODEL_FOLDER, model_folder_folds
 from iris_nnu.model.task import FORMAT_VERSION as TASK_FORMAT
@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a voxel gets the most probable class whose probability exceeds P, else background (0.5: "
                         "nnU-Net's sigmoid rule). auto: with -r, the P (0.5 down to 0.05) under which the task "
                         "segments its own references best, at the cost of segmenting each once (measured at "
-                        "most 0.004 below 0.5, up to 0.27 above; see the README); with --task, the P the task file was calibrated at (0.5 if "
-                        "none). --save_task records the run's P in the task file")
+                        "most 0.004 below 0.5, up to 0.27 above; see the README); with --task, the P the task "
+                        "file was calibrated at (0.5 if none). --save_task records the run's P in the task file")
     p.add_argument("-step_size", type=float, default=0.5,
                    help=f"sliding-window step as a fraction of the patch ({MIN_STEP_SIZE} to 1)")
     add_device_argument(p)
@@ -336,9 +336,7 @@ def run_prediction(args: argparse.Namespace) -> int:
                               device=device, modality=args.modality,
                               classes_per_pass=args.classes_per_pass,
                               largest_component=args.postprocess == "largest_component",
-                              position_prior=not args.no_position_prior, prior_alignment=args.prior_alignment,
-                              decision_threshold=DEFAULT_THRESHOLD if args.threshold == AUTO_THRESHOLD
-                              else args.threshold)
+                              position_prior=not args.no_position_prior, prior_alignment=args.prior_alignment)
     predictor.initialize_from_model_folder(args.m, resolve_folds(args.f, args.m), args.chk)
     if predictor.num_folds > 1 and args.save_task:  # --task: load_task says the same
         raise IrisInputError(f"--save_task {args.save_task}: a task file holds one fold's embedding; a fold ensemble "

@@ -60,6 +60,7 @@ from iris_nnu.inference.references import (
 from iris_nnu.inference.runner import run_queries, write_result
 from iris_nnu.inference.segmenter import MIN_STEP_SIZE, Segmenter, mirror_flips
 from iris_nnu.inference.strategies import (
+    DEFAULT_THRESHOLD,
     DEFAULT_TUNE_LR,
     DEFAULT_TUNE_STEPS,
     STRATEGIES,
@@ -206,7 +207,7 @@ class IrisPredictor:
         map_memory_gb: memory for the class maps of one pass and the export chunks.
         largest_component: keep each class's largest connected component in the output.
         decision_threshold: a voxel gets the most probable class whose probability exceeds this, else background
-            (strategies.calibrated_threshold picks one from the references).
+            (strategies.run_threshold picks the run's: calibrated on the references by default).
         position_prior: False segments from the image alone, ignoring where the references hold each class
             (model/position.py).
         prior_alignment: how a query is matched to its references' position priors: "affine" registers it to the
@@ -221,7 +222,7 @@ class IrisPredictor:
                  device: torch.device | str = "cpu", modality: str = "other", classes_per_pass: int | None = None,
                  map_memory_gb: float = DEFAULT_MAP_MEMORY_GB, largest_component: bool = False,
                  position_prior: bool = True, verbose: bool = False, allow_tqdm: bool = False,
-                 decision_threshold: float = 0.5, prior_alignment: str = DEFAULT_PRIOR_ALIGNMENT):
+                 decision_threshold: float = DEFAULT_THRESHOLD, prior_alignment: str = DEFAULT_PRIOR_ALIGNMENT):
         if not MIN_STEP_SIZE <= tile_step_size <= 1:
             raise ValueError(f"step size must be in [{MIN_STEP_SIZE}, 1], got {tile_step_size}")
         if classes_per_pass is not None and classes_per_pass < 1:

@@ -209,7 +209,8 @@ def reference_from_preprocessed(case: ReferenceCase, data: np.ndarray, seg: np.n
                                 spacing: Sequence[float] | None = None) -> PreparedReference:
     """A preprocessed reference (image (C, X, Y, Z); `seg` indexes `values`, i = values[i - 1], 0 background) ->
     its crops and position priors, renumbered to the classes that survived preprocessing (a reference may lack
-    some of `values`); with a position grid and the voxel `spacing` (mm), also its anchor for registering queries. Inference (prepare_reference) and iris_train's validation both make their tasks with it."""
+    some of `values`); with a position grid and the voxel `spacing` (mm), also its anchor for registering queries.
+    Inference (prepare_reference) and iris_train's validation both make their tasks with it."""
     present = [int(i) for i in np.unique(seg) if i > 0]
     if not present:
         raise IrisInputError(f"{case.label}: the labelled structures vanish when resampled to the model's spacing")
