@@ -67,7 +67,7 @@ class PreparedReference:
     lost: list[int] = field(default_factory=list)  # label values too small to survive resampling
     held: list[int] = field(default_factory=list)  # every non-zero value of the label, selected or not
     positions: torch.Tensor | None = None  # (len(values), G, G, G) where each class lies in the scan (position grid)
-    anchor: AlignmentAnchor | None = None  # the scan, coarse, for registering queries to it (inference/alignment.py)
+    anchor: AlignmentAnchor | None = None  # the scan, coarse, and its label, for registering queries to it (alignment.py)
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -223,7 +223,8 @@ def reference_from_preprocessed(case: ReferenceCase, data: np.ndarray, seg: np.n
     return PreparedReference(case, [values[i - 1] for i in present], crops,
                              lost=[v for i, v in enumerate(values, start=1) if i not in present], held=held,
                              positions=positions,
-                             anchor=alignment_anchor(data, frame, spacing) if position_grid and spacing else None)
+                             anchor=alignment_anchor(data, frame, spacing, seg, [values[i - 1] for i in present])
+                             if position_grid and spacing else None)
 
 
 def remap_crops(reference: PreparedReference, classes: list[int]) -> list[Crop]:
