@@ -12,6 +12,7 @@ from the model's training cases of each dataset, i.e. imagesTr minus the held-ou
   iris oneshot no position prior   as oneshot, from the image alone (iris_predict --no_position_prior)
   iris oneshot calibrated   as oneshot, the decision threshold the reference's own segmentation scores best at
                             (iris_predict's default, --threshold auto; its time is part of "encode s")
+  iris tune calibrated      as tune, then the threshold calibrated with the tuned task (--strategy tune)
 Queries: the first --queries held-out cases (never trained on) per dataset, from --held_out (default
 <model folder>/held_out.json: {"Dataset001_Hippocampus": ["hippocampus_026", ...], ...}).
 Dice per class on the query's own grid against labelsTr; NaN (left out of means) where the class is absent from
@@ -241,7 +242,8 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             f"iris ensemble-{n}": ("ensemble", "ensemble", n, None, False, True, False, default),
             f"iris ensemble-{n} frames prior": ("ensemble-frames", "ensemble", n, None, False, True, False, "frames"),
             f"iris retrieval-{n}": ("retrieval", "retrieval", n, None, False, True, False, default),
-            "iris tune": ("tune", "tune", 1, None, False, True, False, default)}
+            "iris tune": ("tune", "tune", 1, None, False, True, False, default),
+            "iris tune calibrated": ("tune-calibrated", "tune", 1, None, False, True, False, default)}
     for name, (option, strategy, k, per_pass, largest_component, position, tta, alignment) in iris.items():
         if option in args.methods:
             start = time.perf_counter()  # mirrors iris_predict: encode, task for the strategy, pool for retrieval
@@ -250,7 +252,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             encoded = predictor.encode_references(cases[:k])
             task, losses = predictor.task_for_strategy(encoded.pool, strategy, encoded, args.tune_steps, args.tune_lr)
             threshold, calibration = 0.5, None
-            if option == "oneshot-calibrated":  # iris_predict --threshold auto
+            if option.endswith("-calibrated"):  # iris_predict --threshold auto
                 threshold, calibration = calibrated_threshold(predictor, cases[:k], task)
             methods[name] = {"encode_s": time.perf_counter() - start, "tune_losses": losses, "lost": encoded.lost,
                              "threshold": threshold, "reference_dice_by_threshold": calibration,
@@ -377,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["oneshot", "ensemble", "retrieval", "tune", "registration",
                                                     "multi-atlas"],
                    choices=["oneshot", "oneshot-frames", "oneshot-affine", "oneshot-1-per-pass", "oneshot-8-per-pass", "oneshot-largest-component",
-                            "oneshot-no-position", "oneshot-tta", "oneshot-calibrated", "ensemble", "ensemble-frames", "retrieval", "tune", "registration", "ants-syn",
+                            "oneshot-no-position", "oneshot-tta", "oneshot-calibrated", "ensemble", "ensemble-frames", "retrieval", "tune", "tune-calibrated",
+                            "registration", "ants-syn",
                             "multi-atlas", "box-alignment"],
                    help="oneshot-frames / oneshot-affine: oneshot with the position prior read through the scans' "
                         "frames / an affine registration to the reference (iris_predict --prior_alignment; oneshot "
@@ -387,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "oneshot-no-position: oneshot without the position prior (iris_predict "
                         "--no_position_prior); oneshot-tta: oneshot with mirrored test-time augmentation (iris_predict "
                         "--tta: 8 flips of query and reference together); oneshot-calibrated: oneshot with the decision "
-                        "threshold calibrated on the reference (iris_predict --threshold auto); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
+                        "threshold calibrated on the reference (iris_predict --threshold auto), tune-calibrated likewise after tune; ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
                         "box-alignment: reference #1's label carried over by aligning the scans' non-zero boxes "
                         "(what the position prior alone knows)")
     p.add_argument("--seed", type=int, default=0, help="picks the references; seeds the registration sampling")
