@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="oneshot: one reference; ensemble: per class, average the embeddings of the references "
                         "holding it (one reference = one-shot); retrieval: per class, use the reference(s) most "
                         "similar to the query's own predicted structure; tune: optimise the task embedding on the "
-                        "references, the network frozen")
+                        "references, the network frozen (measured: 0 to +0.04 Dice on datasets the model never "
+                        "trained on, nothing on those it did; 20 passes over the reference crops, seconds for a few "
+                        "structures, minutes for 85; see the README's Results)")
     p.add_argument("--save_task", metavar="FILE",
                    help="write the encoded task (the references' embeddings; with tune, the tuned embedding) for "
                         "--task; a task file shares a segmentation task without sharing patients. An existing task "
