@@ -50,6 +50,14 @@ from iris_nnu.inference.evaluate import dice_per_class  # noqa: E402
 from iris_nnu.inference.images import write_segmentation  # noqa: E402
 from iris_nnu.inference.names import dataset_json_names  # noqa: E402
 from iris_nnu.inference.predictor import DEFAULT_PRIOR_ALIGNMENT  # noqa: E402
+from iris_nnu.inference.registration import (  # noqa: E402
+    BSPLINE_ITERATIONS,
+    BSPLINE_MESH,
+    MAX_SAMPLES,
+    MIN_GRID_VOXELS,
+    SAMPLING,
+    register_label,
+)
 from iris_nnu.inference.plans import MODALITIES  # noqa: E402
 from iris_nnu.inference.strategies import DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, calibrated_threshold  # noqa: E402
 from iris_nnu.io.model_folder import (  # noqa: E402
@@ -64,71 +72,9 @@ PROGRAM = "benchmarks/accuracy.py"
 # subcortical grey-matter structures, recognised by label name (FreeSurfer / Mindboggle naming)
 SUBCORTICAL = ("Thalamus", "Caudate", "Putamen", "Pallidum", "Hippocampus", "Amygdala", "Accumbens", "VentralDC")
 MAX_CLASS_COLUMNS = 4  # datasets with at most this many classes get one table column per class
-# Registration. ITK's v4 metrics fill a dense Jacobian per sample, so a B-spline step costs samples x parameters:
-# the samples are capped (the fraction holds for small grids) and the mesh is coarse.
-SAMPLING = 0.15  # fraction of the registration grid's voxels sampled by Mattes MI (random, seeded)
-MAX_SAMPLES = {"affine": 100_000, "bspline": 20_000}
-BSPLINE_MESH = 3  # intervals per axis: 6 control points per axis with cubic B-splines
-BSPLINE_ITERATIONS = 50  # L-BFGS-B iterations per resolution level
-MIN_GRID_VOXELS = 32  # the registration grid keeps at least this many voxels along the shortest axis
 
 
 # ------------------------------------------------------------------------------------------- registration
-def _registration_grid(image: sitk.Image, spacing_mm: float) -> sitk.Image:
-    """Float32, 0.5-99.5th percentiles scaled to [0, 1], smoothed and resampled to isotropic `spacing_mm` (no finer
-    than the image, no coarser than MIN_GRID_VOXELS along its shortest extent)."""
-    array = sitk.GetArrayFromImage(image).astype(np.float32)
-    lo, hi = np.percentile(array, (0.5, 99.5))
-    out = sitk.GetImageFromArray(np.clip((array - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32))
-    out.CopyInformation(image)
-    spacing = min(spacing_mm, min(n * s for n, s in zip(image.GetSize(), image.GetSpacing())) / MIN_GRID_VOXELS)
-    if spacing <= min(image.GetSpacing()) * 1.01:
-        return out
-    size = [max(1, round(n * s / spacing)) for n, s in zip(image.GetSize(), image.GetSpacing())]
-    return sitk.Resample(sitk.SmoothingRecursiveGaussian(out, spacing / 2), size, sitk.Transform(), sitk.sitkLinear,
-                         image.GetOrigin(), [spacing] * 3, image.GetDirection(), 0.0, sitk.sitkFloat32)
-
-
-def _method(grid: sitk.Image, stage: str, shrinks: list[int], seed: int) -> sitk.ImageRegistrationMethod:
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    fraction = min(SAMPLING, MAX_SAMPLES[stage] / np.prod(grid.GetSize()))
-    method.SetMetricSamplingPercentage(fraction, seed + 1)  # SimpleITK reads seed 0 as "seed from the clock"
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetShrinkFactorsPerLevel(shrinks)
-    method.SetSmoothingSigmasPerLevel([f // 2 for f in shrinks])  # voxels: 4 -> 2, 2 -> 1, 1 -> 0
-    method.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(False)
-    return method
-
-
-def register_label(fixed_image: sitk.Image, moving_image: sitk.Image, moving_label: sitk.Image, spacing_mm: float,
-                   seed: int) -> sitk.Image:
-    """Register moving to fixed (affine from image moments, then B-spline; Mattes MI, multi-resolution, seeded
-    sampling) on a `spacing_mm` grid; return moving_label warped onto fixed_image's full grid (nearest neighbour)."""
-    fixed, moving = _registration_grid(fixed_image, spacing_mm), _registration_grid(moving_image, spacing_mm)
-    shrinks = [f for f in (4, 2, 1) if min(fixed.GetSize()) / f >= 16] or [1]
-    affine = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
-                                               sitk.CenteredTransformInitializerFilter.MOMENTS)
-    method = _method(fixed, "affine", shrinks, seed)
-    method.SetOptimizerAsGradientDescent(learningRate=1.0, numberOfIterations=100, convergenceMinimumValue=1e-6,
-                                         convergenceWindowSize=10, estimateLearningRate=method.EachIteration)
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetInitialTransform(affine, inPlace=True)
-    method.Execute(fixed, moving)
-    bspline = sitk.BSplineTransformInitializer(fixed, [BSPLINE_MESH] * 3, 3)
-    method = _method(fixed, "bspline", shrinks[-2:], seed)
-    method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=BSPLINE_ITERATIONS,
-                                maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=2 * BSPLINE_ITERATIONS,
-                                costFunctionConvergenceFactor=1e7)
-    method.SetMovingInitialTransform(affine)
-    method.SetInitialTransform(bspline, inPlace=True)
-    method.Execute(fixed, moving)
-    transform = sitk.CompositeTransform([affine, bspline])  # applied last-first: fixed -> B-spline -> affine -> moving
-    return sitk.Resample(moving_label, fixed_image, transform, sitk.sitkNearestNeighbor, 0.0,
-                         moving_label.GetPixelID())
-
-
 def register_label_ants(fixed_image: sitk.Image, moving_image: sitk.Image, moving_label: sitk.Image,
                         seed: int) -> sitk.Image:
     """ANTs SyN (antspyx's default `SyN`: affine then symmetric diffeomorphic, Mattes MI), label warped with

@@ -9,11 +9,6 @@ so it can only refine it; a result that fits the images worse than its start is 
 
 Registration: SimpleITK, affine, Mattes mutual information (so CT and MR, and either normalisation, work), on both
 preprocessed scans smoothed and resampled to a coarse grid (at most MAX_ALIGNMENT_VOXELS); 0.3-2 s per query.
-
-Registration fusion (`iris_predict --registration_fusion`): the same affine refined by a coarse B-spline carries each
-reference's label onto the query (`registered_label_maps`, per class a soft map); the predictor averages it with the
-network's probabilities. Iris alone learns what a structure looks like, a registration where it lies in this anatomy:
-on abdominal MR never trained on the two together beat each (README, Results).
 """
 from __future__ import annotations
 
@@ -36,11 +31,6 @@ MIN_ALIGNMENT_VOXELS = 24
 ALIGNMENT_ITERATIONS = 100
 ALIGNMENT_SAMPLES = 20_000  # Mattes MI samples per evaluation (random, seeded: the same query gives the same frame)
 ALIGNMENT_SEED = 1234
-# the fusion's B-spline: as benchmarks/accuracy.py's registration baseline (6 control points per axis, L-BFGS-B)
-FUSION_BSPLINE_MESH = 3
-FUSION_BSPLINE_ITERATIONS = 50
-# ... on a finer grid than the affine's: a B-spline that bends kidneys needs them a dozen voxels across
-FUSION_MAX_VOXELS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -51,18 +41,20 @@ class AlignmentAnchor:
     image: sitk.Image
     frame: ScanFrame
     spacing: tuple[float, float, float]  # mm per preprocessed voxel
-    labels: np.ndarray | None = None  # the preprocessed label (X, Y, Z), index i = values[i - 1], for the fusion
+    # for --registration_fusion (inference/registration.py): the preprocessed first channel (X, Y, Z) and label
+    # (index i = values[i - 1])
+    data: np.ndarray | None = None
+    labels: np.ndarray | None = None
     values: tuple[int, ...] = ()
-    data: np.ndarray | None = None  # the preprocessed first channel (X, Y, Z), for the fusion's finer grid
 
 
-def registration_image(data: np.ndarray, spacing: Sequence[float], max_voxels: int = MAX_ALIGNMENT_VOXELS) -> sitk.Image:
-    """A preprocessed scan (C, X, Y, Z) -> its first channel smoothed onto the registration grid (at most
-    `max_voxels`); physical point p = voxel * spacing (origin 0, axes as the voxels')."""
+def registration_image(data: np.ndarray, spacing: Sequence[float]) -> sitk.Image:
+    """A preprocessed scan (C, X, Y, Z) -> its first channel smoothed onto the registration grid; physical point
+    p = voxel * spacing (origin 0, axes as the voxels')."""
     image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(data[0], dtype=np.float32).transpose(2, 1, 0)))
     image.SetSpacing([float(s) for s in spacing])
     extent = [n * s for n, s in zip(image.GetSize(), image.GetSpacing())]
-    grid = max(min(float(np.prod(extent) / max_voxels) ** (1 / 3), min(extent) / MIN_ALIGNMENT_VOXELS),
+    grid = max(min(float(np.prod(extent) / MAX_ALIGNMENT_VOXELS) ** (1 / 3), min(extent) / MIN_ALIGNMENT_VOXELS),
                max(spacing))
     if grid <= max(spacing) * 1.01:
         return image
@@ -75,8 +67,8 @@ def registration_image(data: np.ndarray, spacing: Sequence[float], max_voxels: i
 def alignment_anchor(data: np.ndarray, frame: ScanFrame, spacing: Sequence[float], labels: np.ndarray | None = None,
                      values: Sequence[int] = ()) -> AlignmentAnchor:
     """The anchor of a preprocessed reference (C, X, Y, Z) with its frame (and its label, indices into `values`)."""
-    return AlignmentAnchor(registration_image(data, spacing), frame, tuple(float(s) for s in spacing), labels,
-                           tuple(int(v) for v in values), None if labels is None else np.asarray(data[0]))
+    return AlignmentAnchor(registration_image(data, spacing), frame, tuple(float(s) for s in spacing),
+                           None if labels is None else np.asarray(data[0]), labels, tuple(int(v) for v in values))
 
 
 def frames_transform(query: ScanFrame, reference: ScanFrame, spacing: Sequence[float]) -> sitk.AffineTransform:
@@ -123,11 +115,6 @@ def aligned_frame(query_data: np.ndarray, query_frame: ScanFrame, anchor: Alignm
 
 def registered_frame(fixed: sitk.Image, query_frame: ScanFrame, anchor: AlignmentAnchor) -> ScanFrame:
     """aligned_frame for a query already on its registration grid (registration_image)."""
-    return transform_frame(registered_affine(fixed, query_frame, anchor), anchor.frame, anchor.spacing)
-
-
-def registered_affine(fixed: sitk.Image, query_frame: ScanFrame, anchor: AlignmentAnchor) -> sitk.AffineTransform:
-    """The affine map of query mm to reference mm: the frames' match refined by registration, whichever fits better."""
     moving = anchor.image
     start = frames_transform(query_frame, anchor.frame, anchor.spacing)
     method = _method(min(1.0, ALIGNMENT_SAMPLES / float(np.prod(fixed.GetSize()))))
@@ -143,73 +130,8 @@ def registered_affine(fixed: sitk.Image, query_frame: ScanFrame, anchor: Alignme
     try:
         method.Execute(fixed, moving)
     except RuntimeError:  # too little overlap to evaluate the metric: the frames are all we know
-        return start
-    return _better(fixed, moving, start, transform)
-
-
-def registered_label_maps(query_data: np.ndarray, query_frame: ScanFrame, anchors: Sequence[AlignmentAnchor],
-                          classes: Sequence[int]) -> np.ndarray:
-    """Per class of `classes` (label values), the references' labels carried onto the preprocessed query (C, X, Y, Z)
-    by registering it to each (registered_affine, then a coarse B-spline on the same grid; linear interpolation of
-    each class's mask): (K, X, Y, Z) float32 in [0, 1], per class the mean over the references that hold it (0 where
-    none does)."""
-    shape = query_data.shape[1:]
-    maps = np.zeros((len(classes), *shape), dtype=np.float32)
-    holders = np.zeros(len(classes), dtype=np.int64)
-    for anchor in anchors:
-        if anchor.labels is None:
-            raise ValueError("registration fusion needs anchors that hold their reference's label")
-        affine = registered_affine(registration_image(query_data, anchor.spacing), query_frame, anchor)
-        transform = _deformable(registration_image(query_data, anchor.spacing, FUSION_MAX_VOXELS), affine,
-                                registration_image(anchor.data[None], anchor.spacing, FUSION_MAX_VOXELS))
-        grid = sitk.Image([int(n) for n in shape], sitk.sitkFloat32)  # the query's voxels (sitk x = axis 0)
-        grid.SetSpacing(anchor.spacing)
-        for k, value in enumerate(classes):
-            if value not in anchor.values:
-                continue
-            mask = (anchor.labels == anchor.values.index(value) + 1).astype(np.float32)
-            moving = sitk.GetImageFromArray(np.ascontiguousarray(mask.transpose(2, 1, 0)))
-            moving.SetSpacing(anchor.spacing)
-            warped = sitk.Resample(moving, grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-            maps[k] += sitk.GetArrayFromImage(warped).transpose(2, 1, 0)
-            holders[k] += 1
-    return maps / np.maximum(holders, 1).astype(np.float32)[:, None, None, None]
-
-
-def _deformable(fixed: sitk.Image, affine: sitk.AffineTransform, moving: sitk.Image) -> sitk.Transform:
-    """`affine` (query mm -> reference mm) refined by a B-spline of FUSION_BSPLINE_MESH intervals per axis (Mattes MI,
-    L-BFGS-B); the affine alone where the B-spline cannot be evaluated."""
-    refined = sitk.AffineTransform(affine)
-    method = _method(min(1.0, 5 * ALIGNMENT_SAMPLES / float(np.prod(fixed.GetSize()))))
-    shrinks = [f for f in (4, 2, 1) if min(fixed.GetSize()) / f >= 16] or [1]
-    method.SetShrinkFactorsPerLevel(shrinks)
-    method.SetSmoothingSigmasPerLevel([f // 2 for f in shrinks])
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3,
-                                                    numberOfIterations=ALIGNMENT_ITERATIONS,
-                                                    relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6)
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetInitialTransform(refined, inPlace=True)
-    try:
-        method.Execute(fixed, moving)
-        affine = _better(fixed, moving, affine, refined)
-    except RuntimeError:
-        pass
-    bspline = sitk.BSplineTransformInitializer(fixed, [FUSION_BSPLINE_MESH] * 3, 3)
-    method = _method(min(1.0, ALIGNMENT_SAMPLES / float(np.prod(fixed.GetSize()))))
-    shrinks = [f for f in (2, 1) if min(fixed.GetSize()) / f >= 16] or [1]
-    method.SetShrinkFactorsPerLevel(shrinks)
-    method.SetSmoothingSigmasPerLevel([f - 1 for f in shrinks])
-    method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=FUSION_BSPLINE_ITERATIONS,
-                                maximumNumberOfCorrections=5,
-                                maximumNumberOfFunctionEvaluations=2 * FUSION_BSPLINE_ITERATIONS,
-                                costFunctionConvergenceFactor=1e7)
-    method.SetMovingInitialTransform(affine)
-    method.SetInitialTransform(bspline, inPlace=True)
-    try:
-        method.Execute(fixed, moving)
-    except RuntimeError:
-        return affine
-    return sitk.CompositeTransform([affine, bspline])  # applied last-first: query -> B-spline -> affine -> reference
+        return transform_frame(start, anchor.frame, anchor.spacing)
+    return transform_frame(_better(fixed, moving, start, transform), anchor.frame, anchor.spacing)
 
 
 def _better(fixed: sitk.Image, moving: sitk.Image, start: sitk.AffineTransform,

@@ -30,13 +30,7 @@ import torch
 from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
 
 from iris_nnu.errors import IrisInputError, brief
-from iris_nnu.inference.alignment import (
-    PRIOR_ALIGNMENTS,
-    AlignmentAnchor,
-    aligned_frame,
-    priors_onto,
-    registered_label_maps,
-)
+from iris_nnu.inference.alignment import PRIOR_ALIGNMENTS, AlignmentAnchor, aligned_frame, priors_onto
 from iris_nnu.inference.export import (
     Winner,
     indices_to_values,
@@ -55,6 +49,7 @@ from iris_nnu.inference.images import (
     strip_ending,
 )
 from iris_nnu.inference.plans import RunPreprocessing, inference_plans
+from iris_nnu.inference.registration import registered_label_maps
 from iris_nnu.inference.references import (
     Crop,
     ReferenceCase,
@@ -231,7 +226,7 @@ class IrisPredictor:
             carried onto the first's grid at encoding), "frames" puts the two bodies' frames onto each other (also
             what a task file, which holds no image, gets).
         registration_fusion: average each class's probability with the references' labels carried onto the query
-            by a registration (alignment.registered_label_maps; references encoded by `encode_references`, not a
+            by a registration (registration.registered_label_maps; references encoded by `encode_references`, not a
             task file), FUSION_WEIGHT each.
         verbose: unused (nnU-Net's argument, kept for its argument order).
         allow_tqdm: progress bars over the queries of predict_from_files.
@@ -607,7 +602,7 @@ class IrisPredictor:
             if not self.alignment_anchors:
                 raise IrisInputError("registration fusion needs the reference images (-r), and a model with a position "
                                      "prior: a task file holds no image")
-            atlas = registered_label_maps(data, scan_frame(properties), self.alignment_anchors, classes)
+            atlas = registered_label_maps(data, self.alignment_anchors, classes)
         result = self.segment_preprocessed(data, properties, task, probabilities=save_probabilities, frame=frame,
                                            atlas=atlas)
         warnings = query.warnings + field_of_view_warnings(self.per_fold(task)[0], properties)
