@@ -102,8 +102,16 @@ def _method(grid: sitk.Image, stage: str, shrinks: list[int], seed: int) -> sitk
 
 def register_label(fixed_image: sitk.Image, moving_image: sitk.Image, moving_label: sitk.Image, spacing_mm: float,
                    seed: int) -> sitk.Image:
+    """moving_label warped onto fixed_image's full grid (nearest neighbour) by registration_transform."""
+    transform = registration_transform(fixed_image, moving_image, spacing_mm, seed)
+    return sitk.Resample(moving_label, fixed_image, transform, sitk.sitkNearestNeighbor, 0.0,
+                         moving_label.GetPixelID())
+
+
+def registration_transform(fixed_image: sitk.Image, moving_image: sitk.Image, spacing_mm: float,
+                           seed: int) -> sitk.Transform:
     """Register moving to fixed (affine from image moments, then B-spline; Mattes MI, multi-resolution, seeded
-    sampling) on a `spacing_mm` grid; return moving_label warped onto fixed_image's full grid (nearest neighbour)."""
+    sampling) on a `spacing_mm` grid: the transform of fixed points to moving points."""
     fixed, moving = _registration_grid(fixed_image, spacing_mm), _registration_grid(moving_image, spacing_mm)
     shrinks = [f for f in (4, 2, 1) if min(fixed.GetSize()) / f >= 16] or [1]
     affine = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
@@ -122,9 +130,7 @@ def register_label(fixed_image: sitk.Image, moving_image: sitk.Image, moving_lab
     method.SetMovingInitialTransform(affine)
     method.SetInitialTransform(bspline, inPlace=True)
     method.Execute(fixed, moving)
-    transform = sitk.CompositeTransform([affine, bspline])  # applied last-first: fixed -> B-spline -> affine -> moving
-    return sitk.Resample(moving_label, fixed_image, transform, sitk.sitkNearestNeighbor, 0.0,
-                         moving_label.GetPixelID())
+    return sitk.CompositeTransform([affine, bspline])  # applied last-first: fixed -> B-spline -> affine -> moving
 
 
 def register_label_ants(fixed_image: sitk.Image, moving_image: sitk.Image, moving_label: sitk.Image,

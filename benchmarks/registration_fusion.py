@@ -36,32 +36,6 @@ WEIGHTS = (0.3, 0.5, 0.7)
 REGISTRATION_SPACING_MM = 2.0  # accuracy.py --registration_spacing's default
 
 
-def registration_transform(fixed_image: sitk.Image, moving_image: sitk.Image, spacing_mm: float,
-                           seed: int) -> sitk.Transform:
-    """accuracy.register_label's registration, returning its transform (fixed -> moving)."""
-    fixed = accuracy._registration_grid(fixed_image, spacing_mm)
-    moving = accuracy._registration_grid(moving_image, spacing_mm)
-    shrinks = [f for f in (4, 2, 1) if min(fixed.GetSize()) / f >= 16] or [1]
-    affine = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
-                                               sitk.CenteredTransformInitializerFilter.MOMENTS)
-    method = accuracy._method(fixed, "affine", shrinks, seed)
-    method.SetOptimizerAsGradientDescent(learningRate=1.0, numberOfIterations=100, convergenceMinimumValue=1e-6,
-                                         convergenceWindowSize=10, estimateLearningRate=method.EachIteration)
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetInitialTransform(affine, inPlace=True)
-    method.Execute(fixed, moving)
-    bspline = sitk.BSplineTransformInitializer(fixed, [accuracy.BSPLINE_MESH] * 3, 3)
-    method = accuracy._method(fixed, "bspline", shrinks[-2:], seed)
-    method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=accuracy.BSPLINE_ITERATIONS,
-                                maximumNumberOfCorrections=5,
-                                maximumNumberOfFunctionEvaluations=2 * accuracy.BSPLINE_ITERATIONS,
-                                costFunctionConvergenceFactor=1e7)
-    method.SetMovingInitialTransform(affine)
-    method.SetInitialTransform(bspline, inPlace=True)
-    method.Execute(fixed, moving)
-    return sitk.CompositeTransform([affine, bspline])
-
-
 def labels_from(probabilities: np.ndarray, classes: list[int], threshold: float) -> np.ndarray:
     """The most probable class where its probability exceeds `threshold`, else 0."""
     return np.where(probabilities.max(0) > threshold, np.asarray(classes)[probabilities.argmax(0)], 0)
@@ -101,7 +75,7 @@ def main() -> int:
         start = time.perf_counter()
         result = predictor.predict_case([accuracy.image_file(folder, case)], task, save_probabilities=True)
         iris_s = time.perf_counter() - start
-        transform = registration_transform(fixed, reference_image, REGISTRATION_SPACING_MM, args.seed)
+        transform = accuracy.registration_transform(fixed, reference_image, REGISTRATION_SPACING_MM, args.seed)
         registered = np.stack([sitk.GetArrayFromImage(sitk.Resample(
             sitk.Cast(reference_label == c, sitk.sitkFloat32), fixed, transform, sitk.sitkLinear, 0.0,
             sitk.sitkFloat32)) for c in classes])
