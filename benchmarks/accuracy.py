@@ -198,6 +198,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             start = time.perf_counter()  # mirrors iris_predict: encode, task for the strategy, pool for retrieval
             predictor.use_mirroring = tta
             predictor.prior_alignment = alignment
+            predictor.registration_fusion = option.endswith("-fused")  # its references keep their atlases
             encoded = predictor.encode_references(cases[:k])
             task, losses = predictor.task_for_strategy(encoded.pool, strategy, encoded, args.tune_steps, args.tune_lr)
             threshold, calibration = 0.5, None
@@ -208,7 +209,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                              "classes_per_pass": per_pass, "largest_component": largest_component,
                              "position_prior": position, "tta": tta, "prior_alignment": alignment,
                              "registration_fusion": option.endswith("-fused"),
-                             "anchors": encoded.anchors,
+                             "anchors": encoded.anchors, "atlases": encoded.atlases,
                              "task": task, "pool": encoded.pool if strategy == "retrieval" else None, "per_query": {}}
             print(f"[{folder.name}] {name}: task encoded in {methods[name]['encode_s']:.1f} s", file=sys.stderr)
     for option, name in (("registration", "registration"), ("ants-syn", "ants syn"),
@@ -239,6 +240,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                     predictor.decision_threshold = m["threshold"]
                     predictor.prior_alignment, predictor.alignment_anchors = m["prior_alignment"], m["anchors"]
                     predictor.registration_fusion = m["registration_fusion"]
+                    predictor.registration_atlases = m["atlases"]
                     result = predictor.predict_case([image_file(folder, case)], m["task"], m["pool"], 1)
                     write_segmentation(result.segmentation, os.path.join(tmp, f"{case}.nii.gz"), result.properties,
                                        result.reader_writer)
@@ -263,7 +265,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                       f"{nanmean(list(dice.values())):.3f}, {seconds:.1f} s", file=sys.stderr)
     subcortical = [c for c in classes if any(s in names[c] for s in SUBCORTICAL)]
     for m in methods.values():
-        for key in ("task", "pool", "anchors"):
+        for key in ("task", "pool", "anchors", "atlases"):
             m.pop(key, None)
         per_class = {c: nanmean([q["dice"][c] for q in m["per_query"].values()]) for c in classes}
         m.update(dice_per_class=per_class, mean_dice=nanmean(list(per_class.values())),

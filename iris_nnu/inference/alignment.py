@@ -41,11 +41,6 @@ class AlignmentAnchor:
     image: sitk.Image
     frame: ScanFrame
     spacing: tuple[float, float, float]  # mm per preprocessed voxel
-    # for --registration_fusion (inference/registration.py): the preprocessed first channel (X, Y, Z) and label
-    # (index i = values[i - 1])
-    data: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    values: tuple[int, ...] = ()
 
 
 def registration_image(data: np.ndarray, spacing: Sequence[float]) -> sitk.Image:
@@ -64,11 +59,9 @@ def registration_image(data: np.ndarray, spacing: Sequence[float]) -> sitk.Image
                          origin, [grid] * 3, image.GetDirection(), 0.0, sitk.sitkFloat32)
 
 
-def alignment_anchor(data: np.ndarray, frame: ScanFrame, spacing: Sequence[float], labels: np.ndarray | None = None,
-                     values: Sequence[int] = ()) -> AlignmentAnchor:
-    """The anchor of a preprocessed reference (C, X, Y, Z) with its frame (and its label, indices into `values`)."""
-    return AlignmentAnchor(registration_image(data, spacing), frame, tuple(float(s) for s in spacing),
-                           None if labels is None else np.asarray(data[0]), labels, tuple(int(v) for v in values))
+def alignment_anchor(data: np.ndarray, frame: ScanFrame, spacing: Sequence[float]) -> AlignmentAnchor:
+    """The anchor of a preprocessed reference (C, X, Y, Z) with its frame."""
+    return AlignmentAnchor(registration_image(data, spacing), frame, tuple(float(s) for s in spacing))
 
 
 def frames_transform(query: ScanFrame, reference: ScanFrame, spacing: Sequence[float]) -> sitk.AffineTransform:

@@ -3,17 +3,17 @@ a coarse B-spline; Mattes mutual information, so CT and MR and any normalisation
 
 Two users: benchmarks/accuracy.py's registration baseline, and `iris_predict --registration_fusion`, which averages
 each class's Iris probability with the references' labels registered onto the query (`registered_label_maps`, on the
-preprocessed scans). Iris alone knows what a structure looks like; a registration where it lies in this anatomy. On
+scans' own grids, before resampling: nnU-Net resamples a thick-slice axis by nearest neighbour, whose steps misled
+the registration). Iris alone knows what a structure looks like; a registration where it lies in this anatomy. On
 abdominal MR the model never trained on, the two together beat each alone (README, Results).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
-
-from iris_nnu.inference.alignment import AlignmentAnchor
 
 # ITK's v4 metrics fill a dense Jacobian per sample, so a B-spline step costs samples x parameters: the samples are
 # capped (the fraction holds for small grids) and the mesh is coarse.
@@ -86,30 +86,41 @@ def register_label(fixed_image: sitk.Image, moving_image: sitk.Image, moving_lab
                          moving_label.GetPixelID())
 
 
+@dataclass(frozen=True)
+class RegistrationAtlas:
+    """A reference as --registration_fusion registers it: its first channel and label (index i = values[i - 1]) on
+    its cropped original grid (transposed and cropped as preprocessed, not resampled: RunPreprocessing.
+    cropped_original), in the run's voxel order. In memory only: never saved with a task."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    values: tuple[int, ...]
+    spacing: tuple[float, ...]
+
+
 def _voxel_image(array: np.ndarray, spacing: Sequence[float]) -> sitk.Image:
-    """A preprocessed volume (X, Y, Z) as an image whose point p = voxel * spacing (as alignment.registration_image)."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array, dtype=np.float32).transpose(2, 1, 0)))
-    image.SetSpacing([float(s) for s in spacing])
+    """A (Z, Y, X) volume as an image of that spacing (origin 0, axes as the voxels': all scans of a run are in its
+    voxel order)."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+    image.SetSpacing([float(s) for s in spacing[::-1]])
     return image
 
 
-def registered_label_maps(query_data: np.ndarray, anchors: Sequence[AlignmentAnchor], classes: Sequence[int],
-                          seed: int = 0) -> np.ndarray:
-    """Per class of `classes` (label values), the references' labels carried onto the preprocessed query (C, X, Y, Z,
-    at the anchors' spacing) by deformable_transform, each class's mask warped with linear interpolation: (K, X, Y,
-    Z) float32 in [0, 1], per class the mean over the references that hold it (0 where none does)."""
-    maps = np.zeros((len(classes), *query_data.shape[1:]), dtype=np.float32)
+def registered_label_maps(query: np.ndarray, spacing: Sequence[float], atlases: Sequence[RegistrationAtlas],
+                          classes: Sequence[int], seed: int = 0) -> np.ndarray:
+    """Per class of `classes` (label values), the atlases' labels carried onto the query's cropped original grid
+    (`query` (Z, Y, X), its `spacing`) by deformable_transform, each class's mask warped with linear interpolation:
+    (K, Z, Y, X) float32 in [0, 1], per class the mean over the atlases that hold it (0 where none does)."""
+    maps = np.zeros((len(classes), *query.shape), dtype=np.float32)
     holders = np.zeros(len(classes), dtype=np.float32)
-    for anchor in anchors:
-        if anchor.labels is None or anchor.data is None:
-            raise ValueError("registration fusion needs anchors that hold their reference's scan and label")
-        fixed = _voxel_image(query_data[0], anchor.spacing)
-        transform = deformable_transform(fixed, _voxel_image(anchor.data, anchor.spacing), seed=seed)
+    fixed = _voxel_image(query, spacing)
+    for atlas in atlases:
+        transform = deformable_transform(fixed, _voxel_image(atlas.image, atlas.spacing), seed=seed)
         for k, value in enumerate(classes):
-            if value not in anchor.values:
+            if value not in atlas.values:
                 continue
-            mask = _voxel_image(anchor.labels == anchor.values.index(value) + 1, anchor.spacing)
-            warped = sitk.Resample(mask, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-            maps[k] += sitk.GetArrayFromImage(warped).transpose(2, 1, 0)
+            mask = _voxel_image(atlas.labels == atlas.values.index(value) + 1, atlas.spacing)
+            maps[k] += sitk.GetArrayFromImage(sitk.Resample(mask, fixed, transform, sitk.sitkLinear, 0.0,
+                                                            sitk.sitkFloat32))
             holders[k] += 1
     return maps / np.maximum(holders, 1)[:, None, None, None]
