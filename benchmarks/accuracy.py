@@ -13,6 +13,8 @@ from the model's training cases of each dataset, i.e. imagesTr minus the held-ou
   iris oneshot calibrated   as oneshot, the decision threshold the reference's own segmentation scores best at
                             (iris_predict's default, --threshold auto; its time is part of "encode s")
   iris tune calibrated      as tune, then the threshold calibrated with the tuned task (--strategy tune)
+  iris oneshot fused with registration   as oneshot, each class's probability averaged with reference #1's label
+                            carried onto the query by an affine + B-spline registration (--registration_fusion)
 Queries: the first --queries held-out cases (never trained on) per dataset, from --held_out (default
 <model folder>/held_out.json: {"Dataset001_Hippocampus": ["hippocampus_026", ...], ...}).
 Dice per class on the query's own grid against labelsTr; NaN (left out of means) where the class is absent from
@@ -48,6 +50,14 @@ from iris_nnu.inference.evaluate import dice_per_class  # noqa: E402
 from iris_nnu.inference.images import write_segmentation  # noqa: E402
 from iris_nnu.inference.names import dataset_json_names  # noqa: E402
 from iris_nnu.inference.predictor import DEFAULT_PRIOR_ALIGNMENT  # noqa: E402
+from iris_nnu.inference.registration import (  # noqa: E402
+    BSPLINE_ITERATIONS,
+    BSPLINE_MESH,
+    MAX_SAMPLES,
+    MIN_GRID_VOXELS,
+    SAMPLING,
+    register_label,
+)
 from iris_nnu.inference.plans import MODALITIES  # noqa: E402
 from iris_nnu.inference.strategies import DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, calibrated_threshold  # noqa: E402
 from iris_nnu.io.model_folder import (  # noqa: E402
@@ -62,77 +72,9 @@ PROGRAM = "benchmarks/accuracy.py"
 # subcortical grey-matter structures, recognised by label name (FreeSurfer / Mindboggle naming)
 SUBCORTICAL = ("Thalamus", "Caudate", "Putamen", "Pallidum", "Hippocampus", "Amygdala", "Accumbens", "VentralDC")
 MAX_CLASS_COLUMNS = 4  # datasets with at most this many classes get one table column per class
-# Registration. ITK's v4 metrics fill a dense Jacobian per sample, so a B-spline step costs samples x parameters:
-# the samples are capped (the fraction holds for small grids) and the mesh is coarse.
-SAMPLING = 0.15  # fraction of the registration grid's voxels sampled by Mattes MI (random, seeded)
-MAX_SAMPLES = {"affine": 100_000, "bspline": 20_000}
-BSPLINE_MESH = 3  # intervals per axis: 6 control points per axis with cubic B-splines
-BSPLINE_ITERATIONS = 50  # L-BFGS-B iterations per resolution level
-MIN_GRID_VOXELS = 32  # the registration grid keeps at least this many voxels along the shortest axis
 
 
 # ------------------------------------------------------------------------------------------- registration
-def _registration_grid(image: sitk.Image, spacing_mm: float) -> sitk.Image:
-    """Float32, 0.5-99.5th percentiles scaled to [0, 1], smoothed and resampled to isotropic `spacing_mm` (no finer
-    than the image, no coarser than MIN_GRID_VOXELS along its shortest extent)."""
-    array = sitk.GetArrayFromImage(image).astype(np.float32)
-    lo, hi = np.percentile(array, (0.5, 99.5))
-    out = sitk.GetImageFromArray(np.clip((array - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32))
-    out.CopyInformation(image)
-    spacing = min(spacing_mm, min(n * s for n, s in zip(image.GetSize(), image.GetSpacing())) / MIN_GRID_VOXELS)
-    if spacing <= min(image.GetSpacing()) * 1.01:
-        return out
-    size = [max(1, round(n * s / spacing)) for n, s in zip(image.GetSize(), image.GetSpacing())]
-    return sitk.Resample(sitk.SmoothingRecursiveGaussian(out, spacing / 2), size, sitk.Transform(), sitk.sitkLinear,
-                         image.GetOrigin(), [spacing] * 3, image.GetDirection(), 0.0, sitk.sitkFloat32)
-
-
-def _method(grid: sitk.Image, stage: str, shrinks: list[int], seed: int) -> sitk.ImageRegistrationMethod:
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    fraction = min(SAMPLING, MAX_SAMPLES[stage] / np.prod(grid.GetSize()))
-    method.SetMetricSamplingPercentage(fraction, seed + 1)  # SimpleITK reads seed 0 as "seed from the clock"
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetShrinkFactorsPerLevel(shrinks)
-    method.SetSmoothingSigmasPerLevel([f // 2 for f in shrinks])  # voxels: 4 -> 2, 2 -> 1, 1 -> 0
-    method.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(False)
-    return method
-
-
-def register_label(fixed_image: sitk.Image, moving_image: sitk.Image, moving_label: sitk.Image, spacing_mm: float,
-                   seed: int) -> sitk.Image:
-    """moving_label warped onto fixed_image's full grid (nearest neighbour) by registration_transform."""
-    transform = registration_transform(fixed_image, moving_image, spacing_mm, seed)
-    return sitk.Resample(moving_label, fixed_image, transform, sitk.sitkNearestNeighbor, 0.0,
-                         moving_label.GetPixelID())
-
-
-def registration_transform(fixed_image: sitk.Image, moving_image: sitk.Image, spacing_mm: float,
-                           seed: int) -> sitk.Transform:
-    """Register moving to fixed (affine from image moments, then B-spline; Mattes MI, multi-resolution, seeded
-    sampling) on a `spacing_mm` grid: the transform of fixed points to moving points."""
-    fixed, moving = _registration_grid(fixed_image, spacing_mm), _registration_grid(moving_image, spacing_mm)
-    shrinks = [f for f in (4, 2, 1) if min(fixed.GetSize()) / f >= 16] or [1]
-    affine = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
-                                               sitk.CenteredTransformInitializerFilter.MOMENTS)
-    method = _method(fixed, "affine", shrinks, seed)
-    method.SetOptimizerAsGradientDescent(learningRate=1.0, numberOfIterations=100, convergenceMinimumValue=1e-6,
-                                         convergenceWindowSize=10, estimateLearningRate=method.EachIteration)
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetInitialTransform(affine, inPlace=True)
-    method.Execute(fixed, moving)
-    bspline = sitk.BSplineTransformInitializer(fixed, [BSPLINE_MESH] * 3, 3)
-    method = _method(fixed, "bspline", shrinks[-2:], seed)
-    method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=BSPLINE_ITERATIONS,
-                                maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=2 * BSPLINE_ITERATIONS,
-                                costFunctionConvergenceFactor=1e7)
-    method.SetMovingInitialTransform(affine)
-    method.SetInitialTransform(bspline, inPlace=True)
-    method.Execute(fixed, moving)
-    return sitk.CompositeTransform([affine, bspline])  # applied last-first: fixed -> B-spline -> affine -> moving
-
-
 def register_label_ants(fixed_image: sitk.Image, moving_image: sitk.Image, moving_label: sitk.Image,
                         seed: int) -> sitk.Image:
     """ANTs SyN (antspyx's default `SyN`: affine then symmetric diffeomorphic, Mattes MI), label warped with
@@ -249,12 +191,14 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             f"iris ensemble-{n} frames prior": ("ensemble-frames", "ensemble", n, None, False, True, False, "frames"),
             f"iris retrieval-{n}": ("retrieval", "retrieval", n, None, False, True, False, default),
             "iris tune": ("tune", "tune", 1, None, False, True, False, default),
-            "iris tune calibrated": ("tune-calibrated", "tune", 1, None, False, True, False, default)}
+            "iris tune calibrated": ("tune-calibrated", "tune", 1, None, False, True, False, default),
+            "iris oneshot fused with registration": ("oneshot-fused", "oneshot", 1, None, False, True, False, default)}
     for name, (option, strategy, k, per_pass, largest_component, position, tta, alignment) in iris.items():
         if option in args.methods:
             start = time.perf_counter()  # mirrors iris_predict: encode, task for the strategy, pool for retrieval
             predictor.use_mirroring = tta
             predictor.prior_alignment = alignment
+            predictor.registration_fusion = option.endswith("-fused")  # its references keep their atlases
             encoded = predictor.encode_references(cases[:k])
             task, losses = predictor.task_for_strategy(encoded.pool, strategy, encoded, args.tune_steps, args.tune_lr)
             threshold, calibration = 0.5, None
@@ -264,7 +208,8 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                              "threshold": threshold, "reference_dice_by_threshold": calibration,
                              "classes_per_pass": per_pass, "largest_component": largest_component,
                              "position_prior": position, "tta": tta, "prior_alignment": alignment,
-                             "anchors": encoded.anchors,
+                             "registration_fusion": option.endswith("-fused"),
+                             "anchors": encoded.anchors, "atlases": encoded.atlases,
                              "task": task, "pool": encoded.pool if strategy == "retrieval" else None, "per_query": {}}
             print(f"[{folder.name}] {name}: task encoded in {methods[name]['encode_s']:.1f} s", file=sys.stderr)
     for option, name in (("registration", "registration"), ("ants-syn", "ants syn"),
@@ -294,6 +239,8 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                     predictor.use_mirroring = m["tta"]
                     predictor.decision_threshold = m["threshold"]
                     predictor.prior_alignment, predictor.alignment_anchors = m["prior_alignment"], m["anchors"]
+                    predictor.registration_fusion = m["registration_fusion"]
+                    predictor.registration_atlases = m["atlases"]
                     result = predictor.predict_case([image_file(folder, case)], m["task"], m["pool"], 1)
                     write_segmentation(result.segmentation, os.path.join(tmp, f"{case}.nii.gz"), result.properties,
                                        result.reader_writer)
@@ -318,7 +265,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                       f"{nanmean(list(dice.values())):.3f}, {seconds:.1f} s", file=sys.stderr)
     subcortical = [c for c in classes if any(s in names[c] for s in SUBCORTICAL)]
     for m in methods.values():
-        for key in ("task", "pool", "anchors"):
+        for key in ("task", "pool", "anchors", "atlases"):
             m.pop(key, None)
         per_class = {c: nanmean([q["dice"][c] for q in m["per_query"].values()]) for c in classes}
         m.update(dice_per_class=per_class, mean_dice=nanmean(list(per_class.values())),
@@ -385,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["oneshot", "ensemble", "retrieval", "tune", "registration",
                                                     "multi-atlas"],
                    choices=["oneshot", "oneshot-frames", "oneshot-affine", "oneshot-1-per-pass", "oneshot-8-per-pass", "oneshot-largest-component",
-                            "oneshot-no-position", "oneshot-tta", "oneshot-calibrated", "ensemble", "ensemble-frames", "retrieval", "tune", "tune-calibrated",
+                            "oneshot-no-position", "oneshot-tta", "oneshot-calibrated", "oneshot-fused", "ensemble", "ensemble-frames", "retrieval", "tune",
+                            "tune-calibrated",
                             "registration", "ants-syn",
                             "multi-atlas", "box-alignment"],
                    help="oneshot-frames / oneshot-affine: oneshot with the position prior read through the scans' "
@@ -396,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "oneshot-no-position: oneshot without the position prior (iris_predict "
                         "--no_position_prior); oneshot-tta: oneshot with mirrored test-time augmentation (iris_predict "
                         "--tta: 8 flips of query and reference together); oneshot-calibrated: oneshot with the decision "
-                        "threshold calibrated on the reference (iris_predict --threshold auto), tune-calibrated likewise after tune; ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
+                        "threshold calibrated on the reference (iris_predict --threshold auto), tune-calibrated likewise after tune; oneshot-fused: oneshot averaged with reference #1's label registered onto the query (iris_predict --registration_fusion, at 0.5); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
                         "box-alignment: reference #1's label carried over by aligning the scans' non-zero boxes "
                         "(what the position prior alone knows)")
     p.add_argument("--seed", type=int, default=0, help="picks the references; seeds the registration sampling")

@@ -2,7 +2,7 @@
 
 Per query: Iris one-shot from reference #1 (the decision threshold calibrated on it, as iris_predict's default) with
 its per-class probabilities, and the reference's label carried onto the query by accuracy.py's registration baseline
-(SimpleITK affine then B-spline, Mattes MI, 2 mm grid), each class's mask warped with linear interpolation (a soft
+(inference/registration.py: SimpleITK affine then B-spline, Mattes MI, 2 mm grid), each class's mask warped with linear interpolation (a soft
 map). Dice of Iris, of the registration (its soft map > 0.5), and of their weighted mean w * Iris + (1 - w) *
 registration at 0.5 and at the calibrated threshold, for w in 0.3, 0.5, 0.7. Seconds: Iris (read, preprocess, predict,
 export) and registration (registration and warping), one thread each.
@@ -30,10 +30,10 @@ from iris_nnu.files import write_json_atomic  # noqa: E402
 from iris_nnu.inference import IrisPredictor, parse_reference  # noqa: E402
 from iris_nnu.inference.evaluate import dice_per_class  # noqa: E402
 from iris_nnu.inference.names import dataset_json_names  # noqa: E402
+from iris_nnu.inference.registration import deformable_transform  # noqa: E402
 from iris_nnu.inference.strategies import calibrated_threshold  # noqa: E402
 
 WEIGHTS = (0.3, 0.5, 0.7)
-REGISTRATION_SPACING_MM = 2.0  # accuracy.py --registration_spacing's default
 
 
 def labels_from(probabilities: np.ndarray, classes: list[int], threshold: float) -> np.ndarray:
@@ -75,7 +75,7 @@ def main() -> int:
         start = time.perf_counter()
         result = predictor.predict_case([accuracy.image_file(folder, case)], task, save_probabilities=True)
         iris_s = time.perf_counter() - start
-        transform = accuracy.registration_transform(fixed, reference_image, REGISTRATION_SPACING_MM, args.seed)
+        transform = deformable_transform(fixed, reference_image, seed=args.seed)
         registered = np.stack([sitk.GetArrayFromImage(sitk.Resample(
             sitk.Cast(reference_label == c, sitk.sitkFloat32), fixed, transform, sitk.sitkLinear, 0.0,
             sitk.sitkFloat32)) for c in classes])

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from scipy.ndimage import gaussian_filter
+from conftest import cli_error
+from scipy.ndimage import gaussian_filter, map_coordinates
 
 from iris_nnu.inference import IrisPredictor, parse_reference
 from iris_nnu.inference.alignment import (
@@ -19,6 +20,7 @@ from iris_nnu.inference.alignment import (
 )
 from iris_nnu.inference.evaluate import dice_per_class
 from iris_nnu.inference.predict import main as predict_main
+from iris_nnu.inference.registration import RegistrationAtlas, registered_label_maps
 from iris_nnu.model.position import ScanFrame, position_prior_from_labels
 
 DEMO = Path(__file__).resolve().parents[1] / "iris_nnu" / "demo_data" / "Dataset001_Hippocampus"
@@ -151,3 +153,64 @@ def test_a_task_file_reads_the_prior_through_the_frames(tmp_path: Path, cut_quer
     affine, frames = (float(np.nanmean(list(dice_per_class(truth, labels(f), [1, 2]).values())))
                       for f in ("affine", "frames"))
     assert affine > frames + 0.05, (affine, frames)
+
+
+def _deformed(volume: np.ndarray, order: int) -> np.ndarray:
+    """`volume` moved by (3, -2, 1) voxels and bent: the first axis stretched by up to 3 voxels along the second."""
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in volume.shape], indexing="ij"))
+    bend = 3 * np.sin(np.pi * grid[1] / volume.shape[1])
+    source = grid - np.array([3, -2, 1], dtype=float)[:, None, None, None]
+    source[0] -= bend
+    return map_coordinates(volume, source, order=order, mode="constant")
+
+
+def test_registered_label_maps_follow_a_deformed_query():
+    """A query showing the reference's body moved and bent: the reference's labels carried onto it by the fusion's
+    registration overlap the query's own far better than the labels left in place; a class only one reference holds
+    gets that reference's map, and a class none holds stays 0."""
+    reference = _textured_body((48, 48, 40), seed=3)
+    labels = np.zeros(reference.shape, np.int16)
+    labels[12:22, 14:26, 10:20] = 1
+    labels[26:38, 24:36, 18:30] = 2
+    query = _deformed(reference, 1)
+    truth = _deformed(labels, 0)
+    spacing = (2.0, 2.0, 2.0)
+    atlas = RegistrationAtlas(reference, labels, (5, 7), spacing)  # label index i is value (5, 7)[i - 1]
+    maps = registered_label_maps(query, spacing, [atlas], [5, 7, 9])
+    assert maps.shape == (3, *query.shape) and maps.dtype == np.float32
+    assert 0 <= maps.min() and maps.max() <= 1 and not maps[2].any()
+    for k, index in enumerate((1, 2)):
+        moved = dice_per_class((truth == index).astype(int), (maps[k] > 0.5).astype(int), [1])[1]
+        left = dice_per_class((truth == index).astype(int), (labels == index).astype(int), [1])[1]
+        assert moved > 0.85 and moved > left + 0.2, (index, moved, left)
+    only_first = RegistrationAtlas(reference, (labels == 1).astype(np.int16), (5,), spacing)
+    both = registered_label_maps(query, spacing, [atlas, only_first], [5, 7])
+    # class 7: the first reference's map alone; class 5: two maps of the same registration averaged (a registration
+    # repeated agrees to rounding in ITK's multithreaded sums: compared as masks)
+    for k in (0, 1):
+        again = dice_per_class((maps[k] > 0.5).astype(int), (both[k] > 0.5).astype(int), [1])[1]
+        assert again > 0.98, (k, again)
+
+
+def test_registration_fusion_segments_and_needs_the_references(tmp_path: Path, capsys):
+    """iris_predict --registration_fusion: segments a held-out hippocampus at 0.5 (said in one line) differently from
+    the network alone and still well; refused with a task file (no reference image to register)."""
+    query = tmp_path / "in"
+    query.mkdir()
+    (query / "hippocampus_026_0000.nii.gz").symlink_to(f"{DEMO}/imagesTr/hippocampus_026_0000.nii.gz")
+    task = tmp_path / "task.pt"
+    assert predict_main(["-i", str(query), "-o", str(tmp_path / "alone"), "-r", REFERENCE,
+                         "--save_task", str(task)]) == 0
+    capsys.readouterr()
+    assert predict_main(["-i", str(query), "-o", str(tmp_path / "fused"), "-r", REFERENCE,
+                         "--registration_fusion"]) == 0
+    assert "decision threshold 0.5: with --registration_fusion" in capsys.readouterr().out
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(f"{DEMO}/labelsTr/hippocampus_026.nii.gz"))
+    outputs = {f: sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f / "hippocampus_026.nii.gz")))
+               for f in ("alone", "fused")}
+    assert (outputs["alone"] != outputs["fused"]).any()
+    assert float(np.mean(list(dice_per_class(truth, outputs["fused"], [1, 2]).values()))) > 0.75
+    line = cli_error(capsys, predict_main, "iris_predict", ["-i", str(query), "-o", str(tmp_path / "task"),
+                                                             "--task", str(task), "--registration_fusion"])
+    assert "give them with -r" in line
+    assert not (tmp_path / "task").exists()

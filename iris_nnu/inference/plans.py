@@ -119,6 +119,14 @@ class RunPreprocessing:
         out_seg[out_seg < 0] = 0
         return out, out_seg, properties
 
+    def cropped_original(self, volume: np.ndarray, properties: dict) -> tuple[np.ndarray, tuple[float, ...]]:
+        """A (Z, Y, X) volume of a case this preprocessing ran on (`properties` as it returned them), transposed and
+        cropped as it was but not resampled, and that grid's spacing: where the predictor exports its class maps."""
+        transpose = self.plans_manager.transpose_forward
+        box = properties["bbox_used_for_cropping"]
+        cropped = np.transpose(volume, transpose)[tuple(slice(lo, hi) for lo, hi in box)]
+        return cropped, tuple(float(properties["spacing"][i]) for i in transpose)
+
     def input_warnings(self, data: np.ndarray, properties: dict, modality: str) -> list[str]:
         """Spacing or intensity range far from what the model was planned for (empty when fine)."""
         warnings = []

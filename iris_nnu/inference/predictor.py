@@ -49,6 +49,7 @@ from iris_nnu.inference.images import (
     strip_ending,
 )
 from iris_nnu.inference.plans import RunPreprocessing, inference_plans
+from iris_nnu.inference.registration import RegistrationAtlas, registered_label_maps
 from iris_nnu.inference.references import (
     Crop,
     ReferenceCase,
@@ -58,7 +59,7 @@ from iris_nnu.inference.references import (
     structure_crops,
 )
 from iris_nnu.inference.runner import run_queries, write_result
-from iris_nnu.inference.segmenter import MIN_STEP_SIZE, Segmenter, mirror_flips
+from iris_nnu.inference.segmenter import LOGIT_LIMIT, MIN_STEP_SIZE, Segmenter, mirror_flips
 from iris_nnu.inference.strategies import (
     DEFAULT_THRESHOLD,
     DEFAULT_TUNE_LR,
@@ -82,6 +83,16 @@ from iris_nnu.preprocessing.planner import CONFIGURATION, run_spacing
 DEFAULT_MAP_MEMORY_GB = 1.0
 # How a query meets its references' position priors by default (inference/alignment.py; measured in README Results)
 DEFAULT_PRIOR_ALIGNMENT = "affine"
+# --registration_fusion: the network's probability and the registered references' label in equal shares (benchmarks/
+# registration_fusion.py, abdominal MR never trained on, 11 queries: 0.727; 0.3 : 0.7 gave 0.717, 0.7 : 0.3 0.700)
+FUSION_WEIGHT = 0.5
+
+
+def fuse_with_atlas(logits: np.ndarray, atlas: np.ndarray) -> np.ndarray:
+    """The logits of FUSION_WEIGHT * sigmoid(logits) + (1 - FUSION_WEIGHT) * atlas (both (K, ...), float32)."""
+    probability = torch.sigmoid(torch.from_numpy(logits)).mul_(FUSION_WEIGHT).add_(torch.from_numpy(atlas),
+                                                                                    alpha=1 - FUSION_WEIGHT)
+    return torch.logit(probability).clamp_(-LOGIT_LIMIT, LOGIT_LIMIT).numpy()
 
 
 # A task of a run: one TaskEmbedding, or for a fold ensemble one per fold network (in the predictor's fold order)
@@ -97,6 +108,7 @@ class EncodedReferences:
     crops: list[list[Crop]]  # per reference; labels index the pools' classes (i = classes[i - 1])
     lost: dict[str, list[int]] = field(default_factory=dict)  # reference -> values lost by resampling
     anchors: list[AlignmentAnchor] = field(default_factory=list)  # per reference, for prior_alignment "affine"
+    atlases: list[RegistrationAtlas] = field(default_factory=list)  # per reference, for registration_fusion
 
     @property
     def pool(self) -> Tasks:
@@ -142,6 +154,7 @@ class PreparedQuery:
     properties: dict
     reader_writer: BaseReaderWriter
     warnings: list[str]
+    original: tuple[np.ndarray, tuple[float, ...]] | None = None  # keep_original: RunPreprocessing.cropped_original
 
 
 @dataclass
@@ -153,6 +166,7 @@ class QueryPreparation:
     modality: str
     num_channels: int
     orientation: str | None = None  # the run's voxel order (orientation.py); None: as stored
+    keep_original: bool = False  # also the first channel on its cropped original grid (registration fusion)
 
     def __call__(self, images: Sequence[str]) -> PreparedQuery:
         """Channel files (or a DICOM folder) of one query."""
@@ -168,8 +182,10 @@ class QueryPreparation:
         if "sitk_stuff" in properties:  # SimpleITK geometry (the plans' reader, DICOM): one voxel order per run
             data, properties, _ = reorient(data, properties, self.orientation)
         warnings = self.preprocessing.input_warnings(data, properties, self.modality)
+        first = data[0]
         data, _, properties = self.preprocessing(data, None, properties)
-        return PreparedQuery(data, properties, reader_writer, warnings)
+        original = self.preprocessing.cropped_original(first, properties) if self.keep_original else None
+        return PreparedQuery(data, properties, reader_writer, warnings, original)
 
 
 def field_of_view_warnings(task: TaskEmbedding, properties: dict) -> list[str]:
@@ -214,6 +230,9 @@ class IrisPredictor:
             first reference encoded by `encode_references` (inference/alignment.py; the other references' priors are
             carried onto the first's grid at encoding), "frames" puts the two bodies' frames onto each other (also
             what a task file, which holds no image, gets).
+        registration_fusion: average each class's probability with the references' labels carried onto the query
+            by a registration (registration.registered_label_maps; references encoded by `encode_references`, not a
+            task file), FUSION_WEIGHT each.
         verbose: unused (nnU-Net's argument, kept for its argument order).
         allow_tqdm: progress bars over the queries of predict_from_files.
     """
@@ -222,7 +241,8 @@ class IrisPredictor:
                  device: torch.device | str = "cpu", modality: str = "other", classes_per_pass: int | None = None,
                  map_memory_gb: float = DEFAULT_MAP_MEMORY_GB, largest_component: bool = False,
                  position_prior: bool = True, verbose: bool = False, allow_tqdm: bool = False,
-                 decision_threshold: float = DEFAULT_THRESHOLD, prior_alignment: str = DEFAULT_PRIOR_ALIGNMENT):
+                 decision_threshold: float = DEFAULT_THRESHOLD, prior_alignment: str = DEFAULT_PRIOR_ALIGNMENT,
+                 registration_fusion: bool = False):
         if not MIN_STEP_SIZE <= tile_step_size <= 1:
             raise ValueError(f"step size must be in [{MIN_STEP_SIZE}, 1], got {tile_step_size}")
         if classes_per_pass is not None and classes_per_pass < 1:
@@ -240,8 +260,10 @@ class IrisPredictor:
         if prior_alignment not in PRIOR_ALIGNMENTS:
             raise ValueError(f"prior_alignment must be one of {PRIOR_ALIGNMENTS}, got {prior_alignment!r}")
         self.prior_alignment = prior_alignment
+        self.registration_fusion = registration_fusion
         # the references queries are registered to (encode_references sets them; a loaded task has none)
         self.alignment_anchors: list[AlignmentAnchor] = []
+        self.registration_atlases: list[RegistrationAtlas] = []  # likewise, for registration_fusion
         self.verbose = verbose
         self.allow_tqdm = allow_tqdm
         self.map_memory_bytes = map_memory_gb * 1024**3
@@ -373,7 +395,8 @@ class IrisPredictor:
         self.use_spacing(run_spacing(self.joint_plans, [g.spacing for g in geometries]))
         self.orientation = self.model_orientation or orientation_code(geometries[0].direction)
         prepared = [prepare_reference(case, self.preprocessing, self.reader_writer_class, self.patch_size, wanted,
-                                      self.position_grid, self.orientation) for case in references]
+                                      self.position_grid, self.orientation, self.registration_fusion)
+                    for case in references]
         used = [p for p in prepared if p.values]
         found = sorted(set().union(*(p.values for p in used))) if used else []
         if wanted:
@@ -401,8 +424,10 @@ class IrisPredictor:
                      spacing=self.spacing, orientation=self.orientation, extent=extent)
                  for i in range(self.num_folds)]
         self.alignment_anchors = anchors
+        self.registration_atlases = [p.atlas for p in used if p.atlas is not None]
         return EncodedReferences(pools, [p.case.name for p in used], crops,
-                                 {p.case.label: p.lost for p in prepared if p.lost}, self.alignment_anchors)
+                                 {p.case.label: p.lost for p in prepared if p.lost}, self.alignment_anchors,
+                                 self.registration_atlases)
 
     def load_task(self, path: str, classes: Sequence[int] | None = None) -> TaskEmbedding:
         """A task file written by save_task / --save_task, checked to come from this model."""
@@ -412,6 +437,7 @@ class IrisPredictor:
         if not os.path.isfile(path):
             raise IrisInputError(f"{path}: task file not found")
         self.alignment_anchors = []  # a task file holds no reference image: its priors are read through the frames
+        self.registration_atlases = []
         try:
             task = TaskEmbedding.load(path, model=self.network)
         except TaskMismatchError as e:
@@ -473,12 +499,14 @@ class IrisPredictor:
     def segment_preprocessed(self, data: np.ndarray, properties: dict, task: Tasks, *, export: bool = True,
                              probabilities: bool = False, preprocessed_labels: bool = False,
                              frame: ScanFrame | None = None, scores: bool = False,
-                             threshold: float | None = None) -> QuerySegmentation:
+                             threshold: float | None = None, atlas: np.ndarray | None = None) -> QuerySegmentation:
         """Segment a preprocessed query (nnU-Net's sliding window, conditioned on `task`); `export` asks for labels in
         the original geometry, `probabilities` for per-class probabilities there, `preprocessed_labels` for labels in
         the model's space. Classes go in passes of `classes_in_one_pass`. `frame`: where the query's body lies (default:
         the one our preprocessing put in `properties`). `scores` asks for each voxel's winning logit in the original
-        geometry; `threshold` replaces the predictor's decision_threshold."""
+        geometry; `threshold` replaces the predictor's decision_threshold; `atlas` (K, *cropped original shape), the
+        references' labels registered onto the query (registered_label_maps), is averaged with the network's
+        probabilities there (in the exported labels and probabilities, not the preprocessed ones)."""
         tasks = [t if t.batch_size == 1 else t.mean() for t in self.per_fold(task)]
         classes = tasks[0].classes
         if any(t.classes != classes for t in tasks[1:]):
@@ -504,6 +532,9 @@ class IrisPredictor:
                 for sub in range(0, logits.shape[0], per_export):
                     resampled = resample_to_cropped_shape(logits[sub:sub + per_export], self.plans_manager,
                                                           self.configuration_manager, properties)
+                    if atlas is not None:
+                        first = start + sub
+                        resampled = fuse_with_atlas(resampled, atlas[first:first + resampled.shape[0]])
                     original.update(resampled, start + sub)
                     if probs is not None:
                         probs[start + sub:start + sub + resampled.shape[0]] = 1 / (1 + np.exp(-resampled))
@@ -553,7 +584,7 @@ class IrisPredictor:
     def query_preparation(self) -> QueryPreparation:
         """Reads and preprocesses a query as this run does (picklable: worker processes run it)."""
         return QueryPreparation(self.preprocessing, self.reader_writer_class, self.modality, self.num_channels,
-                                self.orientation)
+                                self.orientation, self.registration_fusion)
 
     def predict_case(self, images: Sequence[str], task: Tasks, pool: Tasks | None = None,
                      retrieval_top_k: int = 1, save_probabilities: bool = False) -> CaseResult:
@@ -577,8 +608,15 @@ class IrisPredictor:
         retrieved = None
         if pool is not None:
             task, retrieved = self.retrieve(data, properties, task, pool, retrieval_top_k, frame)
-        result = self.segment_preprocessed(data, properties, task, probabilities=save_probabilities, frame=frame)
         classes = list(self.per_fold(task)[0].classes)
+        atlas = None
+        if self.registration_fusion:
+            if not self.registration_atlases or query.original is None:
+                raise IrisInputError("registration fusion needs the reference images (-r), encoded with "
+                                     "registration_fusion on: a task file holds no image")
+            atlas = registered_label_maps(*query.original, self.registration_atlases, classes)
+        result = self.segment_preprocessed(data, properties, task, probabilities=save_probabilities, frame=frame,
+                                           atlas=atlas)
         warnings = query.warnings + field_of_view_warnings(self.per_fold(task)[0], properties)
         segmentation = indices_to_values(result.labels, classes)
         if self.largest_component:  # the probabilities stay as the network gave them

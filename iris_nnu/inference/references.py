@@ -10,6 +10,7 @@ otherwise each gets its own, and a volume smaller than the patch is padded.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -32,6 +33,7 @@ from iris_nnu.inference.images import (
     strip_ending,
 )
 from iris_nnu.inference.plans import RunPreprocessing
+from iris_nnu.inference.registration import RegistrationAtlas
 from iris_nnu.model.position import ScanFrame, position_prior_from_labels
 from iris_nnu.orientation import reorient
 from iris_nnu.preprocessing.frames import scan_frame
@@ -68,6 +70,7 @@ class PreparedReference:
     held: list[int] = field(default_factory=list)  # every non-zero value of the label, selected or not
     positions: torch.Tensor | None = None  # (len(values), G, G, G) where each class lies in the scan (position grid)
     anchor: AlignmentAnchor | None = None  # the scan, coarse, for registering queries to it (inference/alignment.py)
+    atlas: RegistrationAtlas | None = None  # the scan and label before resampling, for --registration_fusion
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -179,10 +182,11 @@ def structure_crops(data: np.ndarray, labels: np.ndarray, indices: list[int], pa
 # -------------------------------------------------------------------------------------- preparation
 def prepare_reference(case: ReferenceCase, preprocessing: RunPreprocessing, plans_reader_writer: type[BaseReaderWriter],
                       patch: tuple[int, ...], classes: list[int] | None = None,
-                      position_grid: int = 0, orientation: str | None = None) -> PreparedReference:
+                      position_grid: int = 0, orientation: str | None = None,
+                      keep_atlas: bool = False) -> PreparedReference:
     """Check, read, preprocess and crop one reference; `classes` limits it to those label values; with a
     `position_grid`, also where each class lies in the whole preprocessed scan; `orientation`: the run's voxel
-    order (iris_nnu/orientation.py; None: as stored)."""
+    order (iris_nnu/orientation.py; None: as stored); `keep_atlas`: also its RegistrationAtlas."""
     check_files_geometry(case.images, against=case.label)
     reader_writer = reader_writer_for(case.label, plans_reader_writer)
     data, properties = read_images(case.images, reader_writer_for(case.images[0], plans_reader_writer))
@@ -199,9 +203,15 @@ def prepare_reference(case: ReferenceCase, preprocessing: RunPreprocessing, plan
     position = np.searchsorted(sorted_values, label).clip(max=len(values) - 1)
     indices = np.where(sorted_values[position] == label, position + 1, 0).astype(np.int16)
     del label, position
+    original = data[0]
     data, seg, _ = preprocessing(data, indices, properties)
-    return reference_from_preprocessed(case, data, seg, values, held, scan_frame(properties), patch, position_grid,
-                                       preprocessing.configuration_manager.spacing)
+    prepared = reference_from_preprocessed(case, data, seg, values, held, scan_frame(properties), patch,
+                                           position_grid, preprocessing.configuration_manager.spacing)
+    if keep_atlas:
+        image, spacing = preprocessing.cropped_original(original, properties)
+        labels, _ = preprocessing.cropped_original(indices[0], properties)
+        prepared = dataclasses.replace(prepared, atlas=RegistrationAtlas(image, labels, tuple(values), spacing))
+    return prepared
 
 
 def reference_from_preprocessed(case: ReferenceCase, data: np.ndarray, seg: np.ndarray, values: list[int],
