@@ -214,3 +214,25 @@ def test_registration_fusion_segments_and_needs_the_references(tmp_path: Path, c
                                                              "--task", str(task), "--registration_fusion"])
     assert "give them with -r" in line
     assert not (tmp_path / "task").exists()
+
+
+def test_a_failed_registration_leaves_the_network_alone(monkeypatch):
+    """Where the fusion's registration fails (SimpleITK raises), the query is segmented as without fusion, with a
+    warning saying so, instead of failing."""
+    import iris_nnu.inference.registration as registration
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("All samples map outside moving image buffer")
+    query = [f"{DEMO}/imagesTr/hippocampus_026_0000.nii.gz"]
+    outputs = {}
+    for fusion in (False, True):
+        predictor = IrisPredictor(registration_fusion=fusion)
+        predictor.initialize_from_model_folder(None)
+        encoded = predictor.encode_references(parse_reference(REFERENCE, 1))
+        task, _ = predictor.task_for_strategy(encoded.pool, "oneshot")
+        if fusion:
+            monkeypatch.setattr(registration, "deformable_transform", fail)
+        outputs[fusion] = predictor.predict_case(query, task)
+    np.testing.assert_array_equal(outputs[True].segmentation, outputs[False].segmentation)
+    assert any("registration to the references failed" in w for w in outputs[True].warnings)
+    assert not any("registration" in w for w in outputs[False].warnings)

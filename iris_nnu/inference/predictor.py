@@ -609,15 +609,19 @@ class IrisPredictor:
         if pool is not None:
             task, retrieved = self.retrieve(data, properties, task, pool, retrieval_top_k, frame)
         classes = list(self.per_fold(task)[0].classes)
-        atlas = None
+        atlas, fusion_warnings = None, []
         if self.registration_fusion:
             if not self.registration_atlases or query.original is None:
                 raise IrisInputError("registration fusion needs the reference images (-r), encoded with "
                                      "registration_fusion on: a task file holds no image")
-            atlas = registered_label_maps(*query.original, self.registration_atlases, classes)
+            try:
+                atlas = registered_label_maps(*query.original, self.registration_atlases, classes)
+            except RuntimeError as error:  # SimpleITK: e.g. too little overlap to evaluate the metric
+                fusion_warnings = [f"its registration to the references failed ({brief(error)}): segmented by the "
+                                   f"network alone, without --registration_fusion"]
         result = self.segment_preprocessed(data, properties, task, probabilities=save_probabilities, frame=frame,
                                            atlas=atlas)
-        warnings = query.warnings + field_of_view_warnings(self.per_fold(task)[0], properties)
+        warnings = query.warnings + fusion_warnings + field_of_view_warnings(self.per_fold(task)[0], properties)
         segmentation = indices_to_values(result.labels, classes)
         if self.largest_component:  # the probabilities stay as the network gave them
             segmentation = keep_largest_components(segmentation, classes)
