@@ -3,8 +3,8 @@ a coarse B-spline; Mattes mutual information, so CT and MR and any normalisation
 
 Two users: benchmarks/accuracy.py's registration baseline, and `iris_predict --registration_fusion`, which averages
 each class's Iris probability with the references' labels registered onto the query (`registered_label_maps`, on the
-scans' own grids, before resampling: nnU-Net resamples a thick-slice axis by nearest neighbour, whose steps misled
-the registration). Iris alone knows what a structure looks like; a registration where it lies in this anatomy. On
+scans' own grids, before resampling: on the preprocessed ones, where nnU-Net resamples a thick-slice axis by nearest
+neighbour, the abdomen scored 0.629 instead of 0.739). Iris alone knows what a structure looks like; a registration where it lies in this anatomy. On
 abdominal MR the model never trained on, the two together beat each alone (README, Results).
 """
 from __future__ import annotations
