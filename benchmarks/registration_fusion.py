@@ -30,10 +30,11 @@ from iris_nnu.files import write_json_atomic  # noqa: E402
 from iris_nnu.inference import IrisPredictor, parse_reference  # noqa: E402
 from iris_nnu.inference.evaluate import dice_per_class  # noqa: E402
 from iris_nnu.inference.names import dataset_json_names  # noqa: E402
-from iris_nnu.inference.registration import deformable_transform  # noqa: E402
+from iris_nnu.inference.registration import deformable_transform, warp_masks  # noqa: E402
 from iris_nnu.inference.strategies import calibrated_threshold  # noqa: E402
 
 WEIGHTS = (0.3, 0.5, 0.7)
+GATES = (0.1, 0.3)  # fused at 0.5, except classes whose Iris and registered masks overlap less (Dice): Iris alone
 
 
 def labels_from(probabilities: np.ndarray, classes: list[int], threshold: float) -> np.ndarray:
@@ -65,9 +66,10 @@ def main() -> int:
     cases = parse_reference(f"{reference[0]}:{reference[1]}", 1)
     encoded = predictor.encode_references(cases)
     task, _ = predictor.task_for_strategy(encoded.pool, "oneshot", encoded)
-    threshold, _ = calibrated_threshold(predictor, cases, task)
+    threshold, self_dice = calibrated_threshold(predictor, cases, task)
     predictor.decision_threshold = threshold
     reference_image, reference_label = (sitk.ReadImage(f) for f in reference)
+    reference_labels = sitk.GetArrayFromImage(reference_label)
     rows = []
     for case in queries:
         fixed = sitk.ReadImage(accuracy.image_file(folder, case))
@@ -76,9 +78,8 @@ def main() -> int:
         result = predictor.predict_case([accuracy.image_file(folder, case)], task, save_probabilities=True)
         iris_s = time.perf_counter() - start
         transform = deformable_transform(fixed, reference_image, seed=args.seed)
-        registered = np.stack([sitk.GetArrayFromImage(sitk.Resample(
-            sitk.Cast(reference_label == c, sitk.sitkFloat32), fixed, transform, sitk.sitkLinear, 0.0,
-            sitk.sitkFloat32)) for c in classes])
+        registered = np.stack(warp_masks(transform, fixed, reference_labels, classes, reference_image.GetSpacing(),
+                                         reference_image.GetOrigin(), reference_image.GetDirection()))
         registration_s = time.perf_counter() - start - iris_s
         iris = result.probabilities.astype(np.float32)[[result.classes.index(c) for c in classes]]
         row = {"case": case, "iris_s": iris_s, "registration_s": registration_s,
@@ -88,12 +89,20 @@ def main() -> int:
             fused = w * iris + (1 - w) * registered
             row[f"fused {w}"] = dice_per_class(truth, labels_from(fused, classes, 0.5), classes)
             row[f"fused {w} at {threshold}"] = dice_per_class(truth, labels_from(fused, classes, threshold), classes)
+        agreement = [dice_per_class((iris[k] > threshold).astype(np.uint8), (registered[k] > 0.5).astype(np.uint8),
+                                    [1])[1] for k in range(len(classes))]
+        row["agreement"] = dict(zip(classes, agreement))
+        for gate in GATES:
+            disagree = np.asarray([not a >= gate for a in agreement])  # NaN (both empty): nothing to gate
+            gated = np.where(disagree[:, None, None, None], iris, 0.5 * iris + 0.5 * registered)
+            row[f"fused 0.5 gated {gate}"] = dice_per_class(truth, labels_from(gated, classes, 0.5), classes)
         rows.append(row)
         print(case, {k: round(accuracy.nanmean(list(v.values())), 3) for k, v in row.items() if isinstance(v, dict)},
               f"Iris {iris_s:.1f} s, registration {registration_s:.1f} s", file=sys.stderr, flush=True)
-    methods = [k for k in rows[0] if isinstance(rows[0][k], dict)]
+    methods = [k for k in rows[0] if isinstance(rows[0][k], dict) and k != "agreement"]
     summary = {k: {c: accuracy.nanmean([r[k][c] for r in rows]) for c in classes} for k in methods}
-    print(f"\nreference {refs[0]}, {len(queries)} queries of {folder.name}, threshold calibrated: {threshold}")
+    print(f"\nreference {refs[0]}, {len(queries)} queries of {folder.name}, threshold calibrated: {threshold} "
+          f"(the reference's own Dice {self_dice[threshold]:.3f}; at 0.5 {self_dice[0.5]:.3f})")
     print("| method | mean Dice | " + " | ".join(str(c) for c in classes) + " |")
     print("|---" * (len(classes) + 2) + "|")
     for k in methods:
@@ -102,7 +111,7 @@ def main() -> int:
     print(f"seconds per query: Iris {np.mean([r['iris_s'] for r in rows]):.1f}, registration "
           f"{np.mean([r['registration_s'] for r in rows]):.1f}")
     write_json_atomic(accuracy.json_ready({"command": " ".join(sys.argv), "model": args.m, "reference": refs[0],
-                                           "threshold": threshold, "rows": rows, "summary": summary}), args.output)
+                                           "threshold": threshold, "reference_self_dice": self_dice, "rows": rows, "summary": summary}), args.output)
     return 0
 
 

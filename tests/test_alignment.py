@@ -20,7 +20,7 @@ from iris_nnu.inference.alignment import (
 )
 from iris_nnu.inference.evaluate import dice_per_class
 from iris_nnu.inference.predict import main as predict_main
-from iris_nnu.inference.registration import RegistrationAtlas, registered_label_maps
+from iris_nnu.inference.registration import RegistrationAtlas, registered_label_maps, warp_masks
 from iris_nnu.model.position import ScanFrame, position_prior_from_labels
 
 DEMO = Path(__file__).resolve().parents[1] / "iris_nnu" / "demo_data" / "Dataset001_Hippocampus"
@@ -192,6 +192,43 @@ def test_registered_label_maps_follow_a_deformed_query():
         assert again > 0.98, (k, again)
 
 
+def test_warp_masks_matches_one_resample_per_mask():
+    """warp_masks (the transform evaluated once, each mask interpolated near its box) gives what one sitk.Resample
+    per mask gives, for grids with their own origins, spacings and rotated axes, a B-spline on top of an affine, a
+    mask the transform carries out of the fixed grid (all 0) and an index the labels lack (all 0)."""
+    rng = np.random.default_rng(0)
+    labels = np.zeros((30, 36, 40), np.int16)
+    labels[5:12, 8:20, 10:22] = 1
+    labels[14:25, 20:30, 18:35] = 2
+    labels[0:3, 0:4, 0:5] = 3  # a corner the transform moves off the fixed grid
+    labels[20:26, 2:9, 3:11] = 4
+    moving = sitk.GetImageFromArray(labels)
+    moving.SetSpacing((1.1, 0.9, 1.7))
+    moving.SetOrigin((4.0, -3.0, 10.0))
+    angle = 0.3
+    moving.SetDirection((np.cos(angle), -np.sin(angle), 0, np.sin(angle), np.cos(angle), 0, 0, 0, 1))
+    fixed = sitk.Image(38, 34, 26, sitk.sitkFloat32)
+    fixed.SetSpacing((1.0, 1.2, 1.5))
+    fixed.SetOrigin((2.0, 1.0, 12.0))
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix((np.eye(3) + rng.normal(0, 0.05, (3, 3))).ravel().tolist())
+    affine.SetTranslation((3.0, -8.0, 2.0))
+    affine.SetCenter((20.0, 20.0, 30.0))
+    bspline = sitk.BSplineTransformInitializer(fixed, [3, 3, 3], 3)
+    bspline.SetParameters(rng.normal(0, 1.5, len(bspline.GetParameters())).tolist())
+    transform = sitk.CompositeTransform([affine, bspline])
+    indices = [1, 2, 3, 4, 9]
+    warped = warp_masks(transform, fixed, labels, indices, moving.GetSpacing(), moving.GetOrigin(),
+                        moving.GetDirection())
+    for index, ours in zip(indices, warped):
+        mask = sitk.Cast(moving == index, sitk.sitkFloat32)
+        resampled = sitk.GetArrayFromImage(sitk.Resample(mask, fixed, transform, sitk.sitkLinear, 0.0,
+                                                         sitk.sitkFloat32))
+        assert ours.shape == resampled.shape and ours.dtype == np.float32
+        np.testing.assert_allclose(ours, resampled, atol=1e-4, err_msg=f"mask {index}")
+    assert warped[0].sum() > 100 and warped[1].sum() > 100 and not warped[4].any()
+
+
 def test_registration_fusion_segments_and_needs_the_references(tmp_path: Path, capsys):
     """iris_predict --registration_fusion: segments a held-out hippocampus at 0.5 (said in one line) differently from
     the network alone and still well; refused with a task file (no reference image to register)."""
@@ -231,7 +268,7 @@ def test_a_failed_registration_leaves_the_network_alone(monkeypatch):
         encoded = predictor.encode_references(parse_reference(REFERENCE, 1))
         task, _ = predictor.task_for_strategy(encoded.pool, "oneshot")
         if fusion:
-            monkeypatch.setattr(registration, "deformable_transform", fail)
+            monkeypatch.setattr(registration, "grid_transform", fail)
         outputs[fusion] = predictor.predict_case(query, task)
     np.testing.assert_array_equal(outputs[True].segmentation, outputs[False].segmentation)
     assert any("registration to the references failed" in w for w in outputs[True].warnings)

@@ -10,10 +10,12 @@ abdominal MR the model never trained on, the two together beat each alone (READM
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 # ITK's v4 metrics fill a dense Jacobian per sample, so a B-spline step costs samples x parameters: the samples are
 # capped (the fraction holds for small grids) and the mesh is coarse.
@@ -57,7 +59,11 @@ def deformable_transform(fixed_image: sitk.Image, moving_image: sitk.Image,
                          spacing_mm: float = REGISTRATION_SPACING_MM, seed: int = 0) -> sitk.Transform:
     """Register moving to fixed (affine from image moments, then B-spline; Mattes MI, multi-resolution, seeded
     sampling) on a `spacing_mm` grid: the transform of fixed points to moving points."""
-    fixed, moving = registration_grid(fixed_image, spacing_mm), registration_grid(moving_image, spacing_mm)
+    return grid_transform(registration_grid(fixed_image, spacing_mm), registration_grid(moving_image, spacing_mm), seed)
+
+
+def grid_transform(fixed: sitk.Image, moving: sitk.Image, seed: int = 0) -> sitk.Transform:
+    """deformable_transform for two scans already on their registration grids (registration_grid)."""
     shrinks = [f for f in (4, 2, 1) if min(fixed.GetSize()) / f >= 16] or [1]
     affine = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
                                                sitk.CenteredTransformInitializerFilter.MOMENTS)
@@ -97,6 +103,11 @@ class RegistrationAtlas:
     values: tuple[int, ...]
     spacing: tuple[float, ...]
 
+    @cached_property
+    def grid(self) -> sitk.Image:
+        """The image on its registration grid, made once per run (every query registers to it)."""
+        return registration_grid(_voxel_image(self.image, self.spacing))
+
 
 def _voxel_image(array: np.ndarray, spacing: Sequence[float]) -> sitk.Image:
     """A (Z, Y, X) volume as an image of that spacing (origin 0, axes as the voxels': all scans of a run are in its
@@ -114,13 +125,72 @@ def registered_label_maps(query: np.ndarray, spacing: Sequence[float], atlases: 
     maps = np.zeros((len(classes), *query.shape), dtype=np.float32)
     holders = np.zeros(len(classes), dtype=np.float32)
     fixed = _voxel_image(query, spacing)
+    fixed_grid = registration_grid(fixed)
     for atlas in atlases:
-        transform = deformable_transform(fixed, _voxel_image(atlas.image, atlas.spacing), seed=seed)
-        for k, value in enumerate(classes):
-            if value not in atlas.values:
-                continue
-            mask = _voxel_image(atlas.labels == atlas.values.index(value) + 1, atlas.spacing)
-            maps[k] += sitk.GetArrayFromImage(sitk.Resample(mask, fixed, transform, sitk.sitkLinear, 0.0,
-                                                            sitk.sitkFloat32))
+        transform = grid_transform(fixed_grid, atlas.grid, seed)
+        held = [(k, atlas.values.index(value) + 1) for k, value in enumerate(classes) if value in atlas.values]
+        for (k, _), warped in zip(held, warp_masks(transform, fixed, atlas.labels, [index for _, index in held],
+                                                   atlas.spacing[::-1])):
+            maps[k] += warped
             holders[k] += 1
     return maps / np.maximum(holders, 1)[:, None, None, None]
+
+
+COARSE_STEP = 4  # warp_masks finds the fixed voxels that can land on a mask on every 4th voxel per axis first
+
+
+def warp_masks(transform: sitk.Transform, fixed: sitk.Image, labels: np.ndarray, indices: Sequence[int],
+               spacing: Sequence[float], origin: Sequence[float] = (0.0, 0.0, 0.0),
+               direction: Sequence[float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)) -> list[np.ndarray]:
+    """Each mask labels == i (i in `indices`; `labels` (Z, Y, X) on the grid of `spacing`, `origin`, `direction`,
+    SimpleITK's x, y, z order) carried onto `fixed`'s grid through `transform` (fixed points -> label points) with
+    linear interpolation, as sitk.Resample would: (Z, Y, X) float32 each. The transform is evaluated once per fixed
+    voxel, not once per mask (a brain's 85 structures through a B-spline: 16 s instead of 13 minutes with one
+    Resample each), and each mask is interpolated only where fixed voxels land near its bounding box."""
+    field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(),
+                                              fixed.GetSpacing(), fixed.GetDirection())
+    shift = sitk.GetArrayViewFromImage(field)  # (Z, Y, X, 3), components x, y, z (mm)
+    # label index (x, y, z) of fixed index i: to_label @ (i * fixed spacing) + offset + to_label @ shift
+    to_label = np.diag(1 / np.asarray(spacing, float)) @ np.asarray(direction, float).reshape(3, 3).T
+    step = to_label @ np.asarray(fixed.GetDirection(), float).reshape(3, 3) @ np.diag(fixed.GetSpacing())
+    offset = to_label @ (np.asarray(fixed.GetOrigin(), float) - np.asarray(origin, float))
+    voxels = [np.arange(n, dtype=np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
+              for axis, n in enumerate(shift.shape[:3])]  # z, y, x
+    coordinates = []  # per label axis z, y, x: the label index each fixed voxel lands on
+    for axis in (2, 1, 0):
+        c = sum(np.float32(step[axis, k]) * voxels[2 - k] for k in range(3)) + np.float32(offset[axis])
+        coordinates.append(c + sum(np.float32(to_label[axis, k]) * shift[..., k] for k in range(3)))
+    del shift, field
+    coarse = [c[::COARSE_STEP, ::COARSE_STEP, ::COARSE_STEP] for c in coordinates]
+    # per label axis, how far a fixed voxel can land from the coarse sample at the corner of its cell
+    margin = [sum(float(np.abs(np.diff(c, axis=a)).max(initial=0)) for a in range(3)) + 1 for c in coarse]
+    boxes = ndimage.find_objects(labels.astype(np.int32, copy=False), max_label=max(indices, default=0))
+    warped = []
+    for index in indices:
+        out = np.zeros(fixed.GetSize()[::-1], dtype=np.float32)
+        warped.append(out)
+        box = boxes[index - 1]
+        if box is None:
+            continue
+        # the box and one voxel of zeros around it, within the labels' grid
+        low = [max(sl.start - 1, 0) for sl in box]
+        high = [min(sl.stop, n - 1) for sl, n in zip(box, labels.shape)]  # inclusive
+        near = np.ones(coarse[0].shape, dtype=bool)
+        for c, lo, hi, m in zip(coarse, low, high, margin):
+            near &= (c >= lo - m) & (c <= hi + m)
+        hits = np.nonzero(near)
+        if not hits[0].size:
+            continue
+        region = tuple(slice(max(0, int(h.min()) * COARSE_STEP - COARSE_STEP),
+                             min(n, int(h.max()) * COARSE_STEP + COARSE_STEP + 1))
+                       for h, n in zip(hits, out.shape))
+        crop = (labels[tuple(slice(lo, hi + 1) for lo, hi in zip(low, high))] == index).astype(np.float32)
+        points = [c[region] for c in coordinates]
+        # ITK's rule: a point within half a voxel of the labels' grid takes its edge voxels, one further out is 0
+        inside = np.ones(points[0].shape, dtype=bool)
+        for c, n in zip(points, labels.shape):
+            inside &= (c >= -0.5) & (c <= n - 0.5)
+        values = ndimage.map_coordinates(crop, np.stack([c.ravel() - lo for c, lo in zip(points, low)]), order=1,
+                                         mode="nearest", prefilter=False).reshape(inside.shape)
+        out[region] = np.where(inside, values, 0)
+    return warped
