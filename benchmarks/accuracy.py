@@ -4,7 +4,8 @@ Methods, on the same queries and references (reference #1 is the first of --n_re
 from the model's training cases of each dataset, i.e. imagesTr minus the held-out cases):
   iris oneshot      reference #1                      iris ensemble-5   the 5 references averaged per class
   iris retrieval-5  per class, the closest reference  iris tune         reference #1, its task embedding tuned
-  registration      reference #1 registered to the query (SimpleITK: affine, then B-spline, Mattes MI), label warped
+  registration      reference #1 registered to the query (SimpleITK: affine, then B-spline, Mattes MI, then demons
+                    unless --demons_iterations 0), label warped
   ants syn          reference #1 registered with ANTs SyN (antspyx, optional: `pip install antspyx`), label warped
   iris oneshot 1/pass  as oneshot, one class per forward pass (all classes in one pass should do as well)
   multi-atlas-5     the 5 references registered, per-voxel majority vote
@@ -14,7 +15,9 @@ from the model's training cases of each dataset, i.e. imagesTr minus the held-ou
                             (iris_predict's default, --threshold auto; its time is part of "encode s")
   iris tune calibrated      as tune, then the threshold calibrated with the tuned task (--strategy tune)
   iris oneshot fused with registration   as oneshot, each class's probability averaged with reference #1's label
-                            carried onto the query by an affine + B-spline registration (--registration_fusion)
+                            carried onto the query by the registration above (--registration_fusion on)
+  iris oneshot, fusion auto as oneshot, fused or not as reference #2 segmented from #1 says (iris_predict's
+                            --registration_fusion auto with two references; needs --n_references 2 or more)
 Queries: the first --queries held-out cases (never trained on) per dataset, from --held_out (default
 <model folder>/held_out.json: {"Dataset001_Hippocampus": ["hippocampus_026", ...], ...}).
 Dice per class on the query's own grid against labelsTr; NaN (left out of means) where the class is absent from
@@ -50,16 +53,25 @@ from iris_nnu.inference.evaluate import dice_per_class  # noqa: E402
 from iris_nnu.inference.images import write_segmentation  # noqa: E402
 from iris_nnu.inference.names import dataset_json_names  # noqa: E402
 from iris_nnu.inference.predictor import DEFAULT_PRIOR_ALIGNMENT  # noqa: E402
+from iris_nnu.inference import registration  # noqa: E402
 from iris_nnu.inference.registration import (  # noqa: E402
     BSPLINE_ITERATIONS,
     BSPLINE_MESH,
+    DEMONS_SMOOTHING,
+    DEMONS_SPACING_MM,
     MAX_SAMPLES,
     MIN_GRID_VOXELS,
     SAMPLING,
     register_label,
 )
 from iris_nnu.inference.plans import MODALITIES  # noqa: E402
-from iris_nnu.inference.strategies import DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, calibrated_threshold  # noqa: E402
+from iris_nnu.inference.strategies import (  # noqa: E402
+    AUTO_FUSION,
+    DEFAULT_TUNE_LR,
+    DEFAULT_TUNE_STEPS,
+    calibrated_threshold,
+    run_fusion,
+)
 from iris_nnu.io.model_folder import (  # noqa: E402
     DEFAULT_CHECKPOINT,
     DEFAULT_MODEL_FOLDER,
@@ -192,23 +204,27 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             f"iris retrieval-{n}": ("retrieval", "retrieval", n, None, False, True, False, default),
             "iris tune": ("tune", "tune", 1, None, False, True, False, default),
             "iris tune calibrated": ("tune-calibrated", "tune", 1, None, False, True, False, default),
-            "iris oneshot fused with registration": ("oneshot-fused", "oneshot", 1, None, False, True, False, default)}
+            "iris oneshot fused with registration": ("oneshot-fused", "oneshot", 1, None, False, True, False, default),
+            "iris oneshot, fusion auto": ("oneshot-auto", "oneshot", 1, None, False, True, False, default)}
     for name, (option, strategy, k, per_pass, largest_component, position, tta, alignment) in iris.items():
         if option in args.methods:
             start = time.perf_counter()  # mirrors iris_predict: encode, task for the strategy, pool for retrieval
             predictor.use_mirroring = tta
             predictor.prior_alignment = alignment
-            predictor.registration_fusion = option.endswith("-fused")  # its references keep their atlases
+            fusion, decision = option.endswith("-fused"), None
+            if option == "oneshot-auto":  # iris_predict's default with two references: reference #2 decides
+                fusion, decision = run_fusion(predictor, AUTO_FUSION, cases[:2])
+            predictor.registration_fusion = fusion  # its references keep their atlases
             encoded = predictor.encode_references(cases[:k])
             task, losses = predictor.task_for_strategy(encoded.pool, strategy, encoded, args.tune_steps, args.tune_lr)
             threshold, calibration = 0.5, None
-            if option.endswith("-calibrated"):  # iris_predict --threshold auto
+            if option.endswith("-calibrated") or (option == "oneshot-auto" and not fusion):  # --threshold auto
                 threshold, calibration = calibrated_threshold(predictor, cases[:k], task)
             methods[name] = {"encode_s": time.perf_counter() - start, "tune_losses": losses, "lost": encoded.lost,
                              "threshold": threshold, "reference_dice_by_threshold": calibration,
                              "classes_per_pass": per_pass, "largest_component": largest_component,
                              "position_prior": position, "tta": tta, "prior_alignment": alignment,
-                             "registration_fusion": option.endswith("-fused"),
+                             "registration_fusion": fusion, "fusion_decision": decision,
                              "anchors": encoded.anchors, "atlases": encoded.atlases,
                              "task": task, "pool": encoded.pool if strategy == "retrieval" else None, "per_query": {}}
             print(f"[{folder.name}] {name}: task encoded in {methods[name]['encode_s']:.1f} s", file=sys.stderr)
@@ -332,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["oneshot", "ensemble", "retrieval", "tune", "registration",
                                                     "multi-atlas"],
                    choices=["oneshot", "oneshot-frames", "oneshot-affine", "oneshot-1-per-pass", "oneshot-8-per-pass", "oneshot-largest-component",
-                            "oneshot-no-position", "oneshot-tta", "oneshot-calibrated", "oneshot-fused", "ensemble", "ensemble-frames", "retrieval", "tune",
+                            "oneshot-no-position", "oneshot-tta", "oneshot-calibrated", "oneshot-fused", "oneshot-auto", "ensemble", "ensemble-frames", "retrieval", "tune",
                             "tune-calibrated",
                             "registration", "ants-syn",
                             "multi-atlas", "box-alignment"],
@@ -344,13 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "oneshot-no-position: oneshot without the position prior (iris_predict "
                         "--no_position_prior); oneshot-tta: oneshot with mirrored test-time augmentation (iris_predict "
                         "--tta: 8 flips of query and reference together); oneshot-calibrated: oneshot with the decision "
-                        "threshold calibrated on the reference (iris_predict --threshold auto), tune-calibrated likewise after tune; oneshot-fused: oneshot averaged with reference #1's label registered onto the query (iris_predict --registration_fusion, at 0.5); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
+                        "threshold calibrated on the reference (iris_predict --threshold auto), tune-calibrated likewise after tune; oneshot-fused: oneshot averaged with reference #1's label registered onto the query (iris_predict --registration_fusion on, at 0.5); oneshot-auto: fused or not as reference #2 segmented from #1 decides (--registration_fusion auto); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
                         "box-alignment: reference #1's label carried over by aligning the scans' non-zero boxes "
                         "(what the position prior alone knows)")
     p.add_argument("--seed", type=int, default=0, help="picks the references; seeds the registration sampling")
     p.add_argument("--modality", choices=MODALITIES, default="other", help="as iris_predict --modality")
     p.add_argument("--registration_spacing", type=float, default=2.0, metavar="MM",
                    help="grid of the registration optimisation (the label is warped at the query's full resolution)")
+    p.add_argument("--demons_iterations", type=int, default=registration.DEMONS_ITERATIONS,
+                   help="demons after the registration's B-spline, for the registration baseline and oneshot-fused "
+                        "alike (0: none, the registration before they were added)")
     p.add_argument("--tune_steps", type=int, default=DEFAULT_TUNE_STEPS)
     p.add_argument("--tune_lr", type=float, default=DEFAULT_TUNE_LR)
     p.add_argument("--threads", type=int, default=2, help="torch and SimpleITK threads")
@@ -376,6 +395,7 @@ def main() -> int:
             raise IrisInputError("--methods ants-syn needs antspyx (pip install antspyx)") from None
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    registration.DEMONS_ITERATIONS = args.demons_iterations  # what iris_predict's fusion reads at each registration
     model_folder = os.path.normpath(args.m or DEFAULT_MODEL_FOLDER)
     predictor = IrisPredictor(device=args.device, modality=args.modality)  # mirroring is set per method
     predictor.initialize_from_model_folder(args.m, args.f, args.chk)
@@ -399,7 +419,9 @@ def main() -> int:
     write_json_atomic(json_ready({"command": command, "hardware": hardware, "model": model_folder,
                                   "settings": settings, "registration": {
                                       "sampling": SAMPLING, "max_samples": MAX_SAMPLES, "bspline_mesh": BSPLINE_MESH,
-                                      "bspline_iterations": BSPLINE_ITERATIONS, "min_grid_voxels": MIN_GRID_VOXELS},
+                                      "bspline_iterations": BSPLINE_ITERATIONS, "min_grid_voxels": MIN_GRID_VOXELS,
+                                      "demons_iterations": args.demons_iterations,
+                                      "demons_spacing_mm": DEMONS_SPACING_MM, "demons_smoothing": DEMONS_SMOOTHING},
                                   "datasets": results}), args.output)
     print(f"\nall figures written to {args.output}")
     return 0

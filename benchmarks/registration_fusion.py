@@ -111,7 +111,8 @@ def main() -> int:
     print(f"seconds per query: Iris {np.mean([r['iris_s'] for r in rows]):.1f}, registration "
           f"{np.mean([r['registration_s'] for r in rows]):.1f}")
     write_json_atomic(accuracy.json_ready({"command": " ".join(sys.argv), "model": args.m, "reference": refs[0],
-                                           "threshold": threshold, "reference_self_dice": self_dice, "rows": rows, "summary": summary}), args.output)
+                                           "threshold": threshold, "reference_self_dice": self_dice, "rows": rows,
+                                           "summary": summary}), args.output)
     return 0
 
 
