@@ -182,11 +182,13 @@ def fusion_comparison(predictor: IrisPredictor, first: ReferenceCase, second: Re
     held = [c for c in predictor.per_fold(task)[0].classes if (truth == c).any()]
     if not held:
         return float("nan"), float("nan")
+    predictor.follow(task)
+    query = predictor.query_preparation(second.images)  # read and preprocessed once, its original grid kept
     predictor.decision_threshold = DEFAULT_THRESHOLD
-    fused = predictor.predict_case(second.images, task).segmentation
+    fused = predictor.predict_prepared(query, task).segmentation
     predictor.registration_fusion = False
     predictor.decision_threshold, _ = calibrated_threshold(predictor, [first], task)
-    alone = predictor.predict_case(second.images, task).segmentation
+    alone = predictor.predict_prepared(query, task).segmentation
     return tuple(float(np.mean(list(dice_per_class(truth, s, held).values()))) for s in (alone, fused))
 
 
