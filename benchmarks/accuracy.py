@@ -16,12 +16,15 @@ from the model's training cases of each dataset, i.e. imagesTr minus the held-ou
   iris tune calibrated      as tune, then the threshold calibrated with the tuned task (--strategy tune)
   iris oneshot fused with registration   as oneshot, each class's probability averaged with reference #1's label
                             carried onto the query by the registration above (--registration_fusion on)
-  iris oneshot, fusion auto as oneshot, fused or not as reference #2 segmented from #1 says (iris_predict's
-                            --registration_fusion auto with two references; needs --n_references 2 or more)
+  iris oneshot, fusion auto as oneshot: the network alone, fused, or the registration alone, as reference #2
+                            segmented from #1 says (iris_predict's --registration_fusion auto with two references;
+                            needs --n_references 2 or more)
 Queries: the first --queries held-out cases (never trained on) per dataset, from --held_out (default
 <model folder>/held_out.json: {"Dataset001_Hippocampus": ["hippocampus_026", ...], ...}).
 Dice per class on the query's own grid against labelsTr; NaN (left out of means) where the class is absent from
-both. "mean Dice" averages the per-class means over queries.
+both. "mean Dice" averages the per-class means over queries. For a model whose training held structures out of every
+episode (plans' "iris" "held_out_classes"), their mean and the other structures' are reported apart ("never trained
+on", "trained on").
 Seconds per query, wall clock: Iris = read + preprocess + predict + export (the label file written), the task
 encoded beforehand ("encode s", once per method; tune's optimisation is part of it); registration = the
 registration(s) + warping + vote. Multi-atlas reuses the single-atlas registration of reference #1 (same inputs and
@@ -71,6 +74,7 @@ from iris_nnu.inference.strategies import (  # noqa: E402
     DEFAULT_TUNE_STEPS,
     calibrated_threshold,
     run_fusion,
+    set_fusion,
 )
 from iris_nnu.io.model_folder import (  # noqa: E402
     DEFAULT_CHECKPOINT,
@@ -211,14 +215,14 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             start = time.perf_counter()  # mirrors iris_predict: encode, task for the strategy, pool for retrieval
             predictor.use_mirroring = tta
             predictor.prior_alignment = alignment
-            fusion, decision = option.endswith("-fused"), None
+            fusion, decision = ("on" if option.endswith("-fused") else "off"), None
             if option == "oneshot-auto":  # iris_predict's default with two references: reference #2 decides
                 fusion, decision = run_fusion(predictor, AUTO_FUSION, cases[:2])
-            predictor.registration_fusion = fusion  # its references keep their atlases
+            set_fusion(predictor, fusion)  # its references keep their atlases
             encoded = predictor.encode_references(cases[:k])
             task, losses = predictor.task_for_strategy(encoded.pool, strategy, encoded, args.tune_steps, args.tune_lr)
             threshold, calibration = 0.5, None
-            if option.endswith("-calibrated") or (option == "oneshot-auto" and not fusion):  # --threshold auto
+            if option.endswith("-calibrated") or (option == "oneshot-auto" and fusion == "off"):  # --threshold auto
                 threshold, calibration = calibrated_threshold(predictor, cases[:k], task)
             methods[name] = {"encode_s": time.perf_counter() - start, "tune_losses": losses, "lost": encoded.lost,
                              "threshold": threshold, "reference_dice_by_threshold": calibration,
@@ -255,7 +259,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                     predictor.use_mirroring = m["tta"]
                     predictor.decision_threshold = m["threshold"]
                     predictor.prior_alignment, predictor.alignment_anchors = m["prior_alignment"], m["anchors"]
-                    predictor.registration_fusion = m["registration_fusion"]
+                    set_fusion(predictor, m["registration_fusion"])
                     predictor.registration_atlases = m["atlases"]
                     result = predictor.predict_case([image_file(folder, case)], m["task"], m["pool"], 1)
                     write_segmentation(result.segmentation, os.path.join(tmp, f"{case}.nii.gz"), result.properties,
@@ -280,6 +284,9 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                 print(f"[{folder.name}] query {qi}/{len(queries)} {case} {name}: mean Dice "
                       f"{nanmean(list(dice.values())):.3f}, {seconds:.1f} s", file=sys.stderr)
     subcortical = [c for c in classes if any(s in names[c] for s in SUBCORTICAL)]
+    # the structures the model's training held out of every episode (plans' iris.held_out_classes, by member name)
+    never_trained = [c for c in classes
+                     if c in predictor.joint_plans.get("iris", {}).get("held_out_classes", {}).get(folder.name, [])]
     for m in methods.values():
         for key in ("task", "pool", "anchors", "atlases"):
             m.pop(key, None)
@@ -288,10 +295,14 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                  s_per_query=float(np.mean([q["seconds"] for q in m["per_query"].values()])))
         if subcortical and len(classes) > MAX_CLASS_COLUMNS:
             m["mean_dice_subcortical"] = nanmean([per_class[c] for c in subcortical])
+        if never_trained:
+            m["mean_dice_never_trained"] = nanmean([per_class[c] for c in never_trained])
+            m["mean_dice_trained"] = nanmean([per_class[c] for c in classes if c not in never_trained])
     ratio = (methods["registration"]["s_per_query"] / methods["iris oneshot"]["s_per_query"]
              if {"registration", "iris oneshot"} <= set(methods) else None)
     return {"queries": queries, "references": refs, "class_names": {c: names[c] for c in classes},
-            "subcortical_classes": subcortical, "methods": methods, "registration_over_oneshot": ratio}
+            "subcortical_classes": subcortical, "never_trained_classes": never_trained, "methods": methods,
+            "registration_over_oneshot": ratio}
 
 
 def markdown_table(results: dict) -> str:
@@ -306,6 +317,10 @@ def markdown_table(results: dict) -> str:
         elif r["subcortical_classes"]:
             columns.append((f"{short} subcortical ({len(r['subcortical_classes'])})", ds,
                             lambda m: m["mean_dice_subcortical"]))
+        if r["never_trained_classes"]:
+            columns.append((f"{short} never trained on ({len(r['never_trained_classes'])})", ds,
+                            lambda m: m["mean_dice_never_trained"]))
+            columns.append((f"{short} trained on", ds, lambda m: m["mean_dice_trained"]))
         columns.append((f"{short} s/query", ds, lambda m: m["s_per_query"]))
         columns.append((f"{short} encode s", ds, lambda m: m["encode_s"]))
     head += [c[0] for c in columns]
@@ -360,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "oneshot-no-position: oneshot without the position prior (iris_predict "
                         "--no_position_prior); oneshot-tta: oneshot with mirrored test-time augmentation (iris_predict "
                         "--tta: 8 flips of query and reference together); oneshot-calibrated: oneshot with the decision "
-                        "threshold calibrated on the reference (iris_predict --threshold auto), tune-calibrated likewise after tune; oneshot-fused: oneshot averaged with reference #1's label registered onto the query (iris_predict --registration_fusion on, at 0.5); oneshot-auto: fused or not as reference #2 segmented from #1 decides (--registration_fusion auto); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
+                        "threshold calibrated on the reference (iris_predict --threshold auto), tune-calibrated likewise after tune; oneshot-fused: oneshot averaged with reference #1's label registered onto the query (iris_predict --registration_fusion on, at 0.5); oneshot-auto: the network alone, fused or the registration alone as reference #2 segmented from #1 decides (--registration_fusion auto); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
                         "box-alignment: reference #1's label carried over by aligning the scans' non-zero boxes "
                         "(what the position prior alone knows)")
     p.add_argument("--seed", type=int, default=0, help="picks the references; seeds the registration sampling")

@@ -64,3 +64,33 @@ def test_box_alignment_carries_a_label_between_scans_of_other_extent():
     carried = accuracy.box_aligned_label(fixed, moving, moving_label)
     assert carried.shape == fixed.shape
     assert accuracy.dice_per_class(fixed_label, carried, [1])[1] > 0.8 > before + 0.3, before
+
+
+def test_structures_held_out_of_training_are_reported_apart(tmp_path: Path, monkeypatch):
+    """For a model whose plans held structures out of every training episode, the benchmark reports their mean Dice
+    and the other structures' apart, for every method (here the posterior hippocampus, on a bundled demo query)."""
+    import json
+    import shutil
+    import sys
+
+    from iris_nnu.io.model_folder import DEFAULT_MODEL_FOLDER
+
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_FOLDER, model)
+    plans = json.loads((model / "plans.json").read_text())
+    plans.setdefault("iris", {})["held_out_classes"] = {"Dataset001_Hippocampus": [2]}
+    (model / "plans.json").write_text(json.dumps(plans))
+    held_out = tmp_path / "held_out.json"
+    held_out.write_text(json.dumps({"Dataset001_Hippocampus": ["hippocampus_026"]}))
+    output = tmp_path / "accuracy.json"
+    data = Path(__file__).resolve().parents[1] / "iris_nnu" / "demo_data"
+    monkeypatch.setattr(sys, "argv", ["accuracy.py", "-m", str(model), "--held_out", str(held_out), "--data",
+                                      str(data), "--datasets", "1", "--queries", "1", "--n_references", "1",
+                                      "--methods", "oneshot", "registration", "--output", str(output)])
+    assert accuracy.main() == 0
+    result = json.loads(output.read_text())["datasets"]["Dataset001_Hippocampus"]
+    assert result["never_trained_classes"] == [2]
+    for method in ("iris oneshot", "registration"):
+        m = result["methods"][method]
+        assert m["mean_dice_never_trained"] == m["dice_per_class"]["2"] > 0.3
+        assert m["mean_dice_trained"] == m["dice_per_class"]["1"] > 0.3

@@ -302,19 +302,28 @@ def test_registration_fusion_auto_is_measured_on_the_references(tmp_path: Path, 
     auto, out = _fusion_run(tmp_path, capsys, "auto", [REFERENCE, second])
     line = next(x for x in out.splitlines() if "registration fusion off: hippocampus_040 segmented from "
                                                  "hippocampus_004" in x)
-    alone, fused = (float(v) for v in re.findall(r"(\d\.\d{3})", line))
-    assert 0.5 < alone and fused < alone, line
+    alone, fused, registered = (float(v) for v in re.findall(r"(\d\.\d{3})", line))
+    assert "by the network alone" in line and "by the registration alone" in line, line
+    assert 0.5 < alone and fused < alone and registered < alone, line
     off, _ = _fusion_run(tmp_path, capsys, "off", [REFERENCE, second], "--registration_fusion", "off")
     np.testing.assert_array_equal(auto, off)
     _, out = _fusion_run(tmp_path, capsys, "one", [REFERENCE])
     assert "registration fusion off: with one reference nothing measures whether it helps" in out
-    monkeypatch.setattr(strategies, "fusion_comparison", lambda *args: (0.4, 0.6))
-    favoured, out = _fusion_run(tmp_path, capsys, "favoured", [REFERENCE, second])
-    assert "registration fusion on: hippocampus_040 segmented from hippocampus_004 scores 0.600 fused" in out
-    forced, _ = _fusion_run(tmp_path, capsys, "on", [REFERENCE, second], "--registration_fusion", "on")
-    # the same fused run, but for ITK's multithreaded sums in the registration (a few voxels at most)
-    jitter, changed = int((favoured != forced).sum()), int((favoured != off).sum())
-    assert jitter <= 20 and changed > 100, (jitter, changed)
+    outputs = {}
+    for setting in ("on", "registration"):
+        scores = {"off": 0.4, "on": 0.5, "registration": 0.3} if setting == "on" else \
+            {"off": 0.4, "on": 0.5, "registration": 0.6}
+        monkeypatch.setattr(strategies, "fusion_comparison", lambda *args, scores=scores: scores)
+        favoured, out = _fusion_run(tmp_path, capsys, f"favoured_{setting}", [REFERENCE, second])
+        best = max(scores.values())
+        assert (f"registration fusion {setting}: hippocampus_040 segmented from hippocampus_004 scores {best:.3f}"
+                in out), out
+        forced, _ = _fusion_run(tmp_path, capsys, setting, [REFERENCE, second], "--registration_fusion", setting)
+        # the same run, but for ITK's multithreaded sums in the registration (a few voxels at most)
+        jitter, changed = int((favoured != forced).sum()), int((favoured != off).sum())
+        assert jitter <= 20 and changed > 100, (setting, jitter, changed)
+        outputs[setting] = forced
+    assert int((outputs["on"] != outputs["registration"]).sum()) > 100
 
 
 def test_a_failed_registration_leaves_the_network_alone(monkeypatch):
@@ -337,3 +346,23 @@ def test_a_failed_registration_leaves_the_network_alone(monkeypatch):
     np.testing.assert_array_equal(outputs[True].segmentation, outputs[False].segmentation)
     assert any("registration to the references failed" in w for w in outputs[True].warnings)
     assert not any("registration" in w for w in outputs[False].warnings)
+
+
+def test_the_registration_alone_does_not_run_the_network(monkeypatch):
+    """network_share 0 (--registration_fusion registration): the query is segmented by the references' registered
+    labels alone, without one forward pass of the network on it, and still matches the truth."""
+    from iris_nnu.inference.segmenter import Segmenter
+
+    predictor = IrisPredictor(registration_fusion=True, network_share=0.0)
+    predictor.initialize_from_model_folder(None)
+    encoded = predictor.encode_references(parse_reference(REFERENCE, 1))
+    task, _ = predictor.task_for_strategy(encoded.pool, "oneshot")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network ran on the query")
+    monkeypatch.setattr(Segmenter, "logits", no_network)
+    result = predictor.predict_case([f"{DEMO}/imagesTr/hippocampus_026_0000.nii.gz"], task)
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(f"{DEMO}/labelsTr/hippocampus_026.nii.gz"))
+    assert float(np.mean(list(dice_per_class(truth, result.segmentation, [1, 2]).values()))) > 0.5
+    with pytest.raises(ValueError, match="network_share"):
+        IrisPredictor(registration_fusion=True, network_share=1.5)

@@ -25,7 +25,8 @@ from iris_nnu.inference.references import ReferenceCase, parse_reference
 from iris_nnu.inference.runner import failure_line
 from iris_nnu.inference.segmenter import MIN_STEP_SIZE
 from iris_nnu.inference.strategies import (AUTO_FUSION, AUTO_THRESHOLD, DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS,
-                                          FUSION_SETTINGS, STRATEGIES, run_fusion, run_threshold, with_threshold)
+                                          FUSION_SETTINGS, STRATEGIES, run_fusion, run_threshold, set_fusion,
+                                          with_threshold)
 from iris_nnu.io.model_folder import DEFAULT_CHECKPOINT, DEFAULT_MODEL_FOLDER, model_folder_folds
 from iris_nnu.model.task import FORMAT_VERSION as TASK_FORMAT
 
@@ -165,13 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "mutual information, then demons; about 25 s per abdominal or head-and-neck query and "
                         "reference on one thread), and segment at --threshold 0.5 unless one is given (a reference "
                         "registered onto itself returns its own label, so the references cannot calibrate it). It "
-                        "helps where the network does not know the scans (one-shot, measured on abdominal MR and "
-                        "head-and-neck CT left out of training: 0.795 against 0.665, 0.421 against 0.133; ANTs SyN "
-                        "0.721, 0.440) and costs where it does (the hippocampus the model trained on: see the "
-                        "README's Results). auto: with two or more -r references, the second is segmented from the "
-                        "first both ways before the run and the better kept (a line says which; costs about two "
-                        "queries' time, once); with one reference, off. off: never. A --task file holds no image: "
-                        "fusion needs -r. A bare --registration_fusion means on (default: %(default)s)")
+                        "helps where the network does not know the scans (one-shot, measured on abdominal MR left "
+                        "out of training: 0.795 against 0.665; ANTs SyN 0.721) and costs where it does (the "
+                        "hippocampus the model trained on: see the README's Results). registration: the registered "
+                        "labels alone, the network not run on the queries (head-and-neck CT left out of training: "
+                        "0.470, fused 0.421, the network 0.133, ANTs SyN 0.440). auto: with two or more -r references, "
+                        "the second is segmented from the first each way (off, on, registration) before the run and "
+                        "the best kept (a line says which; costs about three queries' time, once); with one "
+                        "reference, off. off: the network alone. A --task file holds no image: fusion needs -r. A "
+                        "bare --registration_fusion means on (default: %(default)s)")
     p.add_argument("--postprocess", choices=("none", "largest_component"), default="none",
                    help="largest_component: keep only each class's largest connected component in the written "
                         "segmentation (the authors' later code does; --save_probabilities maps stay as predicted)")
@@ -203,9 +206,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise IrisInputError(f"--retrieval_top_k must be at least 1, got {args.retrieval_top_k}")
     if args.classes_per_pass is not None and args.classes_per_pass < 1:
         raise IrisInputError(f"--classes_per_pass must be at least 1, got {args.classes_per_pass}")
-    if args.registration_fusion == "on" and args.task:
-        raise IrisInputError("--registration_fusion registers the reference images to each query: give them with -r "
-                             "(a task file holds no images)")
+    if args.registration_fusion in ("on", "registration") and args.task:
+        raise IrisInputError(f"--registration_fusion {args.registration_fusion} registers the reference images to each "
+                             f"query: give them with -r (a task file holds no images)")
     if args.tta and args.strategy == "tune":
         raise IrisInputError("--tta with --strategy tune: the tuned embedding is of the unflipped references only")
     if args.strategy == "tune" and args.task:
@@ -355,7 +358,7 @@ def run_prediction(args: argparse.Namespace) -> int:
                               classes_per_pass=args.classes_per_pass,
                               largest_component=args.postprocess == "largest_component",
                               position_prior=not args.no_position_prior, prior_alignment=args.prior_alignment,
-                              registration_fusion=args.registration_fusion == "on")
+                              registration_fusion=args.registration_fusion in ("on", "registration"))
     predictor.initialize_from_model_folder(args.m, resolve_folds(args.f, args.m), args.chk)
     if predictor.num_folds > 1 and args.save_task:  # --task: load_task says the same
         raise IrisInputError(f"--save_task {args.save_task}: a task file holds one fold's embedding; a fold ensemble "
@@ -381,8 +384,9 @@ def run_prediction(args: argparse.Namespace) -> int:
         fusion = args.registration_fusion if args.i else "off"  # only --save_task: no query to fuse
         if fusion == AUTO_FUSION and len(cases) > 1:
             print(f"{PROGRAM}: measuring registration fusion on the references (--registration_fusion auto): "
-                  f"{cases[1].name} segmented from {cases[0].name} with and without it")
-        predictor.registration_fusion, line = run_fusion(predictor, fusion, cases, args.classes)
+                  f"{cases[1].name} segmented from {cases[0].name} by the network, fused, and by the registration")
+        fusion, line = run_fusion(predictor, fusion, cases, args.classes)
+        set_fusion(predictor, fusion)
         if line:
             print(f"{PROGRAM}: {line}")
         references = predictor.encode_references(cases, args.classes)

@@ -64,6 +64,7 @@ from iris_nnu.inference.strategies import (
     DEFAULT_THRESHOLD,
     DEFAULT_TUNE_LR,
     DEFAULT_TUNE_STEPS,
+    FUSION_WEIGHT,
     STRATEGIES,
     select_references,
     tune_task,
@@ -83,15 +84,12 @@ from iris_nnu.preprocessing.planner import CONFIGURATION, run_spacing
 DEFAULT_MAP_MEMORY_GB = 1.0
 # How a query meets its references' position priors by default (inference/alignment.py; measured in README Results)
 DEFAULT_PRIOR_ALIGNMENT = "affine"
-# --registration_fusion: the network's probability and the registered references' label in equal shares (benchmarks/
-# registration_fusion.py, abdominal MR never trained on, 11 queries: 0.727; 0.3 : 0.7 gave 0.717, 0.7 : 0.3 0.700)
-FUSION_WEIGHT = 0.5
 
 
-def fuse_with_atlas(logits: np.ndarray, atlas: np.ndarray) -> np.ndarray:
-    """The logits of FUSION_WEIGHT * sigmoid(logits) + (1 - FUSION_WEIGHT) * atlas (both (K, ...), float32)."""
-    probability = torch.sigmoid(torch.from_numpy(logits)).mul_(FUSION_WEIGHT).add_(torch.from_numpy(atlas),
-                                                                                    alpha=1 - FUSION_WEIGHT)
+def fuse_with_atlas(logits: np.ndarray, atlas: np.ndarray, network_share: float = FUSION_WEIGHT) -> np.ndarray:
+    """The logits of network_share * sigmoid(logits) + (1 - network_share) * atlas (both (K, ...), float32)."""
+    probability = torch.sigmoid(torch.from_numpy(logits)).mul_(network_share).add_(torch.from_numpy(atlas),
+                                                                                    alpha=1 - network_share)
     return torch.logit(probability).clamp_(-LOGIT_LIMIT, LOGIT_LIMIT).numpy()
 
 
@@ -232,7 +230,8 @@ class IrisPredictor:
             what a task file, which holds no image, gets).
         registration_fusion: average each class's probability with the references' labels carried onto the query
             by a registration (registration.registered_label_maps; references encoded by `encode_references`, not a
-            task file), FUSION_WEIGHT each.
+            task file), the network's share `network_share` (FUSION_WEIGHT: equal shares; 0: the registration alone,
+            and the network is not run on the queries).
         verbose: unused (nnU-Net's argument, kept for its argument order).
         allow_tqdm: progress bars over the queries of predict_from_files.
     """
@@ -242,7 +241,7 @@ class IrisPredictor:
                  map_memory_gb: float = DEFAULT_MAP_MEMORY_GB, largest_component: bool = False,
                  position_prior: bool = True, verbose: bool = False, allow_tqdm: bool = False,
                  decision_threshold: float = DEFAULT_THRESHOLD, prior_alignment: str = DEFAULT_PRIOR_ALIGNMENT,
-                 registration_fusion: bool = False):
+                 registration_fusion: bool = False, network_share: float = FUSION_WEIGHT):
         if not MIN_STEP_SIZE <= tile_step_size <= 1:
             raise ValueError(f"step size must be in [{MIN_STEP_SIZE}, 1], got {tile_step_size}")
         if classes_per_pass is not None and classes_per_pass < 1:
@@ -261,6 +260,9 @@ class IrisPredictor:
             raise ValueError(f"prior_alignment must be one of {PRIOR_ALIGNMENTS}, got {prior_alignment!r}")
         self.prior_alignment = prior_alignment
         self.registration_fusion = registration_fusion
+        if not 0 <= network_share <= 1:
+            raise ValueError(f"network_share must be in [0, 1], got {network_share}")
+        self.network_share = network_share
         # the references queries are registered to (encode_references sets them; a loaded task has none)
         self.alignment_anchors: list[AlignmentAnchor] = []
         self.registration_atlases: list[RegistrationAtlas] = []  # likewise, for registration_fusion
@@ -524,17 +526,24 @@ class IrisPredictor:
         if frame is None and self.position_grid and self.position_prior:
             frame = scan_frame(properties)
         segmenter = self.segmenter()
+        # the registration alone (network_share 0) needs no network output in the original geometry
+        registration_only = atlas is not None and self.network_share == 0 and preprocessed is None
         for start in range(0, k_total, per_pass):
-            logits = segmenter.logits(image, tasks, frame, classes[start:start + per_pass])
+            stop = min(start + per_pass, k_total)
+            logits = None if registration_only else segmenter.logits(image, tasks, frame, classes[start:stop])
             if preprocessed is not None:
                 preprocessed.update(logits, start)
             if original is not None:
-                for sub in range(0, logits.shape[0], per_export):
-                    resampled = resample_to_cropped_shape(logits[sub:sub + per_export], self.plans_manager,
-                                                          self.configuration_manager, properties)
+                for sub in range(0, stop - start, per_export):
+                    if logits is None:
+                        resampled = np.zeros((min(per_export, stop - start - sub), *cropped_shape), np.float32)
+                    else:
+                        resampled = resample_to_cropped_shape(logits[sub:sub + per_export], self.plans_manager,
+                                                              self.configuration_manager, properties)
                     if atlas is not None:
                         first = start + sub
-                        resampled = fuse_with_atlas(resampled, atlas[first:first + resampled.shape[0]])
+                        resampled = fuse_with_atlas(resampled, atlas[first:first + resampled.shape[0]],
+                                                    self.network_share)
                     original.update(resampled, start + sub)
                     if probs is not None:
                         probs[start + sub:start + sub + resampled.shape[0]] = 1 / (1 + np.exp(-resampled))
@@ -600,25 +609,34 @@ class IrisPredictor:
         prepared = self.query_preparation.array(data, properties, reader_writer or self.reader_writer_class())
         return self.predict_prepared(prepared, task, pool, retrieval_top_k, save_probabilities)
 
+    def registered_atlas(self, query: PreparedQuery, classes: Sequence[int]) -> tuple[np.ndarray | None, list[str]]:
+        """The references' labels carried onto `query` (registered_label_maps) for registration fusion, and warnings:
+        (None, [why]) where the registration fails."""
+        if not self.registration_atlases or query.original is None:
+            raise IrisInputError("registration fusion needs the reference images (-r), encoded with "
+                                 "registration_fusion on: a task file holds no image")
+        try:
+            return registered_label_maps(*query.original, self.registration_atlases, classes), []
+        except RuntimeError as error:  # SimpleITK: e.g. too little overlap to evaluate the metric
+            return None, [f"its registration to the references failed ({brief(error)}): segmented by the network "
+                          f"alone, without --registration_fusion"]
+
     def predict_prepared(self, query: PreparedQuery, task: Tasks, pool: Tasks | None = None,
-                         retrieval_top_k: int = 1, save_probabilities: bool = False) -> CaseResult:
-        """Segment a query preprocessed by QueryPreparation; with `pool`, by retrieval from it."""
+                         retrieval_top_k: int = 1, save_probabilities: bool = False,
+                         atlas: np.ndarray | None = None) -> CaseResult:
+        """Segment a query preprocessed by QueryPreparation; with `pool`, by retrieval from it. `atlas`: the query's
+        registered_atlas, where the caller made it already (registration fusion only)."""
         data, properties = query.data, query.properties
         frame = self.prepared_frame(data, properties)
         retrieved = None
         if pool is not None:
             task, retrieved = self.retrieve(data, properties, task, pool, retrieval_top_k, frame)
         classes = list(self.per_fold(task)[0].classes)
-        atlas, fusion_warnings = None, []
-        if self.registration_fusion:
-            if not self.registration_atlases or query.original is None:
-                raise IrisInputError("registration fusion needs the reference images (-r), encoded with "
-                                     "registration_fusion on: a task file holds no image")
-            try:
-                atlas = registered_label_maps(*query.original, self.registration_atlases, classes)
-            except RuntimeError as error:  # SimpleITK: e.g. too little overlap to evaluate the metric
-                fusion_warnings = [f"its registration to the references failed ({brief(error)}): segmented by the "
-                                   f"network alone, without --registration_fusion"]
+        fusion_warnings = []
+        if not self.registration_fusion:
+            atlas = None
+        elif atlas is None:
+            atlas, fusion_warnings = self.registered_atlas(query, classes)
         result = self.segment_preprocessed(data, properties, task, probabilities=save_probabilities, frame=frame,
                                            atlas=atlas)
         warnings = query.warnings + fusion_warnings + field_of_view_warnings(self.per_fold(task)[0], properties)

@@ -34,8 +34,13 @@ DEFAULT_TUNE_LR = 1e-2  # Adam on the tokens; the paper gives no value: a few st
 CALIBRATION_THRESHOLDS = (0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05)
 AUTO_THRESHOLD = "auto"
 DEFAULT_THRESHOLD = 0.5  # nnU-Net's sigmoid rule: a task file calibrated at none
-FUSION_SETTINGS = ("auto", "on", "off")  # iris_predict --registration_fusion
 AUTO_FUSION = "auto"
+# --registration_fusion on: the network's probability and the registered references' label in equal shares (benchmarks/
+# registration_fusion.py, abdominal MR never trained on, 11 queries: 0.727; 0.3 : 0.7 gave 0.717, 0.7 : 0.3 0.700)
+FUSION_WEIGHT = 0.5
+# a run's registration fusion -> the network's share of each class's probability (None: no registration)
+NETWORK_SHARES: dict[str, float | None] = {"off": None, "on": FUSION_WEIGHT, "registration": 0.0}
+FUSION_SETTINGS = (AUTO_FUSION, *NETWORK_SHARES)  # iris_predict --registration_fusion
 
 
 def cosine_similarity(a: TaskEmbedding, a_index: tuple[int, int], b: TaskEmbedding, b_index: tuple[int, int]) -> float:
@@ -170,10 +175,19 @@ def with_threshold(task: Tasks, threshold: float) -> Tasks:
     return [dataclasses.replace(t, decision_threshold=threshold) for t in task]
 
 
+def set_fusion(predictor: IrisPredictor, setting: str) -> None:
+    """Make `predictor` segment as the fusion `setting` ("off", "on" or "registration") says."""
+    share = NETWORK_SHARES[setting]
+    predictor.registration_fusion = share is not None
+    if share is not None:
+        predictor.network_share = share
+
+
 def fusion_comparison(predictor: IrisPredictor, first: ReferenceCase, second: ReferenceCase,
-                      classes: Sequence[int] | None = None) -> tuple[float, float]:
-    """Mean Dice of `second` segmented one-shot from `first` (over the classes both hold): by the network alone at the
-    threshold calibrated on `first` (a run's default), and fused with `first`'s label registered onto it (at 0.5).
+                      classes: Sequence[int] | None = None) -> dict[str, float]:
+    """Mean Dice of `second` segmented one-shot from `first` (over the classes both hold), per fusion setting: "off"
+    (the network alone at the threshold calibrated on `first`, a run's default), "on" (fused with `first`'s label
+    registered onto it, at 0.5) and "registration" (that label alone, at 0.5); NaN each where they share no class.
     Leaves the predictor's references, threshold and fusion setting changed: encode the run's references after it."""
     predictor.registration_fusion = True  # `first` keeps its atlas; queries keep their original grid
     encoded = predictor.encode_references([first], classes)
@@ -181,38 +195,45 @@ def fusion_comparison(predictor: IrisPredictor, first: ReferenceCase, second: Re
     truth = read_label(second.label, reader_writer_for(second.label, predictor.reader_writer_class))[0]
     held = [c for c in predictor.per_fold(task)[0].classes if (truth == c).any()]
     if not held:
-        return float("nan"), float("nan")
+        return dict.fromkeys(NETWORK_SHARES, float("nan"))
     predictor.follow(task)
     query = predictor.query_preparation(second.images)  # read and preprocessed once, its original grid kept
-    predictor.decision_threshold = DEFAULT_THRESHOLD
-    fused = predictor.predict_prepared(query, task).segmentation
-    predictor.registration_fusion = False
+    atlas, _ = predictor.registered_atlas(query, list(predictor.per_fold(task)[0].classes))  # registered once
+    segmentations = {}
+    for setting in ("on", "registration") if atlas is not None else ():  # a failed registration: the network alone
+        set_fusion(predictor, setting)
+        predictor.decision_threshold = DEFAULT_THRESHOLD
+        segmentations[setting] = predictor.predict_prepared(query, task, atlas=atlas).segmentation
+    set_fusion(predictor, "off")
     predictor.decision_threshold, _ = calibrated_threshold(predictor, [first], task)
-    alone = predictor.predict_prepared(query, task).segmentation
-    return tuple(float(np.mean(list(dice_per_class(truth, s, held).values()))) for s in (alone, fused))
+    segmentations["off"] = predictor.predict_prepared(query, task).segmentation
+    return {setting: float(np.mean(list(dice_per_class(truth, segmentations[setting], held).values())))
+            if setting in segmentations else float("nan") for setting in NETWORK_SHARES}
 
 
 def run_fusion(predictor: IrisPredictor, setting: str, references: Sequence[ReferenceCase] | None,
-               classes: Sequence[int] | None = None) -> tuple[bool, str | None]:
-    """Whether a run fuses Iris with registration (IrisPredictor.registration_fusion), and a line saying why (None:
-    nothing to say). "on" / "off" as given; AUTO_FUSION: with two or more references, the second segmented from the
-    first both ways (fusion_comparison) and the better kept: fusion helps where the network does not know the scans
-    (abdominal MR and head-and-neck CT it never trained on: +0.13 / +0.29), and costs where it does (the hippocampus:
-    -0.07); with one reference or a task file, nothing measures it, and it stays off. Call it before encoding the
-    run's references."""
+               classes: Sequence[int] | None = None) -> tuple[str, str | None]:
+    """The fusion a run segments with ("off", "on" or "registration"; set_fusion applies it), and a line saying why
+    (None: nothing to say). A setting other than AUTO_FUSION as given; AUTO_FUSION: with two or more references, the
+    second segmented from the first each way (fusion_comparison) and the best kept, the network alone on a tie: fusion
+    helps where the network does not know the scans (abdominal MR never trained on: +0.13), the registration alone
+    where the network adds nothing (head-and-neck CT never trained on), and both cost where the network knows the
+    scans (the hippocampus: -0.07); with one reference or a task file, nothing measures it, and it stays off. Call it
+    before encoding the run's references."""
     if setting != AUTO_FUSION:
-        return setting == "on", None
+        return setting, None
     if not references or len(references) < 2:
         if references:
-            return False, ("registration fusion off: with one reference nothing measures whether it helps "
+            return "off", ("registration fusion off: with one reference nothing measures whether it helps "
                            "(--registration_fusion on forces it)")
-        return False, None
+        return "off", None
     try:
-        alone, fused = fusion_comparison(predictor, references[0], references[1], classes)
+        dice = fusion_comparison(predictor, references[0], references[1], classes)
     except IrisInputError as error:  # e.g. the first reference lacks a --classes value the run's references hold
-        return False, f"registration fusion off: not measured on the references ({error})"
-    if not fused > alone:  # NaN (no class in common): the network alone
-        return False, (f"registration fusion off: {references[1].name} segmented from {references[0].name} scores "
-                       f"{alone:.3f} by the network alone, {fused:.3f} fused")
-    return True, (f"registration fusion on: {references[1].name} segmented from {references[0].name} scores "
-                  f"{fused:.3f} fused, {alone:.3f} by the network alone")
+        return "off", f"registration fusion off: not measured on the references ({error})"
+    # the first of the best in NETWORK_SHARES' order (the network alone, then fused); NaN (no class in common) loses
+    best = max(NETWORK_SHARES, key=lambda s: (dice[s] if dice[s] == dice[s] else -1.0, -list(NETWORK_SHARES).index(s)))
+    described = {"off": "by the network alone", "on": "fused", "registration": "by the registration alone"}
+    scores = ", ".join(f"{dice[s]:.3f} {described[s]}" for s in sorted(NETWORK_SHARES, key=lambda s: s != best))
+    return best, (f"registration fusion {best}: {references[1].name} segmented from {references[0].name} scores "
+                  f"{scores}")
