@@ -357,8 +357,7 @@ def run_prediction(args: argparse.Namespace) -> int:
                               device=device, modality=args.modality,
                               classes_per_pass=args.classes_per_pass,
                               largest_component=args.postprocess == "largest_component",
-                              position_prior=not args.no_position_prior, prior_alignment=args.prior_alignment,
-                              registration_fusion=args.registration_fusion in ("on", "registration"))
+                              position_prior=not args.no_position_prior, prior_alignment=args.prior_alignment)
     predictor.initialize_from_model_folder(args.m, resolve_folds(args.f, args.m), args.chk)
     if predictor.num_folds > 1 and args.save_task:  # --task: load_task says the same
         raise IrisInputError(f"--save_task {args.save_task}: a task file holds one fold's embedding; a fold ensemble "

@@ -231,8 +231,8 @@ def run_fusion(predictor: IrisPredictor, setting: str, references: Sequence[Refe
         dice = fusion_comparison(predictor, references[0], references[1], classes)
     except IrisInputError as error:  # e.g. the first reference lacks a --classes value the run's references hold
         return "off", f"registration fusion off: not measured on the references ({error})"
-    # the first of the best in NETWORK_SHARES' order (the network alone, then fused); NaN (no class in common) loses
-    best = max(NETWORK_SHARES, key=lambda s: (dice[s] if dice[s] == dice[s] else -1.0, -list(NETWORK_SHARES).index(s)))
+    # max keeps the first of equals in NETWORK_SHARES' order (the network alone first); NaN (nothing scored) loses
+    best = max(NETWORK_SHARES, key=lambda s: -1.0 if np.isnan(dice[s]) else dice[s])
     described = {"off": "by the network alone", "on": "fused", "registration": "by the registration alone"}
     scores = ", ".join(f"{dice[s]:.3f} {described[s]}" for s in sorted(NETWORK_SHARES, key=lambda s: s != best))
     return best, (f"registration fusion {best}: {references[1].name} segmented from {references[0].name} scores "
