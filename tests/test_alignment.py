@@ -22,6 +22,7 @@ from iris_nnu.inference.alignment import (
 from iris_nnu.inference.evaluate import dice_per_class
 from iris_nnu.inference.predict import main as predict_main
 from iris_nnu.inference.registration import RegistrationAtlas, registered_label_maps, warp_masks
+from iris_nnu.model import TaskEmbedding
 from iris_nnu.model.position import ScanFrame, position_prior_from_labels
 
 DEMO = Path(__file__).resolve().parents[1] / "iris_nnu" / "demo_data" / "Dataset001_Hippocampus"
@@ -377,3 +378,16 @@ def test_the_registration_alone_does_not_run_the_network(monkeypatch):
     assert float(np.mean(list(dice_per_class(truth, result.segmentation, [1, 2]).values()))) > 0.5
     with pytest.raises(ValueError, match="network_share"):
         IrisPredictor(registration_fusion=True, network_share=1.5)
+
+
+def test_a_task_saved_from_a_fused_run_records_the_networks_threshold(tmp_path: Path, capsys, monkeypatch):
+    """A fused run segments at 0.5, but its --save_task file is segmented later by the network alone: it records
+    the threshold calibrated for the network alone (here forced to 0.25), and the line says so."""
+    import iris_nnu.inference.strategies as strategies
+    monkeypatch.setattr(strategies, "calibrated_threshold", lambda *args, **kwargs: (0.25, {0.25: 0.9, 0.5: 0.8}))
+    task = tmp_path / "task.pt"
+    _, out = _fusion_run(tmp_path, capsys, "fused", [REFERENCE], "--registration_fusion", "on",
+                         "--save_task", str(task))
+    assert "decision threshold 0.5: with --registration_fusion" in out
+    assert "the task file records decision threshold 0.25, the network's alone" in out
+    assert TaskEmbedding.load(task).decision_threshold == 0.25

@@ -26,7 +26,7 @@ from iris_nnu.inference.runner import failure_line
 from iris_nnu.inference.segmenter import MIN_STEP_SIZE
 from iris_nnu.inference.strategies import (AUTO_FUSION, AUTO_THRESHOLD, DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS,
                                           FUSION_SETTINGS, STRATEGIES, run_fusion, run_threshold, set_fusion,
-                                          with_threshold)
+                                          task_file_threshold, with_threshold)
 from iris_nnu.io.model_folder import DEFAULT_CHECKPOINT, DEFAULT_MODEL_FOLDER, model_folder_folds
 from iris_nnu.model.task import FORMAT_VERSION as TASK_FORMAT
 
@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "nnU-Net's sigmoid rule). auto: with -r, the P (0.5 down to 0.05) under which the task "
                         "segments its own references best, at the cost of segmenting each once (measured at "
                         "most 0.004 below 0.5, up to 0.27 above; see the README); with --task, the P the task "
-                        "file was calibrated at (0.5 if none). --save_task records the run's P in the task file")
+                        "file was calibrated at (0.5 if none). --save_task records the run's P in the task file (with "
+                        "registration fusion, the P calibrated for the network alone, as a task file segments)")
     p.add_argument("-step_size", type=float, default=0.5,
                    help=f"sliding-window step as a fraction of the patch ({MIN_STEP_SIZE} to 1)")
     add_device_argument(p)
@@ -412,7 +413,10 @@ def run_prediction(args: argparse.Namespace) -> int:
         print(f"{PROGRAM}: {line}")
     names = structure_names(args, pool)
     if args.save_task:
-        saved = with_threshold(task if args.strategy == "tune" else pool, predictor.decision_threshold)
+        threshold, line = task_file_threshold(predictor, args.threshold, task, cases)
+        if line:
+            print(f"{PROGRAM}: {line}")
+        saved = with_threshold(task if args.strategy == "tune" else pool, threshold)
         dataclasses.replace(saved, names=names or None).save(args.save_task)
         print(f"{PROGRAM}: task written to {args.save_task}")
     if args.i is None:

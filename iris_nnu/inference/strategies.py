@@ -168,6 +168,22 @@ def run_threshold(predictor: IrisPredictor, setting: float | str, task: Tasks,
     return DEFAULT_THRESHOLD, None
 
 
+def task_file_threshold(predictor: IrisPredictor, setting: float | str, task: Tasks,
+                        references: Sequence[ReferenceCase] | None) -> tuple[float, str | None]:
+    """The decision threshold a --save_task file records, and a line when it is not the run's: the run's, except in a
+    run fused with registration, where it is the one run_threshold gives the network alone (a task file segments by
+    the network alone: it holds no reference image to register)."""
+    if not predictor.registration_fusion:
+        return predictor.decision_threshold, None
+    predictor.registration_fusion = False
+    try:
+        threshold, _ = run_threshold(predictor, setting, task, references)
+    finally:
+        predictor.registration_fusion = True
+    return threshold, (f"the task file records decision threshold {threshold}, the network's alone: a task file "
+                       f"segments without registration")
+
+
 def with_threshold(task: Tasks, threshold: float) -> Tasks:
     """`task` (one, or one per fold) recording the decision threshold it segments at, for a task file."""
     if isinstance(task, TaskEmbedding):
