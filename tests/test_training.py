@@ -24,7 +24,7 @@ from iris_nnu.trainers.episodes import EpisodicDataLoader, MemberEpisodes
 from iris_nnu.trainers.iris_trainer import IrisTrainer, WarmupExponentialLR
 from iris_nnu.model.loss import MaskedDiceBCELoss
 from iris_nnu.trainers.train import main as train_main
-from iris_nnu.trainers.train import parse_arguments
+from iris_nnu.trainers.train import parse_arguments, resolve_trainer
 from iris_nnu.trainers.validation import one_shot_validation, reference_following
 
 # Small enough to train on 2 CPU cores in a test; plans are data, so tests write it into them.
@@ -61,9 +61,10 @@ def collection_env(tmp_path_factory):
         yield root
 
 
-def make_trainer(epochs: int, iterations: int, val_iterations: int = 2) -> IrisTrainer:
+def make_trainer(epochs: int, iterations: int, val_iterations: int = 2,
+                 trainer_class: type[IrisTrainer] = IrisTrainer) -> IrisTrainer:
     collection = load_collection(900)
-    trainer = IrisTrainer(dict(collection.plans), "3d_fullres", 0, collection.dataset_json, torch.device("cpu"))
+    trainer = trainer_class(dict(collection.plans), "3d_fullres", 0, collection.dataset_json, torch.device("cpu"))
     trainer.num_epochs, trainer.num_iterations_per_epoch = epochs, iterations
     trainer.num_val_iterations_per_epoch = val_iterations
     return trainer
@@ -358,6 +359,15 @@ def test_learning_rate_schedule():
     assert schedule.lr_at(999) == pytest.approx(2e-5, rel=0.02)
     lrs = [schedule.lr_at(i) for i in range(25, 1000)]
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_the_fine_tuning_trainer_continues_at_a_tenth_of_the_learning_rate(collection_env):
+    """-tr IrisTrainer_FineTune (for -pretrained_weights): peak 2e-4, ending at IrisTrainer's last rate."""
+    trainer = make_trainer(epochs=4, iterations=10, trainer_class=resolve_trainer("IrisTrainer_FineTune"))
+    trainer.initialize()
+    schedule = trainer.lr_schedule
+    assert max(schedule.lr_at(i) for i in range(40)) == pytest.approx(2e-4)
+    assert schedule.lr_at(39) == pytest.approx(2e-5, rel=0.1)
 
 
 def load_padded(member, case: str) -> tuple[torch.Tensor, torch.Tensor]:

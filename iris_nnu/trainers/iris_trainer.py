@@ -430,3 +430,15 @@ class IrisTrainer(nnUNetTrainer):
         summary = one_shot_validation(self, save_probabilities=save_probabilities)
         self.print_to_log_file(f"one-shot validation ({time() - start:.0f} s): "
                                + json.dumps({k: round(v, 4) for k, v in summary.items()}))
+
+
+class IrisTrainer_FineTune(IrisTrainer):
+    """IrisTrainer at a tenth of its peak learning rate, decaying to 2e-5 (IrisTrainer's last): to continue a trained
+    model with -pretrained_weights, whose fresh schedule would otherwise restart at IrisTrainer's peak (measured: stage
+    9, continuing stage 8 at 2e-3 with other sampling weights, lost 0.18 on the brains at 0.5 in 37 CPU-minutes)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 2e-4
+        self.final_lr_fraction = 0.1

@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "one per GPU with NCCL, or with -device cpu that many CPU processes with gloo; the plans' "
                         "batch is split over them. Across machines, start iris_train with torchrun instead")
     p.add_argument("-p", default=PLANS_IDENTIFIER, help="plans identifier")
-    p.add_argument("-tr", default="IrisTrainer", help="trainer class: IrisTrainer, a subclass, or module.Class")
+    p.add_argument("-tr", default="IrisTrainer", help="trainer class: IrisTrainer, a subclass, or module.Class; "
+                   "IrisTrainer_FineTune continues a trained model (--pretrained_weights) at a tenth of the learning "
+                   "rate")
     p.add_argument("--pretrained_weights", "-pretrained_weights", default=None,
                    help="checkpoint to initialise the network from (nnU-Net's load_pretrained_weights); not with --c")
     p.add_argument("--val", action="store_true", help="only run the final one-shot validation of a finished fold")
