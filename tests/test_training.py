@@ -335,6 +335,46 @@ def test_prior_alignment_affine_registers_every_case_to_its_member_s_template(co
         plans_file.write_text(original)
 
 
+def test_prior_dropout_trains_some_batches_with_uniform_priors(collection_env):
+    """plans' iris.prior_dropout p: a share p of training batches encode their references with uniform position
+    priors (so the network must segment by appearance too); 0 (the default) keeps every prior."""
+    plans_file = collection_env / "nnUNet_preprocessed" / "Dataset900_SynthCT_SynthMR" / "IrisPlans.json"
+    original = plans_file.read_text()
+    try:
+        uniform = {}
+        for dropout in (0.0, 0.5, 1.0):
+            plans = json.loads(original)
+            plans["iris"]["prior_dropout"] = dropout
+            plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["position_grid"] = 8
+            plans_file.write_text(json.dumps(plans))
+            np.random.seed(0)  # nnU-Net's patch placement draws from numpy's global generator
+            trainer = make_trainer(1, 8)
+            trainer.episode_seed = 0
+            trainer.initialize()
+            passed = []
+            encode = trainer.iris_network.encode_task
+
+            def recording(reference, masks, classes, positions=None):
+                passed.append(positions.cpu())
+                return encode(reference, masks, classes, positions)
+            trainer.iris_network.encode_task = recording
+            loader = trainer.get_dataloaders()[0]
+            replaced = []
+            for _ in range(8):
+                batch = next(loader)
+                trainer.train_step(batch)
+                own = batch["reference_positions"]
+                assert torch.equal(passed[-1], own) or bool((passed[-1] == 1).all())
+                if not bool((own == 1).all()):  # a prior that says something (a whole-body task's may not)
+                    replaced.append(not torch.equal(passed[-1], own))
+            uniform[dropout] = replaced
+            assert trainer.iris_network.position_weight.grad is not None  # in the graph either way (DDP)
+        assert not any(uniform[0.0]) and all(uniform[1.0]) and len(uniform[1.0]) >= 4
+        assert any(uniform[0.5]) and not all(uniform[0.5])
+    finally:
+        plans_file.write_text(original)
+
+
 def test_masked_loss_ignores_absent_classes():
     loss = MaskedDiceBCELoss()
     logits = torch.randn(2, 3, 8, 8, 8)
