@@ -420,3 +420,24 @@ def test_every_case_is_preprocessed_in_the_plans_voxel_order(nnunet_env, capsys)
     assert a.shape == b.shape and np.allclose(a, b, atol=1e-4)
     assert np.array_equal(load_b2nd(data / "st_000_seg.b2nd"), load_b2nd(data / "st_004_seg.b2nd"))
     assert "--orientation RRS: not an orientation code" in expect_error(capsys, "-d", "61", "--orientation", "RRS")
+
+
+def test_orientation_stored_keeps_each_member_in_its_own_voxel_order(nnunet_env):
+    """--orientation stored: no common voxel order (the plans' null, as the bundled model was planned); each member
+    is preprocessed in the order its cases are stored in, so weights that learnt a member that way keep seeing it so."""
+    raw = nnunet_env["nnUNet_raw"]
+    make_raw_dataset(str(raw), 62, "Lps", num_cases=5, shape_zyx=(20, 24, 28), seed=3, prefix="lp")
+    folder = Path(make_raw_dataset(str(raw), 63, "Permuted", num_cases=5, shape_zyx=(20, 24, 28), seed=4,
+                                   prefix="pe"))
+    for path in sorted((folder / "imagesTr").glob("*.nii.gz")) + sorted((folder / "labelsTr").glob("*.nii.gz")):
+        sitk.WriteImage(sitk.PermuteAxes(sitk.ReadImage(str(path)), (2, 0, 1)), str(path))  # stored in another order
+    run_cli("-d", "62", "63", "-np", "1", "--plan_for", "cpu", "--target_spacing", "1", "--orientation", "stored")
+    collection = load_collection(900)
+    assert collection.plans["iris"]["orientation"] is None
+    shapes = {m.name: load_b2nd(Path(m.preprocessed_folder) / f"{m.cases[0]}.b2nd").shape[1:]
+              for m in collection.members}
+    stored = {name: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / name / "imagesTr" / f"{prefix}_000_0000.nii.gz"))).shape
+              for name, prefix in (("Dataset062_Lps", "lp"), ("Dataset063_Permuted", "pe"))}
+    assert stored["Dataset062_Lps"] != stored["Dataset063_Permuted"]
+    for name, shape in shapes.items():  # cropping may trim the blobs' margins, never reorder the axes
+        assert np.argsort(shape).tolist() == np.argsort(stored[name]).tolist(), name

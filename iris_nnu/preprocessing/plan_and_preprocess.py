@@ -47,6 +47,7 @@ from iris_nnu.preprocessing.raw_dataset import (
 )
 
 DEFAULT_COLLECTION_ID = 900
+STORED_ORIENTATION = "STORED"  # --orientation stored: the plans' iris.orientation null
 
 
 def fingerprint(dataset: RawDataset, num_processes: int, overwrite: bool) -> dict:
@@ -185,7 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--orientation", default=None, metavar="CODE",
                    help="voxel order every image is reoriented to before preprocessing, in training and at inference "
                         "(an orientation code of SimpleITK's DICOMOrient, e.g. RAS, LPS), so that a result does not "
-                        "depend on how a scan is stored; default: the code most of the members' cases are stored in")
+                        "depend on how a scan is stored; 'stored': no common order, each member as its cases are "
+                        "stored (its first case's order) and a run in its first reference's order, as models planned "
+                        "before this rule (the bundled one) learnt their members; default: the code most of the "
+                        "members' cases are stored in")
     p.add_argument("--patch_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="training patch in voxels at the target spacing, multiples of 16; the memory budget then "
                         "sets only width and batch (default for a GPU plan: the largest member's median shape, "
@@ -248,9 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     reader = determine_reader_writer_from_dataset_json(datasets[0].dataset_json,
                                                       next(iter(datasets[0].cases.values()))["images"][0])
     orientation = args.orientation.upper() if args.orientation else majority_orientation(datasets)
-    if not valid_orientation(orientation):
+    if orientation == STORED_ORIENTATION:
+        orientation = None  # the plans' null: preprocessor and predictor fall back to the stored order
+    elif not valid_orientation(orientation):
         raise IrisInputError(f"--orientation {args.orientation}: not an orientation code (three letters, one of R/L, "
-                             f"A/P, S/I each, e.g. RAS or LPS)")
+                             f"A/P, S/I each, e.g. RAS or LPS) nor 'stored'")
     try:
         plans = plan_collection(summaries, args.target_spacing, args.memory_gb, reader.__name__, args.patch_size,
                                 args.plan_for, plans_name, args.spacing_rule, orientation)
@@ -258,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         raise IrisInputError(str(e)) from None
     configuration = plans["configurations"][CONFIGURATION]
     arch = configuration["architecture"]["arch_kwargs"]
-    print(f"joint plan: voxel order {orientation}, spacing {configuration['spacing'][0]:g} mm ({args.spacing_rule}), patch "
+    print(f"joint plan: voxel order {orientation or 'as stored'}, spacing {configuration['spacing'][0]:g} mm ({args.spacing_rule}), patch "
           f"{configuration['patch_size']}, batch {configuration['batch_size']}, widths {arch['features_per_stage']}, "
           f"estimated {plans['iris']['estimated_training_memory_gb']:.2f} of {plans['iris']['memory_budget_gb']:.2f} GB")
     for name, entry in plans["iris"]["members"].items():
