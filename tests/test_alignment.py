@@ -310,8 +310,15 @@ def test_registration_fusion_auto_is_measured_on_the_references(tmp_path: Path, 
 
 
 def _fusion_auto_runs(tmp_path: Path, capsys, monkeypatch, strategies) -> None:
+    import iris_nnu.inference.predictor as predictor_module
+
     second = f"{DEMO}/imagesTr/hippocampus_040_0000.nii.gz:{DEMO}/labelsTr/hippocampus_040.nii.gz"
+    prepared = []
+    prepare = predictor_module.prepare_reference
+    monkeypatch.setattr(predictor_module, "prepare_reference",
+                        lambda case, *args: prepared.append(case.name) or prepare(case, *args))
     auto, out = _fusion_run(tmp_path, capsys, "auto", [REFERENCE, second])
+    assert prepared == ["hippocampus_004", "hippocampus_040"]  # the first, measured on, is not prepared again
     line = next(x for x in out.splitlines() if "registration fusion off: hippocampus_040 segmented from "
                                                  "hippocampus_004" in x)
     alone, fused, registered = (float(v) for v in re.findall(r"(\d\.\d{3})", line))
@@ -336,6 +343,38 @@ def _fusion_auto_runs(tmp_path: Path, capsys, monkeypatch, strategies) -> None:
         assert jitter <= 20 and changed > 100, (setting, jitter, changed)
         outputs[setting] = forced
     assert int((outputs["on"] != outputs["registration"]).sum()) > 100
+
+
+def test_a_reference_is_prepared_again_when_its_files_or_the_settings_change(tmp_path: Path, monkeypatch):
+    """encode_references reuses the previous call's prepared reference only for the same files (path, size,
+    modification time) at the same settings: an edited label is read again, and so is a reference first prepared
+    without the registration atlas a fused run needs."""
+    import iris_nnu.inference.predictor as predictor_module
+
+    label = tmp_path / "hippocampus_004.nii.gz"
+    label.write_bytes((DEMO / "labelsTr" / "hippocampus_004.nii.gz").read_bytes())
+    reference = parse_reference(f"{DEMO}/imagesTr/hippocampus_004_0000.nii.gz:{label}", 1)
+    prepared = []
+    prepare = predictor_module.prepare_reference
+    monkeypatch.setattr(predictor_module, "prepare_reference",
+                        lambda case, *args: prepared.append(args[-1]) or prepare(case, *args))
+    predictor = IrisPredictor()
+    predictor.initialize_from_model_folder(None)
+    first = predictor.encode_references(reference)
+    again = predictor.encode_references(reference)
+    assert len(prepared) == 1 and torch.equal(first.pool.tokens[0], again.pool.tokens[0])
+    predictor.registration_fusion = True
+    fused = predictor.encode_references(reference)
+    assert prepared == [False, True] and len(fused.atlases) == 1
+    predictor.registration_fusion = False
+    assert predictor.encode_references(reference).atlases == [] and len(prepared) == 2
+    truth = sitk.ReadImage(str(label))
+    edited = sitk.GetArrayFromImage(truth)
+    edited[edited == 2] = 0  # the posterior part removed: a reference of one class
+    image = sitk.GetImageFromArray(edited)
+    image.CopyInformation(truth)
+    sitk.WriteImage(image, str(label))
+    assert predictor.encode_references(reference).pool.classes == [1] and len(prepared) == 3
 
 
 def test_a_failed_registration_leaves_the_network_alone(monkeypatch):

@@ -52,6 +52,7 @@ from iris_nnu.inference.plans import RunPreprocessing, inference_plans
 from iris_nnu.inference.registration import RegistrationAtlas, registered_label_maps
 from iris_nnu.inference.references import (
     Crop,
+    PreparedReference,
     ReferenceCase,
     prepare_reference,
     remap_crops,
@@ -266,6 +267,9 @@ class IrisPredictor:
         # the references queries are registered to (encode_references sets them; a loaded task has none)
         self.alignment_anchors: list[AlignmentAnchor] = []
         self.registration_atlases: list[RegistrationAtlas] = []  # likewise, for registration_fusion
+        # the last encode_references call's prepared references, by what made them: --registration_fusion auto
+        # encodes the first reference to measure the fusion, then the run's references (that one again)
+        self._prepared: dict[tuple, PreparedReference] = {}
         self.verbose = verbose
         self.allow_tqdm = allow_tqdm
         self.map_memory_bytes = map_memory_gb * 1024**3
@@ -396,9 +400,9 @@ class IrisPredictor:
         geometries = [read_geometry(case.images[0]) for case in references]
         self.use_spacing(run_spacing(self.joint_plans, [g.spacing for g in geometries]))
         self.orientation = self.model_orientation or orientation_code(geometries[0].direction)
-        prepared = [prepare_reference(case, self.preprocessing, self.reader_writer_class, self.patch_size, wanted,
-                                      self.position_grid, self.orientation, self.registration_fusion)
-                    for case in references]
+        keyed = [self._prepare_reference(case, wanted) for case in references]
+        self._prepared = dict(keyed)
+        prepared = [p for _, p in keyed]
         used = [p for p in prepared if p.values]
         found = sorted(set().union(*(p.values for p in used))) if used else []
         if wanted:
@@ -430,6 +434,21 @@ class IrisPredictor:
         return EncodedReferences(pools, [p.case.name for p in used], crops,
                                  {p.case.label: p.lost for p in prepared if p.lost}, self.alignment_anchors,
                                  self.registration_atlases)
+
+    def _prepare_reference(self, case: ReferenceCase, wanted: list[int] | None) -> tuple[tuple, PreparedReference]:
+        """prepare_reference at the run's settings, reused from the previous encode_references call where the same
+        files (path, size, modification time) were prepared at the same settings; and what made it."""
+        files = [*case.images, case.label]
+        key = (case.name, tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) if os.path.exists(f) else f
+                                for f in files), tuple(wanted or ()), self.spacing, self.orientation,
+               self.position_grid)
+        previous = self._prepared.get(key)
+        if previous is not None and (previous.atlas is not None or not self.registration_fusion):
+            prepared = previous if self.registration_fusion else dataclasses.replace(previous, atlas=None)
+        else:
+            prepared = prepare_reference(case, self.preprocessing, self.reader_writer_class, self.patch_size, wanted,
+                                         self.position_grid, self.orientation, self.registration_fusion)
+        return key, prepared
 
     def load_task(self, path: str, classes: Sequence[int] | None = None) -> TaskEmbedding:
         """A task file written by save_task / --save_task, checked to come from this model."""
