@@ -436,7 +436,7 @@ def test_orientation_stored_keeps_each_member_in_its_own_voxel_order(nnunet_env)
     assert collection.plans["iris"]["orientation"] is None
     shapes = {m.name: load_b2nd(Path(m.preprocessed_folder) / f"{m.cases[0]}.b2nd").shape[1:]
               for m in collection.members}
-    stored = {name: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / name / "imagesTr" / f"{prefix}_000_0000.nii.gz"))).shape
+    stored = {name: sitk.ReadImage(str(raw / name / "imagesTr" / f"{prefix}_000_0000.nii.gz")).GetSize()[::-1]
               for name, prefix in (("Dataset062_Lps", "lp"), ("Dataset063_Permuted", "pe"))}
     assert stored["Dataset062_Lps"] != stored["Dataset063_Permuted"]
     for name, shape in shapes.items():  # cropping may trim the blobs' margins, never reorder the axes

@@ -438,17 +438,14 @@ class IrisPredictor:
     def _prepare_reference(self, case: ReferenceCase, wanted: list[int] | None) -> tuple[tuple, PreparedReference]:
         """prepare_reference at the run's settings, reused from the previous encode_references call where the same
         files (path, size, modification time) were prepared at the same settings; and what made it."""
-        files = [*case.images, case.label]
-        key = (case.name, tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) if os.path.exists(f) else f
-                                for f in files), tuple(wanted or ()), self.spacing, self.orientation,
-               self.position_grid)
-        previous = self._prepared.get(key)
-        if previous is not None and (previous.atlas is not None or not self.registration_fusion):
-            prepared = previous if self.registration_fusion else dataclasses.replace(previous, atlas=None)
-        else:
+        paths = (*case.images, case.label)  # a missing one: prepare_reference names it, and nothing is kept
+        files = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in paths if os.path.exists(f))
+        key = (case.name, paths, files, tuple(wanted or ()), self.spacing, self.orientation, self.position_grid)
+        prepared = self._prepared.get(key)
+        if prepared is None or (self.registration_fusion and prepared.atlas is None):
             prepared = prepare_reference(case, self.preprocessing, self.reader_writer_class, self.patch_size, wanted,
                                          self.position_grid, self.orientation, self.registration_fusion)
-        return key, prepared
+        return key, prepared if self.registration_fusion else dataclasses.replace(prepared, atlas=None)
 
     def load_task(self, path: str, classes: Sequence[int] | None = None) -> TaskEmbedding:
         """A task file written by save_task / --save_task, checked to come from this model."""
