@@ -169,6 +169,37 @@ def test_a_member_s_own_episode_mix_overrides_the_loader_s(tmp_path, monkeypatch
     assert {loader.generate_train_batch()["kind"] for _ in range(4)} == {"labels"}
 
 
+def test_permuted_episodes_put_query_reference_and_coordinates_in_one_random_voxel_order(tmp_path, monkeypatch):
+    member = _unique_intensity_member(tmp_path, monkeypatch)
+
+    def as_is(**batch):
+        return batch
+
+    def axes_by_stride(volume: np.ndarray) -> tuple[int, ...]:
+        """The array axes from the ramp's largest step to its smallest: how the scan's axes were ordered."""
+        steps = [np.median(np.abs(np.diff(volume, axis=a))) for a in range(3)]
+        return tuple(int(a) for a in np.argsort(steps)[::-1])
+
+    loader = EpisodicDataLoader([member], 2, (32,) * 3, (32,) * 3, 8, as_is, as_is, seed=0, position_grid=8,
+                                self_supervised_p=1.0, permute_axes=True)
+    assert EpisodicDataLoader([member], 2, (32,) * 3, (32, 32, 16), 8, as_is, as_is,
+                              permute_axes=True).permutable_axes == (0, 1)  # only equal sides trade places
+    orders, channel_of_axis = set(), set()
+    for _ in range(8):
+        batch = loader.generate_train_batch()
+        for b in range(2):
+            query_order = axes_by_stride(batch["data"][b, 0].numpy())
+            assert query_order == axes_by_stride(batch["reference"][b, 0].numpy())  # permuted together
+            orders.add(query_order)
+            # each voxel keeps its scan coordinates: the channel that changes along an axis follows the axis
+            coordinates = batch["coordinates"][b].numpy()
+            changing = [int(np.argmax([np.abs(np.diff(coordinates[c], axis=a)).mean() for c in range(3)]))
+                        for a in query_order]
+            channel_of_axis.add(tuple(changing))
+    assert len(orders) >= 3  # several of the six orders in 16 episodes
+    assert len(channel_of_axis) == 1  # the scan's first axis always carries the same coordinate, wherever it lies
+
+
 def test_augmented_tasks_are_made_from_the_labels():
     labels = torch.zeros(8, 8, 8, dtype=torch.int16)
     labels[1:4, 1:7, 1:7] = 1

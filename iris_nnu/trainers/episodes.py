@@ -102,7 +102,8 @@ class EpisodicDataLoader(DataLoader):
     def __init__(self, members: list[MemberEpisodes], batch_size: int, initial_patch_size, patch_size,
                  max_classes: int, query_transforms, reference_transforms, mirror_axes: tuple[int, ...] = (),
                  oversample_foreground_percent: float = 0.67, seed: int | None = None, position_grid: int = 0,
-                 weak_reference_transforms=None, self_supervised_p: float = 0.0, augmented_p: float = 0.0):
+                 weak_reference_transforms=None, self_supervised_p: float = 0.0, augmented_p: float = 0.0,
+                 permute_axes: bool = False):
         super().__init__(members, batch_size, 1, None, True, False, True)
         self.members = [m for m in members if m.query_cases]
         if not self.members:
@@ -118,6 +119,10 @@ class EpisodicDataLoader(DataLoader):
         self.self_supervised_p = self_supervised_p
         self.augmented_p = augmented_p
         self.mirror_axes = tuple(mirror_axes)
+        # axes that may trade places (equal patch sides): query and reference permuted together, so that the network
+        # learns anatomy in every voxel order, as it learns both sides by mirroring
+        sides = self.final_patch_size
+        self.permutable_axes = tuple(a for a in range(len(sides)) if sides.count(sides[a]) > 1) if permute_axes else ()
         self.oversample_foreground_percent = oversample_foreground_percent
         self.rng = np.random.default_rng(seed)
         self.position_grid = position_grid
@@ -283,6 +288,16 @@ class EpisodicDataLoader(DataLoader):
                            torch.from_numpy(r_regions[None].copy()).to(torch.int16),
                            frame.coordinates(r_lo, final), priors, weak_reference=True)
 
+    def _axis_order(self) -> tuple[int, ...] | None:
+        """A random order of a (C, X, Y, Z) tensor's dimensions that shuffles the permutable axes, or None."""
+        if len(self.permutable_axes) < 2:
+            return None
+        spatial = list(range(len(self.final_patch_size)))
+        shuffled = self.rng.permutation(self.permutable_axes)
+        for a, b in zip(self.permutable_axes, shuffled):
+            spatial[a] = int(b)
+        return None if spatial == sorted(spatial) else (0, *(a + 1 for a in spatial))
+
     def _assemble(self, member: MemberEpisodes, kind: str, items: list[EpisodeItem]) -> dict:
         """Augment each item and turn its mask specs into binary targets and reference masks."""
         k = max(len(item.specs) for item in items)
@@ -306,6 +321,11 @@ class EpisodicDataLoader(DataLoader):
             if flip:  # the coordinates flip too: every voxel keeps its own position (and the prior its side)
                 q_img, r_img, r_seg, q_extra, r_extra = (t.flip(flip) for t in (q_img, r_img, r_seg, q_extra, r_extra))
                 q_seg = [t.flip(flip) for t in q_seg]
+            order = self._axis_order()
+            if order is not None:  # voxels move, the coordinates' values do not: the prior still meets each voxel
+                q_img, r_img, r_seg, q_extra, r_extra = (t.permute(order) for t in (q_img, r_img, r_seg, q_extra,
+                                                                                    r_extra))
+                q_seg = [t.permute(order) for t in q_seg]
             centroids = self._centroids(member, item.keys, item.specs)
             q_masks = _spec_masks(item.specs, q_seg[0][0], q_extra, centroids[0], k)
             targets.append([q_masks] + [F.interpolate(q_masks[None], tuple(s.shape[1:]), mode="nearest-exact")[0]

@@ -113,6 +113,9 @@ class IrisTrainer(nnUNetTrainer):
         # {"prior_dropout": p}): with a prior in every episode the network leans on it and its appearance pathway
         # withers (measured: stage 8 without its prior 0.28 on the hippocampus, the bundled model 0.73)
         self.prior_dropout = float(self.plans_manager.plans.get("iris", {}).get("prior_dropout", 0.0))
+        # plans' "iris": {"permute_axes": true}: every episode in a random voxel order (query and reference
+        # together, among the patch's equal sides), for a network that does not depend on how scans are stored
+        self.permute_axes = bool(self.plans_manager.plans.get("iris", {}).get("permute_axes", False))
         self.memory_bank_alpha = 0.999  # the paper's EMA factor
         self.episode_seed: int | None = None  # seed of the training episodes (None: fresh randomness)
         self.save_every = 1  # an interrupted run loses at most one epoch
@@ -236,7 +239,7 @@ class IrisTrainer(nnUNetTrainer):
                                       seed=None if self.episode_seed is None else self.episode_seed + rank_seed,
                                       weak_reference_transforms=val_reference_transforms,
                                       self_supervised_p=self.self_supervised_p, augmented_p=self.augmented_p,
-                                      **common)
+                                      permute_axes=self.permute_axes, **common)
         # validation episodes: queries from the validation cases, references from the training cases
         dl_val = EpisodicDataLoader(self._members_for(val, train), initial_patch_size=patch_size,
                                     patch_size=patch_size, query_transforms=val_query_transforms,
