@@ -1,8 +1,9 @@
 """`iris_demo`: segment real held-out scans with the bundled default model from one real reference, offline.
 
 For each dataset of the shared data (nnU-Net raw format) the default model trained on: the first training case of
-the default model is the reference, the first held-out cases (never seen in training) are the queries; for the
-abdominal MR it never trained on (UNSEEN_DATASETS), the benchmarks' reference and held-out queries. Writes each
+the default model is the reference, the first held-out cases (never seen in training) are the queries; for those of
+DEMO_CASES, the benchmarks' reference and held-out queries (cases the model never saw, or a dataset it never trained
+on). Writes each
 segmentation, an overlay PNG and nnU-Net's metrics summary, and prints Dice per structure. Without a data folder it
 runs on the cases bundled in the package (iris_nnu/demo_data, packed by scripts/pack_demo_data.py).
 """
@@ -32,11 +33,16 @@ PROGRAM = "iris_demo"
 # real cases shipped in the package: held-out hippocampus crops of the default model (MSD Task04, CC-BY-SA 4.0)
 # and an abdominal MR reference and query (CHAOS, CC BY-SA 4.0)
 BUNDLED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_data")
-# datasets the default model never trained on (what Iris is for), with their reference and queries: those of
-# benchmarks/accuracy.py on the 4-member split (its reference abdomen_010, the split's held-out cases); bundled:
-# the reference and the first query (CHAOS T2-SPIR, CC BY-SA 4.0)
-UNSEEN_DATASETS: dict[str, tuple[str, tuple[str, ...]]] = {
+# datasets whose demo reference and queries are fixed: those of benchmarks/accuracy.py on the 4-member split (its
+# reference, the split's held-out cases), whether or not the default model trained on the dataset; bundled: the
+# reference and the first query (CHAOS T2-SPIR, CC BY-SA 4.0)
+DEMO_CASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "Dataset004_AbdomenMR": ("abdomen_010", ("abdomen_001", "abdomen_005", "abdomen_019"))}
+
+
+def demo_datasets(held_out: dict[str, list[str]]) -> list[str]:
+    """The datasets the demo segments: those the default model trained on, then those of DEMO_CASES it did not."""
+    return [*held_out, *(name for name in DEMO_CASES if name not in held_out)]
 
 
 def default_data_folder() -> str:
@@ -80,10 +86,10 @@ def oneshot_task(predictor: IrisPredictor, reference: ReferenceCase) -> TaskEmbe
 
 def demo_cases(raw_folder: str, held_out: list[str]) -> tuple[str, list[str]]:
     """(reference, queries) of a dataset: for one the default model trained on, its first training case and its
-    held-out cases; for UNSEEN_DATASETS, theirs."""
+    held-out cases; for DEMO_CASES, theirs."""
     name = os.path.basename(raw_folder)
-    if name in UNSEEN_DATASETS:
-        reference, queries = UNSEEN_DATASETS[name]
+    if name in DEMO_CASES:
+        reference, queries = DEMO_CASES[name]
         return reference, list(queries)
     training = training_cases(raw_folder, held_out)
     if not training:
@@ -107,7 +113,7 @@ def run_dataset(predictor: IrisPredictor, raw_folder: str, held_out: list[str], 
     task = oneshot_task(predictor, ReferenceCase(reference, [ref_image], ref_label))
     queries = [Query(case, [raw_case_files(raw_folder, case)[0]]) for case in present]
     out = os.path.join(output, name)
-    kind = "a dataset the default model never trained on" if name in UNSEEN_DATASETS else "held-out"
+    kind = "held-out" if held_out else "a dataset the default model never trained on"
     print(f"{PROGRAM}: {name}: reference {reference} ({len(task.classes)} structures, decision threshold "
           f"{predictor.decision_threshold}), {len(queries)} quer{'y' if len(queries) == 1 else 'ies'} ({kind})")
     failures = predictor.predict_queries(queries, out, task, progress=False)
@@ -217,13 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.queries is not None and args.queries < 1:
         raise IrisInputError(f"--queries must be at least 1, got {args.queries}")
     held_out = read_held_out(None)
-    datasets = [*held_out, *UNSEEN_DATASETS]
+    datasets = demo_datasets(held_out)
     data, bundled = data_folder(args.data, datasets)
     found = [os.path.join(data, name) for name in datasets if os.path.isdir(os.path.join(data, name, "labelsTr"))]
     if bundled:
         print(f"{PROGRAM}: no data folder (--data, $IRIS_DATA or ../shared/data): segmenting the cases bundled with "
-              f"iris-nnu ({data}; see ATTRIBUTION.md there): held-out hippocampus crops (MSD Task04, CC-BY-SA 4.0) "
-              f"and an abdominal MR of a dataset the default model never trained on (CHAOS, CC BY-SA 4.0)")
+              f"iris-nnu ({data}; their sources and licences in ATTRIBUTION.md there): "
+              f"{', '.join(os.path.basename(f) for f in found)}")
     if not found:
         raise IrisInputError(f"{data}: holds none of {', '.join(datasets)} (nnU-Net raw format); set --data or "
                              f"IRIS_DATA to the folder that does")

@@ -5,8 +5,8 @@
 Copies, unchanged, from the MSD Hippocampus raw folder (CC-BY-SA 4.0, redistributable with attribution): the
 model's first training case (the first case by name that held_out.json does not list) as the reference, and its
 first held-out cases as queries, each with its label, plus dataset.json, into iris_nnu/demo_data/Dataset001_Hippocampus
-(replacing what was there); and from each dataset the default model never trained on (iris_nnu.demo.UNSEEN_DATASETS:
-the CHAOS abdominal MR, CC BY-SA 4.0) its demo reference and first query. Run it after retraining the default model
+(replacing what was there); and from each dataset of iris_nnu.demo.DEMO_CASES (the CHAOS abdominal MR, CC BY-SA 4.0)
+its demo reference and first query. Run it after retraining the default model
 on another split, so that the bundled queries stay cases the model never trained on.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from iris_nnu.demo import BUNDLED_DATA, UNSEEN_DATASETS, raw_case_files, training_cases  # noqa: E402
+from iris_nnu.demo import BUNDLED_DATA, DEMO_CASES, raw_case_files, training_cases  # noqa: E402
 from iris_nnu.io.model_folder import read_held_out  # noqa: E402
 
 DATASET = "Dataset001_Hippocampus"
@@ -47,7 +47,7 @@ def copy_cases(source: str, target: str, reference: str, queries: list[str], not
 
 def pack(data: str, model_folder: str | None, num_queries: int, destination: str = BUNDLED_DATA) -> list[str]:
     """Copy the hippocampus reference and the first `num_queries` held-out cases, and each unseen dataset's
-    reference and first query; returns the case names."""
+    reference and first query of DEMO_CASES; returns the case names."""
     source = os.path.join(data, DATASET)
     held_out = read_held_out(model_folder)[DATASET]
     reference = training_cases(source, held_out)[0]
@@ -56,11 +56,11 @@ def pack(data: str, model_folder: str | None, num_queries: int, destination: str
                "the reference is a training case of the default model, the queries are held-out cases (its "
                "held_out.json); refresh with scripts/pack_demo_data.py")
     cases = [reference, *queries]
-    for name, (unseen_reference, unseen_queries) in UNSEEN_DATASETS.items():
-        copy_cases(os.path.join(data, name), os.path.join(destination, name), unseen_reference,
-                   list(unseen_queries[:1]), "a dataset the default model never trained on: the reference and "
-                   "query of benchmarks/accuracy.py; refresh with scripts/pack_demo_data.py")
-        cases += [unseen_reference, unseen_queries[0]]
+    for name, (demo_reference, demo_queries) in DEMO_CASES.items():
+        copy_cases(os.path.join(data, name), os.path.join(destination, name), demo_reference,
+                   list(demo_queries[:1]), "the reference and query of benchmarks/accuracy.py; refresh with "
+                   "scripts/pack_demo_data.py")
+        cases += [demo_reference, demo_queries[0]]
     size = sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(destination) for n in names)
     if size > MAX_BYTES:
         raise SystemExit(f"pack_demo_data: {destination} holds {size / 2**20:.1f} MB, over the 8 MB budget")
@@ -70,7 +70,7 @@ def pack(data: str, model_folder: str | None, num_queries: int, destination: str
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=os.environ.get("IRIS_DATA") or os.path.join(HERE, "..", "..", "shared", "data"),
-                   help=f"folder holding {DATASET} and {', '.join(UNSEEN_DATASETS)} in nnU-Net raw format")
+                   help=f"folder holding {DATASET} and {', '.join(DEMO_CASES)} in nnU-Net raw format")
     p.add_argument("-m", default=None, help="model folder whose held_out.json decides (default: the bundled model)")
     p.add_argument("--queries", type=int, default=3, help="held-out queries to bundle")
     args = p.parse_args()
