@@ -18,7 +18,7 @@ from iris_nnu.errors import IrisInputError
 from iris_nnu.inference import IrisPredictor, parse_reference, select_references, write_model_folder
 from iris_nnu.inference.export import Winner, keep_largest_components
 from iris_nnu.inference.images import find_queries, label_to_sitk
-from iris_nnu.inference.plans import inference_plans
+from iris_nnu.inference.plans import inference_plans, modality_of
 from iris_nnu.inference.predict import main
 from iris_nnu.model import TaskEmbedding, TaskMismatchError, build_network
 from iris_nnu.model.position import ScanFrame
@@ -158,6 +158,31 @@ def test_classes_subset_and_probabilities(world, tmp_path, predictor):
     expected = np.where(p.max(0) > 0.5, np.array(classes)[np.argmax(p, 0)], 0)
     decisive = (np.abs(p.max(0) - 0.5) > 2e-3) & ((p.min(0) < 0.5) | (np.abs(p[0] - p[1]) > 2e-3))
     assert decisive.mean() > 0.5 and np.array_equal(expected[decisive], seg[decisive])
+
+
+def test_modality_auto_reads_a_ct_reference_as_ct_and_an_mr_reference_as_mr(world, tmp_path, capsys):
+    """--modality auto (the default): a reference holding air in Hounsfield units makes the run CT, exactly as
+    --modality CT; an MR reference leaves it per-image ("other")."""
+    folder = tmp_path / "ct"
+    (folder / "q").mkdir(parents=True)
+    for name, seed in (("ref", 3), ("q/ctq_0000", 4)):
+        image, label = blob_volume((26, 30, 30), np.random.default_rng(seed), "CT", 3)
+        write_volume(image, SPACING, str(folder / f"{name}.nii.gz"))
+        write_volume(np.array([0, *VALUES], dtype=np.uint16)[label], SPACING, str(folder / f"{name}_seg.nii.gz"))
+    os.remove(folder / "q" / "ctq_0000_seg.nii.gz")
+    reference = f"{folder / 'ref.nii.gz'}:{folder / 'ref_seg.nii.gz'}"
+    probabilities = {}
+    for modality in ("auto", "CT", "other"):
+        flag = [] if modality == "auto" else ["--modality", modality]
+        run(world, "-i", str(folder / "q"), "-o", str(tmp_path / modality), "-r", reference, "--save_probabilities",
+            *flag)
+        probabilities[modality] = np.load(tmp_path / modality / "ctq.npz")["probabilities"]
+        printed = capsys.readouterr().out
+        assert ("modality CT: " in printed and "holds air in Hounsfield units" in printed) == (modality == "auto")
+    np.testing.assert_array_equal(probabilities["auto"], probabilities["CT"])
+    assert np.abs(probabilities["auto"].astype(np.float32) - probabilities["other"]).max() > 0.05
+    run(world, "-i", str(world["queries"] / "caseA_0000.nii.gz"), "-o", str(tmp_path / "mr"), "-r", world["ref"][0])
+    assert "modality other (MR-like" in capsys.readouterr().out
 
 
 def test_dicom_series_query_and_raw_folder_reference(world, tmp_path):
@@ -437,6 +462,14 @@ def test_ct_modality_uses_the_ct_member_or_the_fixed_window():
     assert (fixed["percentile_00_5"], fixed["percentile_99_5"]) == (-990.0, 500.0)
     other = inference_plans(plans, "other", 1)["configurations"]["3d_fullres"]
     assert other["normalization_schemes"] == ["PercentileZScoreNormalization"]
+
+
+def test_modality_of_tells_a_ct_by_its_air():
+    ct, _ = blob_volume((26, 30, 30), np.random.default_rng(1), "CT", 2)
+    mr, _ = blob_volume((26, 30, 30), np.random.default_rng(1), "MR", 2)
+    assert modality_of(ct) == "CT" and modality_of(mr) == "other"
+    assert modality_of((mr - mr.mean()) / mr.std()) == "other"  # a z-scored MR goes below 0, nowhere near air
+    assert modality_of(np.clip(ct, -100, None)) == "other"  # a CT cut to hold no air needs --modality CT
 
 
 def test_ct_modality_end_to_end_and_far_spacing_warning(world, tmp_path, capsys):

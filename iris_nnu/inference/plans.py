@@ -22,6 +22,10 @@ from iris_nnu.preprocessing.planner import CONFIGURATION
 from iris_nnu.preprocessing.preprocessor import IrisPreprocessor
 
 MODALITIES = ("CT", "other")
+AUTO_MODALITY = "auto"  # iris_predict's default: CT where the images hold air in Hounsfield units (modality_of)
+# CT images hold air at about -1000 HU (outside the body, airways, lungs, bowel gas); MR and PET hardly go below 0
+CT_AIR_HU = -500.0
+AIR_PERCENTILE = 0.5
 CT_SCHEME = "CTNormalization"
 OTHER_SCHEME = "PercentileZScoreNormalization"
 FIXED_CT_WINDOW = (-990.0, 500.0)
@@ -67,6 +71,12 @@ def inference_plans(joint_plans: dict, modality: str, num_channels: int, spacing
         configuration["spacing"] = [float(spacing)] * 3
     plans["configurations"] = {CONFIGURATION: configuration}
     return plans
+
+
+def modality_of(image: np.ndarray) -> str:
+    """"CT" when at least 0.5% of the image's voxels lie below -500 (air in Hounsfield units), else "other"."""
+    values = np.asarray(image).ravel()
+    return "CT" if values.size and float(np.percentile(values, AIR_PERCENTILE)) < CT_AIR_HU else "other"
 
 
 def trained_on_ct_only(joint_plans: dict) -> bool:

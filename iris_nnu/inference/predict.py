@@ -18,7 +18,7 @@ from iris_nnu.inference.dicom_output import check_dicom_queries
 from iris_nnu.inference.images import Query, find_queries
 from iris_nnu.inference.names import dataset_json_names, read_label_names
 from iris_nnu.inference.outputs import OUTPUT_TYPES, query_output_files, resolve_output_types, write_query_outputs
-from iris_nnu.inference.plans import MODALITIES, trained_on_ct_only
+from iris_nnu.inference.plans import AUTO_MODALITY, MODALITIES, trained_on_ct_only
 from iris_nnu.inference.alignment import PRIOR_ALIGNMENTS
 from iris_nnu.inference.predictor import DEFAULT_PRIOR_ALIGNMENT, IrisPredictor
 from iris_nnu.inference.references import ReferenceCase, parse_reference
@@ -118,10 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_probabilities", action="store_true",
                    help="also write {case}.npz (probabilities: per-class sigmoid maps, float16, in the query's "
                         "geometry; classes: their label values) and {case}.pkl (nnU-Net's properties)")
-    p.add_argument("--modality", choices=MODALITIES, default="other",
+    p.add_argument("--modality", choices=(AUTO_MODALITY, *MODALITIES), default=AUTO_MODALITY,
                    help="normalisation of queries and references: CT = nnU-Net's CT clipping and z-score with the "
                         "model's CT statistics (else the [-990, 500] HU window); other = per-image 2nd/98th "
-                        "percentile clip and z-score (MR, PET, ...)")
+                        "percentile clip and z-score (MR, PET, ...); auto = CT when the first reference (with "
+                        "--task: the first query) holds air in Hounsfield units (at least 0.5%% of its voxels below "
+                        "-500), else other (one line says which)")
     p.add_argument("--tune_steps", type=int, default=DEFAULT_TUNE_STEPS, help="optimisation steps of --strategy tune")
     p.add_argument("--tune_lr", type=float, default=DEFAULT_TUNE_LR, help="Adam learning rate of --strategy tune")
     p.add_argument("--retrieval_top_k", type=int, default=1,
@@ -355,7 +357,7 @@ def run_prediction(args: argparse.Namespace) -> int:
     workers = DEFAULT_WORKERS.get(device.type, 0)
     npp, nps = (workers if args.npp is None else args.npp), (workers if args.nps is None else args.nps)
     predictor = IrisPredictor(tile_step_size=args.step_size, use_mirroring=args.tta,
-                              device=device, modality=args.modality,
+                              device=device, modality="other" if args.modality == AUTO_MODALITY else args.modality,
                               classes_per_pass=args.classes_per_pass,
                               largest_component=args.postprocess == "largest_component",
                               position_prior=not args.no_position_prior, prior_alignment=args.prior_alignment)
@@ -378,6 +380,12 @@ def run_prediction(args: argparse.Namespace) -> int:
         print(f"{PROGRAM}: {len(queries) - len(pending)} queries already segmented in {args.o}, skipped "
               f"(--continue_prediction)")
     queries = pending
+    if args.modality == AUTO_MODALITY:
+        images = cases[0].images if cases else queries[0].images if queries else None
+        if images:
+            modality, line = predictor.detect_modality(images)
+            predictor.use_modality(modality)
+            print(f"{PROGRAM}: {line}")
 
     references = None
     if args.r:

@@ -48,7 +48,7 @@ from iris_nnu.inference.images import (
     sitk_to_array,
     strip_ending,
 )
-from iris_nnu.inference.plans import RunPreprocessing, inference_plans
+from iris_nnu.inference.plans import AIR_PERCENTILE, RunPreprocessing, inference_plans, modality_of
 from iris_nnu.inference.registration import RegistrationAtlas, registered_label_maps
 from iris_nnu.inference.references import (
     Crop,
@@ -328,6 +328,27 @@ class IrisPredictor:
         self.plans_manager = self.preprocessing.plans_manager
         self.configuration_manager = self.preprocessing.configuration_manager
         self.spacing = spacing
+
+    def use_modality(self, modality: str) -> None:
+        """Normalise the run's queries and references as `modality` ("CT" or "other"; inference_plans)."""
+        if modality == self.modality:
+            return
+        self.preprocessing = RunPreprocessing(inference_plans(self.joint_plans, modality, self.num_channels,
+                                                              self.spacing))
+        self.plans_manager = self.preprocessing.plans_manager
+        self.configuration_manager = self.preprocessing.configuration_manager
+        self.modality = modality
+
+    def detect_modality(self, images: Sequence[str]) -> tuple[str, str]:
+        """(modality_of the first channel of these files, a line saying why)."""
+        data, _ = read_images([images[0]], reader_writer_for(images[0], self.reader_writer_class))
+        modality = modality_of(data[0])
+        low = float(np.percentile(data[0], AIR_PERCENTILE))
+        if modality == "CT":
+            return modality, (f"modality CT: {images[0]} holds air in Hounsfield units ({AIR_PERCENTILE}th percentile "
+                              f"{low:.0f}); --modality other to override")
+        return modality, (f"modality other (MR-like, each image normalised by its own percentiles): {images[0]} holds "
+                          f"no air in Hounsfield units; --modality CT to override")
 
     def follow(self, task: Tasks) -> None:
         """Preprocess the queries of `task` as its references were: spacing and voxel order."""

@@ -36,6 +36,7 @@ from iris_nnu.inference.images import (
 )
 from iris_nnu.inference.names import structure_name
 from iris_nnu.inference.predict import is_task_file, resolve_folds
+from iris_nnu.inference.plans import modality_of
 from iris_nnu.inference.predictor import IrisPredictor
 from iris_nnu.inference.references import ReferenceCase
 from iris_nnu.inference.strategies import AUTO_THRESHOLD, run_threshold, with_threshold
@@ -281,6 +282,8 @@ def segment(settings: Settings, references: Sequence[tuple[Volume, Volume]], que
             if predictor.mirror_flips and not pool.mirrored:
                 raise IrisInputError(f"{task_file}: the task file holds no mirrored embeddings for TTA; save it from "
                                      f"a run with TTA, or segment without TTA")
+            if queries:  # as iris_predict's --modality auto with --task: the first query says
+                predictor.use_modality(modality_of(queries[0].data))
             encoded, cases, names = None, [], dict(pool.names or {})
             description = f"task file {os.path.basename(task_file)}"
         else:
@@ -289,6 +292,9 @@ def segment(settings: Settings, references: Sequence[tuple[Volume, Volume]], que
             yield Progress(1, total, f"encoding {len(references)} reference(s)")
             cases = [ReferenceCase(labels.name, [image_file(image, workdir, i)], label_file(labels, image, workdir, i))
                      for i, (image, labels) in enumerate(references)]
+            modality, line = predictor.detect_modality(cases[0].images)  # as iris_predict's --modality auto
+            predictor.use_modality(modality)
+            yield Note(line)
             encoded = predictor.encode_references(cases, settings.classes)
             for label, values in encoded.lost.items():
                 yield Note(f"{os.path.basename(label)}: label value(s) {' '.join(map(str, values))} vanish at the "
