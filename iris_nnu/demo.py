@@ -3,9 +3,8 @@
 For each dataset of the shared data (nnU-Net raw format) the default model trained on: the first training case of
 the default model is the reference, the first held-out cases (never seen in training) are the queries; for those of
 DEMO_CASES, the benchmarks' reference and held-out queries (cases the model never saw, or a dataset it never trained
-on). Writes each
-segmentation, an overlay PNG and nnU-Net's metrics summary, and prints Dice per structure. Without a data folder it
-runs on the cases bundled in the package (iris_nnu/demo_data, packed by scripts/pack_demo_data.py).
+on). Writes each segmentation, an overlay PNG and nnU-Net's metrics summary, and prints Dice per structure. Without
+a data folder it runs on the cases bundled in the package (iris_nnu/demo_data, packed by scripts/pack_demo_data.py).
 """
 from __future__ import annotations
 
@@ -35,8 +34,11 @@ PROGRAM = "iris_demo"
 BUNDLED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_data")
 # datasets whose demo reference and queries are fixed: those of benchmarks/accuracy.py on the 4-member split (its
 # reference, the split's held-out cases), whether or not the default model trained on the dataset; bundled: the
-# reference and the first query (CHAOS T2-SPIR, CC BY-SA 4.0)
+# reference and the first query (OpenKBP head-and-neck CT, CC BY; CHAOS T2-SPIR, CC BY-SA 4.0). Not every CT case
+# holds all five organs: the first training case would not show them all
 DEMO_CASES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "Dataset003_HeadNeckCT": ("headneck_train_034", ("headneck_train_007", "headneck_train_025", "headneck_train_026",
+                                                     "headneck_train_035", "headneck_train_037", "headneck_train_040")),
     "Dataset004_AbdomenMR": ("abdomen_010", ("abdomen_001", "abdomen_005", "abdomen_019"))}
 
 
@@ -110,11 +112,13 @@ def run_dataset(predictor: IrisPredictor, raw_folder: str, held_out: list[str], 
         raise IrisInputError(f"{raw_folder}: holds {'no query' if not present else 'not the reference ' + reference}"
                              f" of the demo; bundled cases are refreshed by scripts/pack_demo_data.py")
     ref_image, ref_label = raw_case_files(raw_folder, reference)
+    predictor.use_modality(predictor.detect_modality([ref_image])[0])  # as iris_predict's --modality auto
     task = oneshot_task(predictor, ReferenceCase(reference, [ref_image], ref_label))
     queries = [Query(case, [raw_case_files(raw_folder, case)[0]]) for case in present]
     out = os.path.join(output, name)
     kind = "held-out" if held_out else "a dataset the default model never trained on"
-    print(f"{PROGRAM}: {name}: reference {reference} ({len(task.classes)} structures, decision threshold "
+    print(f"{PROGRAM}: {name}: reference {reference} ({len(task.classes)} structures, modality {predictor.modality}, "
+          f"decision threshold "
           f"{predictor.decision_threshold}), {len(queries)} quer{'y' if len(queries) == 1 else 'ies'} ({kind})")
     failures = predictor.predict_queries(queries, out, task, progress=False)
     if failures:
@@ -154,6 +158,7 @@ def run_dicom(predictor: IrisPredictor, raw_folder: str, held_out: list[str], ou
     write_dicom_series(sitk.ReadImage(image), series, series_description=f"iris-nnu demo {case}")
     print(f"{PROGRAM}: DICOM: {case} written as a DICOM MR series of {len(os.listdir(series))} slices in {series}")
     ref_image, ref_label = raw_case_files(raw_folder, reference)
+    predictor.use_modality(predictor.detect_modality([ref_image])[0])
     task = oneshot_task(predictor, ReferenceCase(reference, [ref_image], ref_label))
     query = Query(case, [series])
     failures = predictor.predict_queries([query], out, task, progress=False)
@@ -195,20 +200,21 @@ def run_dicom(predictor: IrisPredictor, raw_folder: str, held_out: list[str], ou
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROGRAM,
-        description="Segment real MRI scans the default model bundled with iris-nnu never saw, from one real "
-                    "reference each (no training, no network access): held-out Hippocampus crops (2 structures) "
-                    "and OASIS brains (85 structures), and abdominal MR of a dataset it never trained on "
-                    "(AbdomenMR: liver, kidneys), of a data folder, or, without one, the cases bundled with "
-                    "iris-nnu. Writes segmentations, overlay PNGs and metrics, and prints Dice.",
+        description="Segment real MR and CT scans the default model bundled with iris-nnu never saw, from one "
+                    "real reference each (no training, no network access): held-out hippocampus crops (2 "
+                    "structures), OASIS brains (85 structures), head-and-neck CT (5 organs) and abdominal MR "
+                    "(liver, kidneys), of a data folder, or, without one, the cases bundled with iris-nnu. Each "
+                    "reference's modality is read from its intensities (as iris_predict --modality auto). Writes "
+                    "segmentations, overlay PNGs and metrics, and prints Dice.",
         formatter_class=HelpFormatter)
     p.add_argument("--data", default=None,
-                   help="folder holding Dataset001_Hippocampus, Dataset002_OASISBrain and/or Dataset004_AbdomenMR in "
-                        "nnU-Net raw format (default: $IRIS_DATA, else ../shared/data if it holds one; else the "
-                        "cases bundled in the package, iris_nnu/demo_data)")
+                   help="folder holding Dataset001_Hippocampus, Dataset002_OASISBrain, Dataset003_HeadNeckCT and/or "
+                        "Dataset004_AbdomenMR in nnU-Net raw format (default: $IRIS_DATA, else ../shared/data if it "
+                        "holds one; else the cases bundled in the package, iris_nnu/demo_data)")
     p.add_argument("-o", default="iris_demo_output", metavar="OUTPUT", help="output folder")
     p.add_argument("--queries", type=int, default=None,
                    help="queries per dataset (default: 1 from a data folder, all bundled ones: 3 hippocampus "
-                        "crops, 1 abdomen)")
+                        "crops, 1 head-and-neck CT, 1 abdomen)")
     p.add_argument("--dicom", action="store_true",
                    help="also the clinical path: the first held-out hippocampus query written as a DICOM MR series "
                         "(OUTPUT/dicom/series), segmented as a DICOM query and written as DICOM-SEG "

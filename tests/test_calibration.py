@@ -32,7 +32,7 @@ def test_a_calibrated_threshold_recovers_a_model_unsure_of_its_classes():
     references = parse_reference(REFERENCE, 1)
     task = predictor.encode_references(references).pool.mean()
     threshold, dice = calibrated_threshold(predictor, references, task)
-    assert threshold >= 0.3 and dice[threshold] > 0.8  # calibrated as it is: little to gain
+    assert dice[threshold] > 0.8 and dice[threshold] < dice[0.5] + 0.02  # calibrated as it is: little to gain
     with torch.no_grad():
         predictor.network.logit_bias -= 8.0
     task = predictor.encode_references(references).pool.mean()

@@ -238,9 +238,10 @@ def test_demo_without_a_data_folder_runs_on_the_bundled_held_out_cases(tmp_path,
     out = tmp_path / "out"
     assert demo.main(["-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "bundled" in printed and "never trained on" in printed
+    assert "bundled" in printed
     bundled = Path(demo.BUNDLED_DATA) / "Dataset001_Hippocampus"
-    held_out = read_held_out(None)["Dataset001_Hippocampus"]
+    model_held_out = read_held_out(None)
+    held_out = model_held_out["Dataset001_Hippocampus"]
     queries = sorted(p.name[: -len("_0000.nii.gz")] for p in (bundled / "imagesTr").iterdir()
                      if p.name[: -len("_0000.nii.gz")] in held_out)
     assert len(queries) == 3
@@ -258,11 +259,21 @@ def test_demo_without_a_data_folder_runs_on_the_bundled_held_out_cases(tmp_path,
         assert (out / "Dataset001_Hippocampus" / f"{case}.png").stat().st_size > 1000
         assert f"{case}: mean Dice" in printed
     assert summary["foreground_mean"]["Dice"] > 0.6  # measured 0.86 (the default model on held-out cases)
-    # a dataset the default model never trained on: the bundled abdominal MR, liver and kidneys from one reference
-    abdomen = json.loads((out / "Dataset004_AbdomenMR" / "summary.json").read_text())
-    assert [r["case"] for r in abdomen["metric_per_case"]] == ["abdomen_001"]
-    assert "abdomen_001: mean Dice" in printed and "never trained on" in printed
-    assert abdomen["foreground_mean"]["Dice"] > 0.35  # measured 0.506 (liver 0.78); ANTs SyN 0.537 on this case
+    # the bundled CT and abdominal MR, each from its benchmark reference: cases the model never trained on
+    for name, structures, modality, least in (("Dataset003_HeadNeckCT", 5, "CT", 0.25),
+                                              ("Dataset004_AbdomenMR", 3, "other", 0.35)):
+        reference, queries = demo.DEMO_CASES[name]
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert [r["case"] for r in summary["metric_per_case"]] == [queries[0]]
+        assert queries[0] in model_held_out.get(name, [queries[0]])
+        kind = "held-out" if name in model_held_out else "a dataset the default model never trained on"
+        # each reference's modality read from its intensities, as iris_predict's --modality auto
+        assert f"{name}: reference {reference} ({structures} structures, modality {modality}," in printed
+        assert f"1 query ({kind})" in printed
+        assert f"{queries[0]}: mean Dice" in printed
+        # measured: CT 0.308 (spinal cord 0.70; 0.173 normalised as MR), ANTs SyN 0.382; abdomen 0.592 (liver 0.77),
+        # ANTs SyN 0.537
+        assert summary["foreground_mean"]["Dice"] > least, name
 
 
 def test_demo_dicom_path_writes_a_seg_of_a_bundled_case(tmp_path, monkeypatch, capsys):
