@@ -29,8 +29,8 @@ from iris_nnu.model import TaskEmbedding
 from iris_nnu.preprocessing.raw_dataset import raw_case_files, training_cases
 
 PROGRAM = "iris_demo"
-# real cases shipped in the package: held-out hippocampus crops of the default model (MSD Task04, CC-BY-SA 4.0)
-# and an abdominal MR reference and query (CHAOS, CC BY-SA 4.0)
+# real cases shipped in the package: held-out hippocampus crops of the default model (MSD Task04, CC-BY-SA 4.0), and a
+# reference and a query each of head-and-neck CT (OpenKBP, CC BY) and abdominal MR (CHAOS, CC BY-SA 4.0)
 BUNDLED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_data")
 # datasets whose demo reference and queries are fixed: those of benchmarks/accuracy.py on the 4-member split (its
 # reference, the split's held-out cases), whether or not the default model trained on the dataset; bundled: the
@@ -117,9 +117,9 @@ def run_dataset(predictor: IrisPredictor, raw_folder: str, held_out: list[str], 
     queries = [Query(case, [raw_case_files(raw_folder, case)[0]]) for case in present]
     out = os.path.join(output, name)
     kind = "held-out" if held_out else "a dataset the default model never trained on"
+    counted = f"{len(queries)} quer{'y' if len(queries) == 1 else 'ies'}"
     print(f"{PROGRAM}: {name}: reference {reference} ({len(task.classes)} structures, modality {predictor.modality}, "
-          f"decision threshold "
-          f"{predictor.decision_threshold}), {len(queries)} quer{'y' if len(queries) == 1 else 'ies'} ({kind})")
+          f"decision threshold {predictor.decision_threshold}), {counted} ({kind})")
     failures = predictor.predict_queries(queries, out, task, progress=False)
     if failures:
         raise IrisInputError("; ".join(failures))
