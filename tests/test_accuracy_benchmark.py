@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 spec = importlib.util.spec_from_file_location(
     "accuracy_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py")
@@ -87,7 +88,12 @@ def test_structures_held_out_of_training_are_reported_apart(tmp_path: Path, monk
     monkeypatch.setattr(sys, "argv", ["accuracy.py", "-m", str(model), "--held_out", str(held_out), "--data",
                                       str(data), "--datasets", "1", "--queries", "1", "--n_references", "1",
                                       "--methods", "oneshot", "registration", "--output", str(output)])
-    assert accuracy.main() == 0
+    threads, itk_threads = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    try:
+        assert accuracy.main() == 0
+    finally:  # main sets both for its process (--threads 2): the rest of the suite keeps its own
+        torch.set_num_threads(threads)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(itk_threads)
     result = json.loads(output.read_text())["datasets"]["Dataset001_Hippocampus"]
     assert result["never_trained_classes"] == [2]
     for method in ("iris oneshot", "registration"):
