@@ -73,10 +73,16 @@ def inference_plans(joint_plans: dict, modality: str, num_channels: int, spacing
     return plans
 
 
-def modality_of(image: np.ndarray) -> str:
-    """"CT" when at least 0.5% of the image's voxels lie below -500 (air in Hounsfield units), else "other"."""
+def air_level(image: np.ndarray) -> float:
+    """The image's 0.5th percentile: about -1000 in a CT (air in Hounsfield units), 0 or above in MR and PET."""
     values = np.asarray(image).ravel()
-    return "CT" if values.size and float(np.percentile(values, AIR_PERCENTILE)) < CT_AIR_HU else "other"
+    return float(np.percentile(values, AIR_PERCENTILE)) if values.size else 0.0
+
+
+def modality_of(image: np.ndarray, level: float | None = None) -> str:
+    """"CT" when at least 0.5% of the image's voxels lie below -500 (air in Hounsfield units), else "other";
+    `level`: its air_level, where the caller has it already."""
+    return "CT" if (air_level(image) if level is None else level) < CT_AIR_HU else "other"
 
 
 def trained_on_ct_only(joint_plans: dict) -> bool:

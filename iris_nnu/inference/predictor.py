@@ -48,7 +48,7 @@ from iris_nnu.inference.images import (
     sitk_to_array,
     strip_ending,
 )
-from iris_nnu.inference.plans import AIR_PERCENTILE, RunPreprocessing, inference_plans, modality_of
+from iris_nnu.inference.plans import AIR_PERCENTILE, RunPreprocessing, air_level, inference_plans, modality_of
 from iris_nnu.inference.registration import RegistrationAtlas, registered_label_maps
 from iris_nnu.inference.references import (
     Crop,
@@ -342,8 +342,8 @@ class IrisPredictor:
     def detect_modality(self, images: Sequence[str]) -> tuple[str, str]:
         """(modality_of the first channel of these files, a line saying why)."""
         data, _ = read_images([images[0]], reader_writer_for(images[0], self.reader_writer_class))
-        modality = modality_of(data[0])
-        low = float(np.percentile(data[0], AIR_PERCENTILE))
+        low = air_level(data[0])  # computed once, for the decision and the line (0.2 s on a 24M-voxel CT)
+        modality = modality_of(data[0], low)
         if modality == "CT":
             return modality, (f"modality CT: {images[0]} holds air in Hounsfield units ({AIR_PERCENTILE}th percentile "
                               f"{low:.0f}); --modality other to override")
