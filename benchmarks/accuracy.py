@@ -21,8 +21,8 @@ from the model's training cases of each dataset, i.e. imagesTr minus the held-ou
                             needs --n_references 2 or more)
 Queries: the first --queries held-out cases (never trained on) per dataset, from --held_out (default
 <model folder>/held_out.json: {"Dataset001_Hippocampus": ["hippocampus_026", ...], ...}).
-Dice per class on the query's own grid against labelsTr; NaN (left out of means) where the class is absent from
-both. "mean Dice" averages the per-class means over queries. For a model whose training held structures out of every
+Dice per class on the query's own grid against labelsTr; NaN (left out of means) where the query's labelsTr lacks
+the class (the structure may be there unlabelled: not every head-and-neck CT has every organ labelled). "mean Dice" averages the per-class means over queries. For a model whose training held structures out of every
 episode (plans' "iris" "held_out_classes"), their mean and the other structures' are reported apart ("never trained
 on", "trained on").
 Seconds per query, wall clock: Iris = read + preprocess + predict + export (the label file written), the task
@@ -126,6 +126,15 @@ def box_aligned_label(fixed: np.ndarray, moving: np.ndarray, moving_label: np.nd
     inside = np.zeros(fixed.shape, bool)
     inside[tuple(slice(int(lo), int(hi)) for lo, hi in zip(flo, fhi))] = True
     return np.where(inside, out, 0)
+
+
+def labelled_dice(gt: np.ndarray, pred: np.ndarray, classes: list[int], labelled: set[int] | None = None,
+                  ) -> dict[int, float]:
+    """Dice per class, NaN for a class the truth lacks (`labelled`: its values, where the caller has them): the
+    structure may be there unlabelled (not every head-and-neck CT has every organ labelled), and a method that marks
+    it would score 0 where one that misses it scores nothing."""
+    labelled = set(np.unique(gt).tolist()) if labelled is None else labelled
+    return {c: d if c in labelled else float("nan") for c, d in dice_per_class(gt, pred, classes).items()}
 
 
 def majority_vote(labels: list[np.ndarray]) -> np.ndarray:
@@ -240,6 +249,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
     with tempfile.TemporaryDirectory(prefix="iris_accuracy_") as tmp:
         for qi, case in enumerate(queries, 1):
             gt = sitk.GetArrayFromImage(sitk.ReadImage(label_file(folder, case)))
+            labelled = set(np.unique(gt).tolist())  # once per query, for labelled_dice
             fixed = sitk.ReadImage(image_file(folder, case))
             registered: dict[int, tuple[np.ndarray, float]] = {}  # reference index -> warped label, seconds
 
@@ -279,7 +289,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                     vote_start = time.perf_counter()
                     pred = majority_vote([w for w, _ in warped])
                     seconds = sum(s for _, s in warped) + time.perf_counter() - vote_start
-                dice = dice_per_class(gt, pred, classes)
+                dice = labelled_dice(gt, pred, classes, labelled)
                 m["per_query"][case] = {"seconds": seconds, "dice": dice}
                 print(f"[{folder.name}] query {qi}/{len(queries)} {case} {name}: mean Dice "
                       f"{nanmean(list(dice.values())):.3f}, {seconds:.1f} s", file=sys.stderr)

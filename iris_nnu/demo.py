@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -63,8 +64,9 @@ def data_folder(given: str | None, datasets: list[str]) -> tuple[str, bool]:
     return BUNDLED_DATA, True
 
 
-def describe(dice: dict[int, float], names: dict[int, str], show: int = 3) -> str:
-    """'mean 0.71 over 2 structures: anterior 0.69, posterior 0.73' (best and worst `show` when there are many)."""
+def describe(dice: dict[int, float], names: dict[int, str], show: int = 3, unlabelled: Sequence[int] = ()) -> str:
+    """'mean 0.71 over 2 structures: anterior 0.69, posterior 0.73' (best and worst `show` when there are many), then
+    the `unlabelled` classes: those the query's ground truth lacks, left out of the mean."""
     valid = {label: d for label, d in dice.items() if not np.isnan(d)}
     mean = float(np.mean(list(valid.values()))) if valid else float("nan")
     ranked = sorted(valid, key=valid.get, reverse=True)
@@ -74,7 +76,9 @@ def describe(dice: dict[int, float], names: dict[int, str], show: int = 3) -> st
         best = ", ".join(f"{names.get(label, label)} {valid[label]:.2f}" for label in ranked[:show])
         worst = ", ".join(f"{names.get(label, label)} {valid[label]:.2f}" for label in ranked[-show:])
         parts = f"best {best}; worst {worst}"
-    return f"mean Dice {mean:.3f} over {len(valid)} structures ({parts})"
+    missing = f"; not labelled in this query: {', '.join(str(names.get(label, label)) for label in unlabelled)}" \
+        if unlabelled else ""
+    return f"mean Dice {mean:.3f} over {len(valid)} structures ({parts}){missing}"
 
 
 def oneshot_task(predictor: IrisPredictor, reference: ReferenceCase) -> TaskEmbedding:
@@ -101,9 +105,9 @@ def demo_cases(raw_folder: str, held_out: list[str]) -> tuple[str, list[str]]:
 
 
 def run_dataset(predictor: IrisPredictor, raw_folder: str, held_out: list[str], output: str,
-                num_queries: int | None) -> dict:
+                num_queries: int | None) -> tuple[dict, float]:
     """Segment the first queries of one dataset (all it holds for None) from its reference (demo_cases); returns
-    the summary."""
+    the summary (nnU-Net's) and the mean over queries of each query's Dice over the classes its ground truth holds."""
     name = os.path.basename(raw_folder)
     reference, candidates = demo_cases(raw_folder, held_out)
     present = [case for case in candidates
@@ -126,15 +130,22 @@ def run_dataset(predictor: IrisPredictor, raw_folder: str, held_out: list[str], 
     summary, _ = evaluate_folders(os.path.join(raw_folder, "labelsTr"), out, labels=list(task.classes))
     write_json_atomic(summary, os.path.join(out, "summary.json"))
     names = dataset_json_names(raw_folder)
+    means = []
     for result in summary["metric_per_case"]:
         case = result["case"]
         png = os.path.join(out, f"{case}.png")
         write_overlay(result["reference_file"], result["prediction_file"], png, list(task.classes),
                       raw_case_files(raw_folder, case)[0])
-        dice = {int(label): float(m["Dice"]) for label, m in result["metrics"].items()}
-        print(f"{PROGRAM}:   {case}: {describe(dice, names)}\n"
+        # a class the query's truth lacks (not every head-and-neck CT has every organ labelled) is left out, as in
+        # benchmarks/accuracy.py: nnU-Net's summary scores it 0 wherever the network marks the organ that is there
+        dice = {int(label): float(m["Dice"]) for label, m in result["metrics"].items() if m["n_ref"] > 0}
+        unlabelled = [int(label) for label, m in result["metrics"].items() if m["n_ref"] == 0]
+        print(f"{PROGRAM}:   {case}: {describe(dice, names, unlabelled=unlabelled)}\n"
               f"{PROGRAM}:     segmentation {result['prediction_file']}, overlay {png}")
-    return summary
+        scored = [d for d in dice.values() if not np.isnan(d)]
+        if scored:
+            means.append(float(np.mean(scored)))
+    return summary, float(np.mean(means)) if means else float("nan")
 
 
 def run_dicom(predictor: IrisPredictor, raw_folder: str, held_out: list[str], output: str) -> None:
@@ -243,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     predictor.initialize_from_model_folder(None)
     means = {}
     for raw_folder in found:
-        summary = run_dataset(predictor, raw_folder, held_out.get(os.path.basename(raw_folder), []), args.o,
-                              args.queries if args.queries or bundled else 1)
-        means[os.path.basename(raw_folder)] = summary["foreground_mean"]["Dice"]
+        _, means[os.path.basename(raw_folder)] = run_dataset(
+            predictor, raw_folder, held_out.get(os.path.basename(raw_folder), []), args.o,
+            args.queries if args.queries or bundled else 1)
     hippocampus = [f for f in found if os.path.basename(f) == "Dataset001_Hippocampus"]
     if args.dicom:
         if not hippocampus:

@@ -47,6 +47,10 @@ def test_majority_vote_and_ties():
     assert accuracy.majority_vote([np.array([0, 5]), np.array([4, 0])]).tolist() == [0, 0]
     dice = accuracy.dice_per_class(np.array([1, 1, 0, 0]), np.array([1, 0, 1, 0]), [1, 2])
     assert dice[1] == 0.5 and np.isnan(dice[2])
+    # a class the truth lacks is not scored, even where a method marks it (an organ there but unlabelled)
+    assert accuracy.dice_per_class(np.array([1, 1, 0, 0]), np.array([1, 2, 2, 0]), [1, 2])[2] == 0.0
+    dice = accuracy.labelled_dice(np.array([1, 1, 0, 0]), np.array([1, 2, 2, 0]), [1, 2])
+    assert dice[1] == 2 / 3 and np.isnan(dice[2])
 
 
 def test_box_alignment_carries_a_label_between_scans_of_other_extent():

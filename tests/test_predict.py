@@ -483,13 +483,16 @@ def test_ct_modality_end_to_end_and_far_spacing_warning(world, tmp_path, capsys)
     for name in ("thick", "nothu"):
         os.replace(tmp_path / f"{name}.nii.gz", queries / f"{name}.nii.gz")
     write_volume(image, (1.0, 1.0, 1.0), str(queries / "same.nii.gz"))  # the reference scan itself, in HU
+    # in HU but mostly air around the body, as a head-and-neck CT: the old check read its range below the window
+    write_volume(np.pad(image, 25, constant_values=-1000.0), (1.0, 1.0, 1.0), str(queries / "air.nii.gz"))
     run(world, "-i", str(queries), "-o", str(tmp_path / "o"), "-r", f"{tmp_path}/ct.nii.gz:{tmp_path}/ct_seg.nii.gz",
         "--modality", "CT")
     err = capsys.readouterr().err
     assert "thick.nii.gz" in err and "far from the model's" in err
     assert "nothu.nii.gz" in err and "outside the model's CT window" in err
     assert "same.nii.gz" not in err
-    for name in ("thick", "nothu", "same"):
+    assert not any("air.nii.gz" in line and "CT window" in line for line in err.splitlines())
+    for name in ("thick", "nothu", "same", "air"):
         seg, seg_image = read(tmp_path / "o" / f"{name}.nii.gz")
         assert seg_image.GetSize() == sitk.ReadImage(str(queries / f"{name}.nii.gz")).GetSize()
         assert set(np.unique(seg).tolist()) <= {0, 5, 6}

@@ -31,7 +31,8 @@ OTHER_SCHEME = "PercentileZScoreNormalization"
 FIXED_CT_WINDOW = (-990.0, 500.0)
 # A query whose voxel size differs from the plan's spacing by more than this factor (any axis) gets a warning.
 SPACING_WARNING_FACTOR = 3.0
-# CT queries: warn when the query's 1st-99th percentile range covers under this fraction of the model's window.
+# CT queries: warn when the 1st-99th percentile range of the query's voxels above CT_AIR_HU covers under this fraction
+# of the model's window (its part above CT_AIR_HU).
 CT_RANGE_OVERLAP_WARNING = 0.25
 # nnU-Net's rule for normalising within the non-zero mask (a dataset's median crop keeps under 3/4 of the image),
 # applied to each image at inference, where the image's own member is unknown
@@ -158,11 +159,16 @@ class RunPreprocessing:
             for c in range(data.shape[0]):
                 props = self.plans_manager.foreground_intensity_properties_per_channel[str(c)]
                 lo, hi = float(props["percentile_00_5"]), float(props["percentile_99_5"])
-                q_lo, q_hi = np.percentile(sample[c], [1, 99])
+                # the body against the window above air: air fills most of a head-and-neck CT and pulled its range
+                # below the window (56 of the 60 development CTs were warned)
+                body = sample[c][sample[c] > CT_AIR_HU]
+                q_lo, q_hi = np.percentile(body if body.size else sample[c], [1, 99])
+                lo = max(lo, CT_AIR_HU)
                 covered = max(0.0, min(hi, q_hi) - max(lo, q_lo)) / max(hi - lo, 1e-6)
                 if covered < CT_RANGE_OVERLAP_WARNING:
-                    warnings.append(f"channel {c}: intensities {q_lo:.0f}..{q_hi:.0f} (1st-99th percentile) are "
-                                    f"mostly outside the model's CT window {lo:.0f}..{hi:.0f}; is this a CT in HU?")
+                    warnings.append(f"channel {c}: intensities {q_lo:.0f}..{q_hi:.0f} (1st-99th percentile above "
+                                    f"air) are mostly outside the model's CT window {lo:.0f}..{hi:.0f}; is this a CT "
+                                    f"in HU?")
         for c in range(data.shape[0]):
             if float(sample[c].max()) == float(sample[c].min()):
                 warnings.append(f"channel {c}: constant intensity {float(sample[c].min()):g}; nothing to segment")
