@@ -237,8 +237,9 @@ def test_demo_without_a_data_folder_runs_on_the_bundled_held_out_cases(tmp_path,
     assert not (tmp_path.parent / "shared" / "data").exists()
     out = tmp_path / "out"
     assert demo.main(["-o", str(out)]) == 0
-    printed = capsys.readouterr().out
+    printed, warned = capsys.readouterr()
     assert "bundled" in printed
+    assert "CT window" not in warned  # a real CT in HU, mostly air around the body, is not questioned
     bundled = Path(demo.BUNDLED_DATA) / "Dataset001_Hippocampus"
     model_held_out = read_held_out(None)
     held_out = model_held_out["Dataset001_Hippocampus"]
@@ -260,7 +261,7 @@ def test_demo_without_a_data_folder_runs_on_the_bundled_held_out_cases(tmp_path,
         assert f"{case}: mean Dice" in printed
     assert summary["foreground_mean"]["Dice"] > 0.6  # measured 0.86 (the default model on held-out cases)
     # the bundled CT and abdominal MR, each from its benchmark reference: cases the model never trained on
-    for name, structures, modality, least in (("Dataset003_HeadNeckCT", 5, "CT", 0.25),
+    for name, structures, modality, least in (("Dataset003_HeadNeckCT", 5, "CT", 0.3),
                                               ("Dataset004_AbdomenMR", 3, "other", 0.35)):
         reference, queries = demo.DEMO_CASES[name]
         summary = json.loads((out / name / "summary.json").read_text())
@@ -271,9 +272,11 @@ def test_demo_without_a_data_folder_runs_on_the_bundled_held_out_cases(tmp_path,
         assert f"{name}: reference {reference} ({structures} structures, modality {modality}," in printed
         assert f"1 query ({kind})" in printed
         assert f"{queries[0]}: mean Dice" in printed
-        # measured: CT 0.308 (spinal cord 0.70; 0.173 normalised as MR), ANTs SyN 0.382; abdomen 0.592 (liver 0.77),
-        # ANTs SyN 0.537
+        # measured (stage 13): CT 0.389 over 5 organs, 0.487 over the 4 labelled in the query (spinal cord 0.67),
+        # ANTs SyN 0.382; abdomen 0.593 (liver 0.80), ANTs SyN 0.537
         assert summary["foreground_mean"]["Dice"] > least, name
+    # headneck_train_007 has no brainstem label: left out of the printed mean, and said so
+    assert "over 4 structures" in printed and "not labelled in this query: Brainstem" in printed
 
 
 def test_demo_dicom_path_writes_a_seg_of_a_bundled_case(tmp_path, monkeypatch, capsys):
