@@ -231,7 +231,8 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             encoded = predictor.encode_references(cases[:k])
             task, losses = predictor.task_for_strategy(encoded.pool, strategy, encoded, args.tune_steps, args.tune_lr)
             threshold, calibration = 0.5, None
-            if option.endswith("-calibrated") or (option == "oneshot-auto" and fusion == "off"):  # --threshold auto
+            # --threshold auto: calibrated unless every class is fused (run_threshold)
+            if option.endswith("-calibrated") or (option == "oneshot-auto" and fusion not in ("on", "registration")):
                 threshold, calibration = calibrated_threshold(predictor, cases[:k], task)
             methods[name] = {"encode_s": time.perf_counter() - start, "tune_losses": losses, "lost": encoded.lost,
                              "threshold": threshold, "reference_dice_by_threshold": calibration,

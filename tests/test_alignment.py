@@ -330,11 +330,12 @@ def _fusion_auto_runs(tmp_path: Path, capsys, monkeypatch, strategies) -> None:
     assert "registration fusion off: with one reference nothing measures whether it helps" in out
     outputs = {}
     for setting in ("on", "registration"):
-        scores = {"off": 0.4, "on": 0.5, "registration": 0.3} if setting == "on" else \
+        means = {"off": 0.4, "on": 0.5, "registration": 0.3} if setting == "on" else \
             {"off": 0.4, "on": 0.5, "registration": 0.6}
+        scores = {s: {1: m, 2: m} for s, m in means.items()}  # every class favours `setting`
         monkeypatch.setattr(strategies, "fusion_comparison", lambda *args, scores=scores: scores)
         favoured, out = _fusion_run(tmp_path, capsys, f"favoured_{setting}", [REFERENCE, second])
-        best = max(scores.values())
+        best = max(means.values())
         assert (f"registration fusion {setting}: hippocampus_040 segmented from hippocampus_004 scores {best:.3f}"
                 in out), out
         forced, _ = _fusion_run(tmp_path, capsys, setting, [REFERENCE, second], "--registration_fusion", setting)
@@ -343,6 +344,16 @@ def _fusion_auto_runs(tmp_path: Path, capsys, monkeypatch, strategies) -> None:
         assert jitter <= 20 and changed > 100, (setting, jitter, changed)
         outputs[setting] = forced
     assert int((outputs["on"] != outputs["registration"]).sum()) > 100
+    # classes that disagree: anterior (1) by the network alone at the calibrated threshold, posterior (2) fused at 0.5
+    scores = {"off": {1: 0.6, 2: 0.4}, "on": {1: 0.5, 2: 0.5}, "registration": {1: 0.3, 2: 0.3}}
+    monkeypatch.setattr(strategies, "fusion_comparison", lambda *args: scores)
+    mixed, out = _fusion_run(tmp_path, capsys, "per_class", [REFERENCE, second])
+    assert ("registration fusion per class: hippocampus_040 segmented from hippocampus_004 scores 0.550 with the "
+            "network alone for 1, fused for 1 of its 2 classes" in out), out
+    for value, alike in ((1, off), (2, outputs["on"])):
+        overlap = 2 * ((mixed == value) & (alike == value)).sum() / ((mixed == value).sum() + (alike == value).sum())
+        assert overlap > 0.9, (value, overlap)
+    assert int((mixed != off).sum()) > 50 and int((mixed != outputs["on"]).sum()) > 50
 
 
 def test_a_reference_is_prepared_again_when_its_files_or_the_settings_change(tmp_path: Path, monkeypatch):

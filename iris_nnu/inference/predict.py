@@ -175,8 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "labels alone, the network not run on the queries (head-and-neck CT left out of training: "
                         "0.470, fused 0.421, the network 0.133, ANTs SyN 0.440). auto: with two or more -r references, "
                         "the second is segmented from the first each way (off, on, registration) before the run and "
-                        "the best kept (a line says which; costs about three queries' time, once); with one "
-                        "reference, off. off: the network alone. A --task file holds no image: fusion needs -r. A "
+                        "the best kept for each class (a line says which; costs about three queries' time, once; "
+                        "classes the network keeps are decided at the calibrated --threshold, fused ones at 0.5); "
+                        "with one reference, off. off: the network alone. A --task file holds no image: fusion needs -r. A "
                         "bare --registration_fusion means on (default: %(default)s)")
     p.add_argument("--postprocess", choices=("none", "largest_component"), default="none",
                    help="largest_component: keep only each class's largest connected component in the written "

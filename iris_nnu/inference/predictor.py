@@ -87,10 +87,12 @@ DEFAULT_MAP_MEMORY_GB = 1.0
 DEFAULT_PRIOR_ALIGNMENT = "affine"
 
 
-def fuse_with_atlas(logits: np.ndarray, atlas: np.ndarray, network_share: float = FUSION_WEIGHT) -> np.ndarray:
-    """The logits of network_share * sigmoid(logits) + (1 - network_share) * atlas (both (K, ...), float32)."""
-    probability = torch.sigmoid(torch.from_numpy(logits)).mul_(network_share).add_(torch.from_numpy(atlas),
-                                                                                    alpha=1 - network_share)
+def fuse_with_atlas(logits: np.ndarray, atlas: np.ndarray, network_share: float | np.ndarray = FUSION_WEIGHT,
+                    ) -> np.ndarray:
+    """The logits of network_share * sigmoid(logits) + (1 - network_share) * atlas (both (K, ...), float32;
+    network_share one for all classes or one per class, (K,))."""
+    share = torch.as_tensor(np.asarray(network_share, dtype=np.float32)).reshape(-1, *[1] * (logits.ndim - 1))
+    probability = torch.sigmoid(torch.from_numpy(logits)).mul_(share).add_(torch.from_numpy(atlas) * (1 - share))
     return torch.logit(probability).clamp_(-LOGIT_LIMIT, LOGIT_LIMIT).numpy()
 
 
@@ -232,7 +234,10 @@ class IrisPredictor:
         registration_fusion: average each class's probability with the references' labels carried onto the query
             by a registration (registration.registered_label_maps; references encoded by `encode_references`, not a
             task file), the network's share `network_share` (FUSION_WEIGHT: equal shares; 0: the registration alone,
-            and the network is not run on the queries).
+            and the network is not run on the queries). `class_network_shares` (attribute, None by default) sets the
+            share per class value instead (strategies.set_fusion, --registration_fusion auto decided per class): a
+            class absent from it, or at share 1, is the network's alone at the run's decision threshold; the others
+            are decided at 0.5, as a run fused for all classes is.
         verbose: unused (nnU-Net's argument, kept for its argument order).
         allow_tqdm: progress bars over the queries of predict_from_files.
     """
@@ -264,6 +269,7 @@ class IrisPredictor:
         if not 0 <= network_share <= 1:
             raise ValueError(f"network_share must be in [0, 1], got {network_share}")
         self.network_share = network_share
+        self.class_network_shares: dict[int, float] | None = None
         # the references queries are registered to (encode_references sets them; a loaded task has none)
         self.alignment_anchors: list[AlignmentAnchor] = []
         self.registration_atlases: list[RegistrationAtlas] = []  # likewise, for registration_fusion
@@ -535,6 +541,15 @@ class IrisPredictor:
         per_voxel = 2 if self.num_folds == 1 else 10  # fp16 logits; an ensemble adds its fp32 sum and a sigmoid
         return max(1, int(self.map_memory_bytes // (per_voxel * voxels)))
 
+    def fusion_shares(self, classes: Sequence[int], floor: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """The network's share of each class's fused probability (K,), and with class_network_shares the logit added
+        to each fused class so that it is decided at 0.5 where the run's threshold has the logit `floor` (None: no
+        offsets)."""
+        if self.class_network_shares is None:
+            return np.full(len(classes), self.network_share, np.float32), None
+        shares = np.array([self.class_network_shares.get(int(c), 1.0) for c in classes], np.float32)
+        return shares, np.where(shares < 1, np.float32(floor), np.float32(0))
+
     def segment_preprocessed(self, data: np.ndarray, properties: dict, task: Tasks, *, export: bool = True,
                              probabilities: bool = False, preprocessed_labels: bool = False,
                              frame: ScanFrame | None = None, scores: bool = False,
@@ -563,8 +578,9 @@ class IrisPredictor:
         if frame is None and self.position_grid and self.position_prior:
             frame = scan_frame(properties)
         segmenter = self.segmenter()
+        shares, offsets = self.fusion_shares(classes, floor)
         # the registration alone (network_share 0) needs no network output in the original geometry
-        registration_only = atlas is not None and self.network_share == 0 and preprocessed is None
+        registration_only = atlas is not None and not shares.any() and preprocessed is None
         for start in range(0, k_total, per_pass):
             stop = min(start + per_pass, k_total)
             logits = None if registration_only else segmenter.logits(image, tasks, frame, classes[start:stop])
@@ -577,13 +593,14 @@ class IrisPredictor:
                     else:
                         resampled = resample_to_cropped_shape(logits[sub:sub + per_export], self.plans_manager,
                                                               self.configuration_manager, properties)
+                    span = slice(start + sub, start + sub + resampled.shape[0])
                     if atlas is not None:
-                        first = start + sub
-                        resampled = fuse_with_atlas(resampled, atlas[first:first + resampled.shape[0]],
-                                                    self.network_share)
-                    original.update(resampled, start + sub)
+                        resampled = fuse_with_atlas(resampled, atlas[span], shares[span])
                     if probs is not None:
-                        probs[start + sub:start + sub + resampled.shape[0]] = 1 / (1 + np.exp(-resampled))
+                        probs[span] = 1 / (1 + np.exp(-resampled))
+                    if atlas is not None and offsets is not None:  # fused classes decided at 0.5 (fusion_shares)
+                        resampled += offsets[span].reshape(-1, *[1] * (resampled.ndim - 1))
+                    original.update(resampled, start + sub)
                     del resampled
             del logits
         return QuerySegmentation(

@@ -10,7 +10,7 @@ measured on its references by default.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -154,7 +154,9 @@ def run_threshold(predictor: IrisPredictor, setting: float | str, task: Tasks,
     else DEFAULT_THRESHOLD."""
     if setting != AUTO_THRESHOLD:
         return float(setting), None
-    if predictor.registration_fusion:  # measured: 0.5 above the Iris-alone calibration (abdomen 0.727 vs 0.714)
+    # fused for every class: measured 0.5 above the Iris-alone calibration (abdomen 0.727 vs 0.714); fused for some
+    # (run_fusion per class): those are decided at 0.5 (IrisPredictor.fusion_shares), the others calibrated
+    if predictor.registration_fusion and predictor.class_network_shares is None:
         return DEFAULT_THRESHOLD, (f"decision threshold {DEFAULT_THRESHOLD}: with --registration_fusion a reference "
                                    f"registered onto itself returns its own label, so it cannot calibrate the run")
     if references:
@@ -191,19 +193,26 @@ def with_threshold(task: Tasks, threshold: float) -> Tasks:
     return [dataclasses.replace(t, decision_threshold=threshold) for t in task]
 
 
-def set_fusion(predictor: IrisPredictor, setting: str) -> None:
-    """Make `predictor` segment as the fusion `setting` ("off", "on" or "registration") says."""
-    share = NETWORK_SHARES[setting]
-    predictor.registration_fusion = share is not None
-    if share is not None:
-        predictor.network_share = share
+def set_fusion(predictor: IrisPredictor, setting: str | Mapping[int, str]) -> None:
+    """Make `predictor` segment as the fusion `setting` ("off", "on" or "registration"; or one of them per class
+    value, as run_fusion decides per class) says."""
+    if isinstance(setting, str):
+        share = NETWORK_SHARES[setting]
+        predictor.registration_fusion = share is not None
+        predictor.class_network_shares = None
+        if share is not None:
+            predictor.network_share = share
+        return
+    predictor.registration_fusion = True  # the network alone: share 1
+    predictor.class_network_shares = {int(c): 1.0 if NETWORK_SHARES[s] is None else NETWORK_SHARES[s]
+                                      for c, s in setting.items()}
 
 
 def fusion_comparison(predictor: IrisPredictor, first: ReferenceCase, second: ReferenceCase,
-                      classes: Sequence[int] | None = None) -> dict[str, float]:
-    """Mean Dice of `second` segmented one-shot from `first` (over the classes both hold), per fusion setting: "off"
+                      classes: Sequence[int] | None = None) -> dict[str, dict[int, float]]:
+    """Dice per class of `second` segmented one-shot from `first` (the classes both hold), per fusion setting: "off"
     (the network alone at the threshold calibrated on `first`, a run's default), "on" (fused with `first`'s label
-    registered onto it, at 0.5) and "registration" (that label alone, at 0.5); NaN each where they share no class.
+    registered onto it, at 0.5) and "registration" (that label alone, at 0.5); empty where they share no class.
     Leaves the predictor's references, threshold and fusion setting changed: encode the run's references after it."""
     predictor.registration_fusion = True  # `first` keeps its atlas; queries keep their original grid
     encoded = predictor.encode_references([first], classes)
@@ -211,7 +220,7 @@ def fusion_comparison(predictor: IrisPredictor, first: ReferenceCase, second: Re
     truth = read_label(second.label, reader_writer_for(second.label, predictor.reader_writer_class))[0]
     held = [c for c in predictor.per_fold(task)[0].classes if (truth == c).any()]
     if not held:
-        return dict.fromkeys(NETWORK_SHARES, float("nan"))
+        return {setting: {} for setting in NETWORK_SHARES}
     predictor.follow(task)
     query = predictor.query_preparation(second.images)  # read and preprocessed once, its original grid kept
     atlas, _ = predictor.registered_atlas(query, list(predictor.per_fold(task)[0].classes))  # registered once
@@ -223,19 +232,21 @@ def fusion_comparison(predictor: IrisPredictor, first: ReferenceCase, second: Re
     set_fusion(predictor, "off")
     predictor.decision_threshold, _ = calibrated_threshold(predictor, [first], task)
     segmentations["off"] = predictor.predict_prepared(query, task).segmentation
-    return {setting: float(np.mean(list(dice_per_class(truth, segmentations[setting], held).values())))
-            if setting in segmentations else float("nan") for setting in NETWORK_SHARES}
+    return {setting: dice_per_class(truth, segmentations[setting], held) if setting in segmentations else {}
+            for setting in NETWORK_SHARES}
 
 
 def run_fusion(predictor: IrisPredictor, setting: str, references: Sequence[ReferenceCase] | None,
-               classes: Sequence[int] | None = None) -> tuple[str, str | None]:
-    """The fusion a run segments with ("off", "on" or "registration"; set_fusion applies it), and a line saying why
-    (None: nothing to say). A setting other than AUTO_FUSION as given; AUTO_FUSION: with two or more references, the
-    second segmented from the first each way (fusion_comparison) and the best kept, the network alone on a tie: fusion
+               classes: Sequence[int] | None = None) -> tuple[str | dict[int, str], str | None]:
+    """The fusion a run segments with ("off", "on" or "registration", or one of them per class value; set_fusion
+    applies it), and a line saying why (None: nothing to say). A setting other than AUTO_FUSION as given;
+    AUTO_FUSION: with two or more references, the second segmented from the first each way (fusion_comparison) and
+    the best kept for each class, the network alone on a tie (a class the second lacks: the network alone): fusion
     helps where the network does not know the scans (abdominal MR never trained on: +0.13), the registration alone
     where the network adds nothing (head-and-neck CT never trained on), and both cost where the network knows the
-    scans (the hippocampus: -0.07); with one reference or a task file, nothing measures it, and it stays off. Call it
-    before encoding the run's references."""
+    scans (the hippocampus: -0.07); on whole brains deep structures gain from fusion and cortical parcels lose
+    (README Results), hence per class. With one reference or a task file, nothing measures it, and it stays off.
+    Call it before encoding the run's references."""
     if setting != AUTO_FUSION:
         return setting, None
     if not references or len(references) < 2:
@@ -247,9 +258,19 @@ def run_fusion(predictor: IrisPredictor, setting: str, references: Sequence[Refe
         dice = fusion_comparison(predictor, references[0], references[1], classes)
     except IrisInputError as error:  # e.g. the first reference lacks a --classes value the run's references hold
         return "off", f"registration fusion off: not measured on the references ({error})"
-    # max keeps the first of equals in NETWORK_SHARES' order (the network alone first); NaN (nothing scored) loses
-    best = max(NETWORK_SHARES, key=lambda s: -1.0 if np.isnan(dice[s]) else dice[s])
+    means = {s: float(np.mean(list(d.values()))) if d else float("nan") for s, d in dice.items()}
+    held = sorted(set().union(*dice.values()))
+    # max keeps the first of equals in NETWORK_SHARES' order (the network alone first); unscored loses
+    choice = {c: max(NETWORK_SHARES, key=lambda s: dice[s].get(c, -1.0)) for c in held}
     described = {"off": "by the network alone", "on": "fused", "registration": "by the registration alone"}
-    scores = ", ".join(f"{dice[s]:.3f} {described[s]}" for s in sorted(NETWORK_SHARES, key=lambda s: s != best))
-    return best, (f"registration fusion {best}: {references[1].name} segmented from {references[0].name} scores "
-                  f"{scores}")
+    measured = f"{references[1].name} segmented from {references[0].name}"
+    if len(set(choice.values())) > 1:
+        mixed = float(np.mean([dice[choice[c]][c] for c in held]))
+        counts = ", ".join(f"{described[s].removeprefix('by ')} for {sum(v == s for v in choice.values())}"
+                           for s in NETWORK_SHARES if s in choice.values())
+        scores = ", ".join(f"{means[s]:.3f} {described[s]}" for s in NETWORK_SHARES)
+        return choice, (f"registration fusion per class: {measured} scores {mixed:.3f} with {counts} of its "
+                        f"{len(held)} classes (for all: {scores})")
+    best = next(iter(choice.values()), "off")
+    scores = ", ".join(f"{means[s]:.3f} {described[s]}" for s in sorted(NETWORK_SHARES, key=lambda s: s != best))
+    return best, f"registration fusion {best}: {measured} scores {scores}"
