@@ -33,11 +33,18 @@ def test_registration_propagates_a_moved_label():
     moving_image, moving_label = ellipsoid_pair((4, -3, 2))
     gt = sitk.GetArrayFromImage(fixed_label)
     before = accuracy.dice_per_class(gt, sitk.GetArrayFromImage(moving_label), [1, 2])
-    warped = accuracy.register_label(fixed_image, moving_image, moving_label, 2.0, seed=0)
+    # seeded sampling is reproducible on one thread: ITK's multithreaded metric sums move the result by a few voxels
+    # between runs (seen when an earlier test of the session left SimpleITK with more threads)
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        warped = accuracy.register_label(fixed_image, moving_image, moving_label, 2.0, seed=0)
+        again = accuracy.register_label(fixed_image, moving_image, moving_label, 2.0, seed=0)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     assert warped.GetSize() == fixed_image.GetSize()
     after = accuracy.dice_per_class(gt, sitk.GetArrayFromImage(warped), [1, 2])
     assert min(after.values()) > 0.8 > max(before.values())
-    again = accuracy.register_label(fixed_image, moving_image, moving_label, 2.0, seed=0)
     assert np.array_equal(sitk.GetArrayFromImage(again), sitk.GetArrayFromImage(warped))  # seeded: reproducible
 
 
