@@ -22,9 +22,10 @@ from the model's training cases of each dataset, i.e. imagesTr minus the held-ou
 Queries: the first --queries held-out cases (never trained on) per dataset, from --held_out (default
 <model folder>/held_out.json: {"Dataset001_Hippocampus": ["hippocampus_026", ...], ...}).
 Dice per class on the query's own grid against labelsTr; NaN (left out of means) where the query's labelsTr lacks
-the class (the structure may be there unlabelled: not every head-and-neck CT has every organ labelled). "mean Dice" averages the per-class means over queries. For a model whose training held structures out of every
-episode (plans' "iris" "held_out_classes"), their mean and the other structures' are reported apart ("never trained
-on", "trained on").
+the class (the structure may be there unlabelled: not every head-and-neck CT has every organ labelled). "mean Dice"
+averages the per-class means over queries. For a model whose training held structures out of every episode
+(plans' "iris" "held_out_classes"), their mean and the other structures' are reported apart ("never trained on",
+"trained on").
 Seconds per query, wall clock: Iris = read + preprocess + predict + export (the label file written), the task
 encoded beforehand ("encode s", once per method; tune's optimisation is part of it); registration = the
 registration(s) + warping + vote. Multi-atlas reuses the single-atlas registration of reference #1 (same inputs and

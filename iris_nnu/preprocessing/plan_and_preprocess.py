@@ -266,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     arch = configuration["architecture"]["arch_kwargs"]
     print(f"joint plan: voxel order {orientation or 'as stored'}, spacing {configuration['spacing'][0]:g} mm "
           f"({args.spacing_rule}), patch {configuration['patch_size']}, batch {configuration['batch_size']}, "
-          f"widths {arch['features_per_stage']}, "
-          f"estimated {plans['iris']['estimated_training_memory_gb']:.2f} of {plans['iris']['memory_budget_gb']:.2f} GB")
+          f"widths {arch['features_per_stage']}, estimated {plans['iris']['estimated_training_memory_gb']:.2f} of "
+          f"{plans['iris']['memory_budget_gb']:.2f} GB")
     for name, entry in plans["iris"]["members"].items():
         print(f"  {name}: {entry['spacing'][0]:g} mm, median shape {entry['median_shape_at_target_spacing']}")
 
