@@ -17,8 +17,8 @@ from the model's training cases of each dataset, i.e. imagesTr minus the held-ou
   iris oneshot fused with registration   as oneshot, each class's probability averaged with reference #1's label
                             carried onto the query by the registration above (--registration_fusion on)
   iris oneshot, fusion auto as oneshot: the network alone, fused, or the registration alone, as reference #2
-                            segmented from #1 says (iris_predict's --registration_fusion auto with two references;
-                            needs --n_references 2 or more)
+                            segmented from #1 says, a query that registers badly by the network alone (iris_predict's
+                            --registration_fusion auto with two references; needs --n_references 2 or more)
 Queries: the first --queries held-out cases (never trained on) per dataset, from --held_out (default
 <model folder>/held_out.json: {"Dataset001_Hippocampus": ["hippocampus_026", ...], ...}).
 Dice per class on the query's own grid against labelsTr; NaN (left out of means) where the query's labelsTr lacks
@@ -225,10 +225,10 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             start = time.perf_counter()  # mirrors iris_predict: encode, task for the strategy, pool for retrieval
             predictor.use_mirroring = tta
             predictor.prior_alignment = alignment
-            fusion, decision = ("on" if option.endswith("-fused") else "off"), None
+            fusion, floor, decision = ("on" if option.endswith("-fused") else "off"), None, None
             if option == "oneshot-auto":  # iris_predict's default with two references: reference #2 decides
-                fusion, decision = run_fusion(predictor, AUTO_FUSION, cases[:2])
-            set_fusion(predictor, fusion)  # its references keep their atlases
+                fusion, floor, decision = run_fusion(predictor, AUTO_FUSION, cases[:2])
+            set_fusion(predictor, fusion, floor)  # its references keep their atlases
             encoded = predictor.encode_references(cases[:k])
             task, losses = predictor.task_for_strategy(encoded.pool, strategy, encoded, args.tune_steps, args.tune_lr)
             threshold, calibration = 0.5, None
@@ -239,7 +239,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                              "threshold": threshold, "reference_dice_by_threshold": calibration,
                              "classes_per_pass": per_pass, "largest_component": largest_component,
                              "position_prior": position, "tta": tta, "prior_alignment": alignment,
-                             "registration_fusion": fusion, "fusion_decision": decision,
+                             "registration_fusion": fusion, "similarity_floor": floor, "fusion_decision": decision,
                              "anchors": encoded.anchors, "atlases": encoded.atlases,
                              "task": task, "pool": encoded.pool if strategy == "retrieval" else None, "per_query": {}}
             print(f"[{folder.name}] {name}: task encoded in {methods[name]['encode_s']:.1f} s", file=sys.stderr)
@@ -263,7 +263,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                 return registered[i]
 
             for name, m in methods.items():
-                start = time.perf_counter()
+                start, notes = time.perf_counter(), []
                 if name.startswith("iris"):
                     predictor.classes_per_pass = m["classes_per_pass"]
                     predictor.largest_component = m["largest_component"]
@@ -271,12 +271,13 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                     predictor.use_mirroring = m["tta"]
                     predictor.decision_threshold = m["threshold"]
                     predictor.prior_alignment, predictor.alignment_anchors = m["prior_alignment"], m["anchors"]
-                    set_fusion(predictor, m["registration_fusion"])
+                    set_fusion(predictor, m["registration_fusion"], m["similarity_floor"])
                     predictor.registration_atlases = m["atlases"]
                     result = predictor.predict_case([image_file(folder, case)], m["task"], m["pool"], 1)
                     write_segmentation(result.segmentation, os.path.join(tmp, f"{case}.nii.gz"), result.properties,
                                        result.reader_writer)
                     pred, seconds = result.segmentation, time.perf_counter() - start
+                    notes = [w for w in result.warnings if "registration" in w]  # e.g. fell back to the network
                 elif name == "registration":
                     pred, seconds = register(0)
                 elif name == "box alignment":
@@ -292,7 +293,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                     pred = majority_vote([w for w, _ in warped])
                     seconds = sum(s for _, s in warped) + time.perf_counter() - vote_start
                 dice = labelled_dice(gt, pred, classes, labelled)
-                m["per_query"][case] = {"seconds": seconds, "dice": dice}
+                m["per_query"][case] = {"seconds": seconds, "dice": dice, **({"notes": notes} if notes else {})}
                 print(f"[{folder.name}] query {qi}/{len(queries)} {case} {name}: mean Dice "
                       f"{nanmean(list(dice.values())):.3f}, {seconds:.1f} s", file=sys.stderr)
     subcortical = [c for c in classes if any(s in names[c] for s in SUBCORTICAL)]
@@ -387,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "oneshot-no-position: oneshot without the position prior (iris_predict "
                         "--no_position_prior); oneshot-tta: oneshot with mirrored test-time augmentation (iris_predict "
                         "--tta: 8 flips of query and reference together); oneshot-calibrated: oneshot with the decision "
-                        "threshold calibrated on the reference (iris_predict --threshold auto), tune-calibrated likewise after tune; oneshot-fused: oneshot averaged with reference #1's label registered onto the query (iris_predict --registration_fusion on, at 0.5); oneshot-auto: the network alone, fused or the registration alone as reference #2 segmented from #1 decides (--registration_fusion auto); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
+                        "threshold calibrated on the reference (iris_predict --threshold auto), tune-calibrated likewise after tune; oneshot-fused: oneshot averaged with reference #1's label registered onto the query (iris_predict --registration_fusion on, at 0.5); oneshot-auto: the network alone, fused or the registration alone as reference #2 segmented from #1 decides, a query registered less alike than 0.8 of #2 by the network alone (--registration_fusion auto); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
                         "box-alignment: reference #1's label carried over by aligning the scans' non-zero boxes "
                         "(what the position prior alone knows)")
     p.add_argument("--seed", type=int, default=0, help="picks the references; seeds the registration sampling")

@@ -178,7 +178,13 @@ def test_registered_label_maps_follow_a_deformed_query():
     truth = _deformed(labels, 0)
     spacing = (2.0, 2.0, 2.0)
     atlas = RegistrationAtlas(reference, labels, (5, 7), spacing)  # label index i is value (5, 7)[i - 1]
-    maps = registered_label_maps(query, spacing, [atlas], [5, 7, 9])
+    registered = registered_label_maps(query, spacing, [atlas], [5, 7, 9])
+    maps = registered.maps
+    # the query looks like the registered reference; an unrelated body of the same shape, much less
+    assert registered.similarity > 0.9, registered.similarity
+    unrelated = RegistrationAtlas(_textured_body(reference.shape, seed=11), labels, (5, 7), spacing)
+    other = registered_label_maps(query, spacing, [unrelated], [5])
+    assert other.similarity < registered.similarity - 0.3, (other.similarity, registered.similarity)
     assert maps.shape == (3, *query.shape) and maps.dtype == np.float32
     assert 0 <= maps.min() and maps.max() <= 1 and not maps[2].any()
     for k, index in enumerate((1, 2)):
@@ -186,7 +192,7 @@ def test_registered_label_maps_follow_a_deformed_query():
         left = dice_per_class((truth == index).astype(int), (labels == index).astype(int), [1])[1]
         assert moved > 0.85 and moved > left + 0.2, (index, moved, left)
     only_first = RegistrationAtlas(reference, (labels == 1).astype(np.int16), (5,), spacing)
-    both = registered_label_maps(query, spacing, [atlas, only_first], [5, 7])
+    both = registered_label_maps(query, spacing, [atlas, only_first], [5, 7]).maps
     # class 7: the first reference's map alone; class 5: two maps of the same registration averaged (a registration
     # repeated agrees to rounding in ITK's multithreaded sums: compared as masks)
     for k in (0, 1):
@@ -214,7 +220,8 @@ def test_a_b_spline_that_fails_leaves_the_affine_and_demons(monkeypatch):
     labels = np.zeros(reference.shape, np.int16)
     labels[12:22, 14:26, 10:20] = 1
     query, truth = _deformed(reference, 1), _deformed(labels, 0)
-    maps = registered_label_maps(query, (2.0, 2.0, 2.0), [RegistrationAtlas(reference, labels, (1,), (2.0,) * 3)], [1])
+    maps = registered_label_maps(query, (2.0, 2.0, 2.0), [RegistrationAtlas(reference, labels, (1,), (2.0,) * 3)],
+                                 [1]).maps
     moved = dice_per_class((truth == 1).astype(int), (maps[0] > 0.5).astype(int), [1])[1]
     assert moved > 0.8, moved
 
@@ -288,7 +295,8 @@ def _fusion_run(tmp_path: Path, capsys, name: str, references: list[str], *optio
     capsys.readouterr()
     args = ["-i", str(query), "-o", str(tmp_path / name), "-r", *references]
     assert predict_main(args + list(options)) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out + captured.err  # a query's warnings go to stderr
     return sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / "hippocampus_026.nii.gz"))), out
 
 
@@ -333,11 +341,14 @@ def _fusion_auto_runs(tmp_path: Path, capsys, monkeypatch, strategies) -> None:
         means = {"off": 0.4, "on": 0.5, "registration": 0.3} if setting == "on" else \
             {"off": 0.4, "on": 0.5, "registration": 0.6}
         scores = {s: {1: m, 2: m} for s, m in means.items()}  # every class favours `setting`
-        monkeypatch.setattr(strategies, "fusion_comparison", lambda *args, scores=scores: scores)
+        # the references registered alike at 0.5: the query's registration (near 1, crops of one region) is used
+        monkeypatch.setattr(strategies, "fusion_comparison",
+                            lambda *args, scores=scores: strategies.FusionComparison(scores, 0.5))
         favoured, out = _fusion_run(tmp_path, capsys, f"favoured_{setting}", [REFERENCE, second])
         best = max(means.values())
         assert (f"registration fusion {setting}: hippocampus_040 segmented from hippocampus_004 scores {best:.3f}"
                 in out), out
+        assert "correlates with it below 0.40 (0.8 of the references' 0.50)" in out and "doubtful" not in out, out
         forced, _ = _fusion_run(tmp_path, capsys, setting, [REFERENCE, second], "--registration_fusion", setting)
         # the same run (at most a few voxels apart, should ITK's threads still differ)
         jitter, changed = int((favoured != forced).sum()), int((favoured != off).sum())
@@ -346,7 +357,7 @@ def _fusion_auto_runs(tmp_path: Path, capsys, monkeypatch, strategies) -> None:
     assert int((outputs["on"] != outputs["registration"]).sum()) > 100
     # classes that disagree: anterior (1) by the network alone at the calibrated threshold, posterior (2) fused at 0.5
     scores = {"off": {1: 0.6, 2: 0.4}, "on": {1: 0.5, 2: 0.5}, "registration": {1: 0.3, 2: 0.3}}
-    monkeypatch.setattr(strategies, "fusion_comparison", lambda *args: scores)
+    monkeypatch.setattr(strategies, "fusion_comparison", lambda *args: strategies.FusionComparison(scores, 0.5))
     mixed, out = _fusion_run(tmp_path, capsys, "per_class", [REFERENCE, second])
     assert ("registration fusion per class: hippocampus_040 segmented from hippocampus_004 scores 0.550 with the "
             "network alone for 1, fused for 1 of its 2 classes" in out), out
@@ -354,6 +365,16 @@ def _fusion_auto_runs(tmp_path: Path, capsys, monkeypatch, strategies) -> None:
         overlap = 2 * ((mixed == value) & (alike == value)).sum() / ((mixed == value).sum() + (alike == value).sum())
         assert overlap > 0.9, (value, overlap)
     assert int((mixed != off).sum()) > 50 and int((mixed != outputs["on"]).sum()) > 50
+    # references that registered onto each other far better than any query can (correlation above 1): the query's
+    # registration is doubted, said in its warning, and it is segmented as the network alone segments it, at the
+    # threshold calibrated on the references although every class was to be fused
+    registered = {"off": {1: 0.3, 2: 0.3}, "on": {1: 0.4, 2: 0.4}, "registration": {1: 0.6, 2: 0.6}}
+    monkeypatch.setattr(strategies, "fusion_comparison", lambda *args: strategies.FusionComparison(registered, 2.0))
+    doubted, out = _fusion_run(tmp_path, capsys, "doubted", [REFERENCE, second])
+    assert "registration fusion registration: " in out and "correlates with it below 1.60" in out, out
+    assert "its registration to the references looks doubtful (image correlation 0." in out, out
+    assert "decision threshold" in out and "from the references" in out, out
+    assert int((doubted != off).sum()) <= 20 and int((doubted != outputs["registration"]).sum()) > 100
 
 
 def test_a_reference_is_prepared_again_when_its_files_or_the_settings_change(tmp_path: Path, monkeypatch):

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", metavar="MODEL_FOLDER", default=None,
                    help="iris_train model folder ($nnUNet_results/DatasetXXX_Name/IrisTrainer__IrisPlans__3d_fullres); "
                         "default: the model bundled with iris-nnu (iris_nnu/default_model, a CPU-trained demonstration "
-                        "model for brain MRI; see its MODEL_CARD.md)")
+                        "model over MR and CT: hippocampus, whole brains, head-and-neck CT, abdominal MR; see its "
+                        "MODEL_CARD.md)")
     p.add_argument("-f", nargs="+", default=["0"], metavar="FOLD",
                    help="fold(s) of the model (fold_F folders); several, or 'all', make a fold ensemble: each fold "
                         "encodes the references and the per-class probabilities are the mean of the folds' (needs -r, "
@@ -176,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.470, fused 0.421, the network 0.133, ANTs SyN 0.440). auto: with two or more -r references, "
                         "the second is segmented from the first each way (off, on, registration) before the run and "
                         "the best kept for each class (a line says which; costs about three queries' time, once; "
-                        "classes the network keeps are decided at the calibrated --threshold, fused ones at 0.5); "
-                        "with one reference, off. off: the network alone. A --task file holds no image: fusion needs "
+                        "classes the network keeps are decided at the calibrated --threshold, fused ones at 0.5; a "
+                        "query whose registration correlates with it below 0.8 of the second reference's is "
+                        "segmented by the network alone, with a warning); with one reference, off. off: the network alone. A --task file holds no image: fusion needs "
                         "-r. A bare --registration_fusion means on (default: %(default)s)")
     p.add_argument("--postprocess", choices=("none", "largest_component"), default="none",
                    help="largest_component: keep only each class's largest connected component in the written "
@@ -394,10 +396,10 @@ def run_prediction(args: argparse.Namespace) -> int:
         if fusion == AUTO_FUSION and len(cases) > 1:
             print(f"{PROGRAM}: measuring registration fusion on the references (--registration_fusion auto): "
                   f"{cases[1].name} segmented from {cases[0].name} by the network, fused, and by the registration")
-        fusion, line = run_fusion(predictor, fusion, cases, args.classes)
-        set_fusion(predictor, fusion)
-        if line:
-            print(f"{PROGRAM}: {line}")
+        choice = run_fusion(predictor, fusion, cases, args.classes)
+        set_fusion(predictor, choice.setting, choice.similarity_floor)
+        if choice.line:
+            print(f"{PROGRAM}: {choice.line}")
         references = predictor.encode_references(cases, args.classes)
         for label, values in references.lost.items():
             report(f"warning: {label}: label value(s) {' '.join(map(str, values))} vanish at the model's spacing")

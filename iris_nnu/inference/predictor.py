@@ -49,7 +49,7 @@ from iris_nnu.inference.images import (
     strip_ending,
 )
 from iris_nnu.inference.plans import AIR_PERCENTILE, RunPreprocessing, air_level, inference_plans, modality_of
-from iris_nnu.inference.registration import RegistrationAtlas, registered_label_maps
+from iris_nnu.inference.registration import RegisteredLabels, RegistrationAtlas, registered_label_maps
 from iris_nnu.inference.references import (
     Crop,
     PreparedReference,
@@ -237,7 +237,10 @@ class IrisPredictor:
             and the network is not run on the queries). `class_network_shares` (attribute, None by default) sets the
             share per class value instead (strategies.set_fusion, --registration_fusion auto decided per class): a
             class absent from it, or at share 1, is the network's alone at the run's decision threshold; the others
-            are decided at 0.5, as a run fused for all classes is.
+            are decided at 0.5, as a run fused for all classes is. `registration_floor` (attribute, None by
+            default): a query whose registration looks less like it than this (registration_similarity) is segmented
+            by the network alone, at the run's decision threshold (set_fusion; --registration_fusion auto sets it
+            from the references).
         verbose: unused (nnU-Net's argument, kept for its argument order).
         allow_tqdm: progress bars over the queries of predict_from_files.
     """
@@ -270,6 +273,7 @@ class IrisPredictor:
             raise ValueError(f"network_share must be in [0, 1], got {network_share}")
         self.network_share = network_share
         self.class_network_shares: dict[int, float] | None = None
+        self.registration_floor: float | None = None
         # the references queries are registered to (encode_references sets them; a loaded task has none)
         self.alignment_anchors: list[AlignmentAnchor] = []
         self.registration_atlases: list[RegistrationAtlas] = []  # likewise, for registration_fusion
@@ -663,17 +667,23 @@ class IrisPredictor:
         prepared = self.query_preparation.array(data, properties, reader_writer or self.reader_writer_class())
         return self.predict_prepared(prepared, task, pool, retrieval_top_k, save_probabilities)
 
-    def registered_atlas(self, query: PreparedQuery, classes: Sequence[int]) -> tuple[np.ndarray | None, list[str]]:
+    def registered_atlas(self, query: PreparedQuery, classes: Sequence[int]) -> tuple[RegisteredLabels | None,
+                                                                                       list[str]]:
         """The references' labels carried onto `query` (registered_label_maps) for registration fusion, and warnings:
-        (None, [why]) where the registration fails."""
+        (None, [why]) where the registration fails, or looks less like the query than `registration_floor` asks."""
         if not self.registration_atlases or query.original is None:
             raise IrisInputError("registration fusion needs the reference images (-r), encoded with "
                                  "registration_fusion on: a task file holds no image")
         try:
-            return registered_label_maps(*query.original, self.registration_atlases, classes), []
+            registered = registered_label_maps(*query.original, self.registration_atlases, classes)
         except RuntimeError as error:  # SimpleITK: e.g. too little overlap to evaluate the metric
             return None, [f"its registration to the references failed ({brief(error)}): segmented by the network "
                           f"alone, without --registration_fusion"]
+        if self.registration_floor is not None and registered.similarity < self.registration_floor:
+            return None, [f"its registration to the references looks doubtful (image correlation "
+                          f"{registered.similarity:.2f}, below {self.registration_floor:.2f}): segmented by the "
+                          f"network alone, without --registration_fusion"]
+        return registered, []
 
     def predict_prepared(self, query: PreparedQuery, task: Tasks, pool: Tasks | None = None,
                          retrieval_top_k: int = 1, save_probabilities: bool = False,
@@ -690,7 +700,8 @@ class IrisPredictor:
         if not self.registration_fusion:
             atlas = None
         elif atlas is None:
-            atlas, fusion_warnings = self.registered_atlas(query, classes)
+            registered, fusion_warnings = self.registered_atlas(query, classes)
+            atlas = None if registered is None else registered.maps
         result = self.segment_preprocessed(data, properties, task, probabilities=save_probabilities, frame=frame,
                                            atlas=atlas)
         warnings = query.warnings + fusion_warnings + field_of_view_warnings(self.per_fold(task)[0], properties)

@@ -33,6 +33,7 @@ REGISTRATION_SPACING_MM = 2.0  # the grid the transforms are optimised on (label
 DEMONS_ITERATIONS = 50
 DEMONS_SPACING_MM = 3.0  # the demons' grid: no finer than the registration grid
 DEMONS_SMOOTHING = 1.5  # the displacement field's Gaussian sigma, in voxels of the demons' grid
+BODY_LEVEL = 0.02  # on a registration grid (intensities scaled to [0, 1]), what lies above is body, not air
 
 
 def registration_grid(image: sitk.Image, spacing_mm: float = REGISTRATION_SPACING_MM) -> sitk.Image:
@@ -158,23 +159,49 @@ def _voxel_image(array: np.ndarray, spacing: Sequence[float]) -> sitk.Image:
     return image
 
 
+def registration_similarity(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:
+    """How alike two registration grids (registration_grid) look once `transform` carries the moving onto the fixed:
+    the correlation of their intensities over the fixed's body (above BODY_LEVEL) where the moving scan lands. A
+    registration that failed shows it (head-and-neck CT onto one reference: 0.25-0.62 where the labels missed, 0.67-0.80
+    where they landed)."""
+    carried = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, -1.0, sitk.sitkFloat32))
+    values = sitk.GetArrayFromImage(fixed)
+    body = (carried >= 0) & (values > BODY_LEVEL)
+    a, b = values[body], carried[body]
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+@dataclass(frozen=True)
+class RegisteredLabels:
+    """The references' labels carried onto a query (registered_label_maps): per class (K, Z, Y, X) float32 in [0, 1],
+    and the registrations' mean registration_similarity."""
+
+    maps: np.ndarray
+    similarity: float
+
+
 def registered_label_maps(query: np.ndarray, spacing: Sequence[float], atlases: Sequence[RegistrationAtlas],
-                          classes: Sequence[int], seed: int = 0) -> np.ndarray:
+                          classes: Sequence[int], seed: int = 0) -> RegisteredLabels:
     """Per class of `classes` (label values), the atlases' labels carried onto the query's cropped original grid
-    (`query` (Z, Y, X), its `spacing`) by deformable_transform, each class's mask warped with linear interpolation:
-    (K, Z, Y, X) float32 in [0, 1], per class the mean over the atlases that hold it (0 where none does)."""
+    (`query` (Z, Y, X), its `spacing`) by deformable_transform, each class's mask warped with linear interpolation,
+    per class the mean over the atlases that hold it (0 where none does); and how alike the query and the atlases
+    look after it."""
     maps = np.zeros((len(classes), *query.shape), dtype=np.float32)
     holders = np.zeros(len(classes), dtype=np.float32)
+    similarities = []
     fixed = _voxel_image(query, spacing)
     fixed_grid = registration_grid(fixed)
     for atlas in atlases:
         transform = grid_transform(fixed_grid, atlas.grid, seed)
+        similarities.append(registration_similarity(fixed_grid, atlas.grid, transform))
         held = [(k, atlas.values.index(value) + 1) for k, value in enumerate(classes) if value in atlas.values]
         for (k, _), warped in zip(held, warp_masks(transform, fixed, atlas.labels, [index for _, index in held],
                                                    atlas.spacing[::-1])):
             maps[k] += warped
             holders[k] += 1
-    return maps / np.maximum(holders, 1)[:, None, None, None]
+    return RegisteredLabels(maps / np.maximum(holders, 1)[:, None, None, None], float(np.mean(similarities)))
 
 
 COARSE_STEP = 4  # warp_masks finds the fixed voxels that can land on a mask on every 4th voxel per axis first

@@ -10,7 +10,7 @@ measured on its references by default.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,11 @@ FUSION_WEIGHT = 0.5
 # a run's registration fusion -> the network's share of each class's probability (None: no registration)
 NETWORK_SHARES: dict[str, float | None] = {"off": None, "on": FUSION_WEIGHT, "registration": 0.0}
 FUSION_SETTINGS = (AUTO_FUSION, *NETWORK_SHARES)  # iris_predict --registration_fusion
+# --registration_fusion auto: a query whose registration looks less like it than this share of the references' (the
+# correlation, registration_similarity) is segmented by the network alone. Head-and-neck CT, six queries onto one
+# reference (0.83 onto the other): the three at 0.75 and below lost their organs (registration Dice 0.00-0.13),
+# those at 0.80 and above kept them (0.38-0.61); the abdomen's and brains' queries all lie above 0.9
+SIMILARITY_SHARE = 0.8
 
 
 def cosine_similarity(a: TaskEmbedding, a_index: tuple[int, int], b: TaskEmbedding, b_index: tuple[int, int]) -> float:
@@ -154,8 +159,9 @@ def run_threshold(predictor: IrisPredictor, setting: float | str, task: Tasks,
     else DEFAULT_THRESHOLD."""
     if setting != AUTO_THRESHOLD:
         return float(setting), None
-    # fused for every class: measured 0.5 above the Iris-alone calibration (abdomen 0.727 vs 0.714); fused for some
-    # (run_fusion per class): those are decided at 0.5 (IrisPredictor.fusion_shares), the others calibrated
+    # fused for every class: measured 0.5 above the Iris-alone calibration (abdomen 0.727 vs 0.714); fused per class
+    # (run_fusion's choices): the fused classes are decided at 0.5 (IrisPredictor.fusion_shares), the network's, and a
+    # query that falls back to the network (registration_floor), at the calibrated threshold
     if predictor.registration_fusion and predictor.class_network_shares is None:
         return DEFAULT_THRESHOLD, (f"decision threshold {DEFAULT_THRESHOLD}: with --registration_fusion a reference "
                                    f"registered onto itself returns its own label, so it cannot calibrate the run")
@@ -193,9 +199,12 @@ def with_threshold(task: Tasks, threshold: float) -> Tasks:
     return [dataclasses.replace(t, decision_threshold=threshold) for t in task]
 
 
-def set_fusion(predictor: IrisPredictor, setting: str | Mapping[int, str]) -> None:
+def set_fusion(predictor: IrisPredictor, setting: str | Mapping[int, str], similarity_floor: float | None = None,
+               ) -> None:
     """Make `predictor` segment as the fusion `setting` ("off", "on" or "registration"; or one of them per class
-    value, as run_fusion decides per class) says."""
+    value, as run_fusion decides per class) says; with `similarity_floor`, a query registered less alike than it is
+    segmented by the network alone (IrisPredictor.registration_floor)."""
+    predictor.registration_floor = similarity_floor
     if isinstance(setting, str):
         share = NETWORK_SHARES[setting]
         predictor.registration_fusion = share is not None
@@ -208,56 +217,78 @@ def set_fusion(predictor: IrisPredictor, setting: str | Mapping[int, str]) -> No
                                       for c, s in setting.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class FusionComparison:
+    """fusion_comparison's result: per setting, the second reference's Dice per class; and how alike it looked to
+    the first once registered (registration_similarity; None where the registration failed)."""
+
+    dice: dict[str, dict[int, float]]
+    similarity: float | None
+
+
 def fusion_comparison(predictor: IrisPredictor, first: ReferenceCase, second: ReferenceCase,
-                      classes: Sequence[int] | None = None) -> dict[str, dict[int, float]]:
+                      classes: Sequence[int] | None = None) -> FusionComparison:
     """Dice per class of `second` segmented one-shot from `first` (the classes both hold), per fusion setting: "off"
     (the network alone at the threshold calibrated on `first`, a run's default), "on" (fused with `first`'s label
     registered onto it, at 0.5) and "registration" (that label alone, at 0.5); empty where they share no class.
     Leaves the predictor's references, threshold and fusion setting changed: encode the run's references after it."""
-    predictor.registration_fusion = True  # `first` keeps its atlas; queries keep their original grid
+    set_fusion(predictor, "on")  # `first` keeps its atlas; queries keep their original grid
     encoded = predictor.encode_references([first], classes)
     task, _ = predictor.task_for_strategy(encoded.pool, "oneshot", encoded)
     truth = read_label(second.label, reader_writer_for(second.label, predictor.reader_writer_class))[0]
     held = [c for c in predictor.per_fold(task)[0].classes if (truth == c).any()]
     if not held:
-        return {setting: {} for setting in NETWORK_SHARES}
+        return FusionComparison({setting: {} for setting in NETWORK_SHARES}, None)
     predictor.follow(task)
     query = predictor.query_preparation(second.images)  # read and preprocessed once, its original grid kept
-    atlas, _ = predictor.registered_atlas(query, list(predictor.per_fold(task)[0].classes))  # registered once
+    registered, _ = predictor.registered_atlas(query, list(predictor.per_fold(task)[0].classes))  # registered once
     segmentations = {}
-    for setting in ("on", "registration") if atlas is not None else ():  # a failed registration: the network alone
+    for setting in ("on", "registration") if registered is not None else ():  # failed: the network alone
         set_fusion(predictor, setting)
         predictor.decision_threshold = DEFAULT_THRESHOLD
-        segmentations[setting] = predictor.predict_prepared(query, task, atlas=atlas).segmentation
+        segmentations[setting] = predictor.predict_prepared(query, task, atlas=registered.maps).segmentation
     set_fusion(predictor, "off")
     predictor.decision_threshold, _ = calibrated_threshold(predictor, [first], task)
     segmentations["off"] = predictor.predict_prepared(query, task).segmentation
-    return {setting: dice_per_class(truth, segmentations[setting], held) if setting in segmentations else {}
-            for setting in NETWORK_SHARES}
+    return FusionComparison({setting: dice_per_class(truth, segmentations[setting], held)
+                             if setting in segmentations else {} for setting in NETWORK_SHARES},
+                            None if registered is None else registered.similarity)
+
+
+class FusionChoice(NamedTuple):
+    """run_fusion's result: the setting (set_fusion's), the least registration similarity a query's fusion needs
+    (None: any), and a line saying why (None: nothing to say)."""
+
+    setting: str | dict[int, str]
+    similarity_floor: float | None
+    line: str | None
 
 
 def run_fusion(predictor: IrisPredictor, setting: str, references: Sequence[ReferenceCase] | None,
-               classes: Sequence[int] | None = None) -> tuple[str | dict[int, str], str | None]:
-    """The fusion a run segments with ("off", "on" or "registration", or one of them per class value; set_fusion
-    applies it), and a line saying why (None: nothing to say). A setting other than AUTO_FUSION as given;
+               classes: Sequence[int] | None = None) -> FusionChoice:
+    """The fusion a run segments with (set_fusion applies it). A setting other than AUTO_FUSION as given.
     AUTO_FUSION: with two or more references, the second segmented from the first each way (fusion_comparison) and
     the best kept for each class, the network alone on a tie (a class the second lacks: the network alone): fusion
     helps where the network does not know the scans (abdominal MR never trained on: +0.13), the registration alone
     where the network adds nothing (head-and-neck CT never trained on), and both cost where the network knows the
     scans (the hippocampus: -0.07); on whole brains deep structures gain from fusion and cortical parcels lose
-    (README Results), hence per class. With one reference or a task file, nothing measures it, and it stays off.
-    Call it before encoding the run's references."""
+    (README Results), hence per class. Where some class is fused, the choice is per class (the network's classes then
+    calibrated, run_threshold), and a query whose registration looks less alike than SIMILARITY_SHARE of the
+    second reference's is segmented by the network alone: one pair of references that register well says little of
+    a query cut differently. With one reference or a task file, nothing measures it, and it stays off. Call it before
+    encoding the run's references."""
     if setting != AUTO_FUSION:
-        return setting, None
+        return FusionChoice(setting, None, None)
     if not references or len(references) < 2:
         if references:
-            return "off", ("registration fusion off: with one reference nothing measures whether it helps "
-                           "(--registration_fusion on forces it)")
-        return "off", None
+            return FusionChoice("off", None, "registration fusion off: with one reference nothing measures whether "
+                                             "it helps (--registration_fusion on forces it)")
+        return FusionChoice("off", None, None)
     try:
-        dice = fusion_comparison(predictor, references[0], references[1], classes)
+        comparison = fusion_comparison(predictor, references[0], references[1], classes)
     except IrisInputError as error:  # e.g. the first reference lacks a --classes value the run's references hold
-        return "off", f"registration fusion off: not measured on the references ({error})"
+        return FusionChoice("off", None, f"registration fusion off: not measured on the references ({error})")
+    dice = comparison.dice
     means = {s: float(np.mean(list(d.values()))) if d else float("nan") for s, d in dice.items()}
     held = sorted(set().union(*dice.values()))
     # max keeps the first of equals in NETWORK_SHARES' order (the network alone first); unscored loses
@@ -269,8 +300,15 @@ def run_fusion(predictor: IrisPredictor, setting: str, references: Sequence[Refe
         counts = ", ".join(f"{described[s].removeprefix('by ')} for {sum(v == s for v in choice.values())}"
                            for s in NETWORK_SHARES if s in choice.values())
         scores = ", ".join(f"{means[s]:.3f} {described[s]}" for s in NETWORK_SHARES)
-        return choice, (f"registration fusion per class: {measured} scores {mixed:.3f} with {counts} of its "
-                        f"{len(held)} classes (for all: {scores})")
-    best = next(iter(choice.values()), "off")
-    scores = ", ".join(f"{means[s]:.3f} {described[s]}" for s in sorted(NETWORK_SHARES, key=lambda s: s != best))
-    return best, f"registration fusion {best}: {measured} scores {scores}"
+        line = (f"registration fusion per class: {measured} scores {mixed:.3f} with {counts} of its {len(held)} "
+                f"classes (for all: {scores})")
+    else:
+        best = next(iter(choice.values()), "off")
+        scores = ", ".join(f"{means[s]:.3f} {described[s]}" for s in sorted(NETWORK_SHARES, key=lambda s: s != best))
+        line = f"registration fusion {best}: {measured} scores {scores}"
+        if best == "off":
+            return FusionChoice("off", None, line)
+    floor = SIMILARITY_SHARE * comparison.similarity
+    return FusionChoice(choice, floor, f"{line}; a query whose registration correlates with it below {floor:.2f} "
+                                       f"({SIMILARITY_SHARE} of the references' {comparison.similarity:.2f}) is "
+                                       f"segmented by the network alone")

@@ -148,7 +148,7 @@ class IrisWidget(QWidget):
         model_line = QHBoxLayout()
         self.model_combo = QComboBox()
         self.model_combo.addItem(DEFAULT_MODEL, None)
-        self.model_combo.setToolTip("the bundled default model (a CPU-trained demonstration model for brain MRI), or "
+        self.model_combo.setToolTip("the bundled default model (a CPU-trained demonstration model over MR and CT), or "
                                     "an iris_train model folder")
         browse = QPushButton("Folder…")
         browse.clicked.connect(self._choose_model_folder)
