@@ -23,24 +23,27 @@ import SimpleITK as sitk
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import accuracy  # noqa: E402 - the case picking and Dice over labelled classes, shared
+from registration_fusion import labels_from  # noqa: E402
 
 from iris_nnu.errors import cli_entry  # noqa: E402
 from iris_nnu.files import write_json_atomic  # noqa: E402
 from iris_nnu.inference.names import dataset_json_names  # noqa: E402
-from iris_nnu.inference.registration import (deformable_transform, registration_grid,  # noqa: E402
+from iris_nnu.inference.registration import (grid_transform, registration_grid,  # noqa: E402
                                              registration_similarity, warp_masks)
 from iris_nnu.inference.strategies import SIMILARITY_SHARE  # noqa: E402
 
 
-def registered_onto(fixed: sitk.Image, moving: sitk.Image, moving_label: sitk.Image, classes: list[int],
+def registered_onto(fixed: sitk.Image, moving_grid: sitk.Image, moving_label: sitk.Image, classes: list[int],
                     seed: int) -> tuple[float, np.ndarray]:
-    """registration_similarity of `moving` registered onto `fixed`, and its label carried over (each class's mask
-    warped, the most covered class where it covers more than half)."""
-    transform = deformable_transform(fixed, moving, seed=seed)
-    similarity = registration_similarity(registration_grid(fixed), registration_grid(moving), transform)
+    """registration_similarity of the moving scan (on its registration grid) registered onto `fixed`, as
+    registered_label_maps registers, and its label carried over (each class's mask warped, the most covered class
+    where it covers more than half)."""
+    fixed_grid = registration_grid(fixed)
+    transform = grid_transform(fixed_grid, moving_grid, seed)
+    similarity = registration_similarity(fixed_grid, moving_grid, transform)
     maps = np.stack(warp_masks(transform, fixed, sitk.GetArrayFromImage(moving_label), classes,
                                moving_label.GetSpacing(), moving_label.GetOrigin(), moving_label.GetDirection()))
-    return similarity, np.where(maps.max(0) > 0.5, np.asarray(classes)[maps.argmax(0)], 0)
+    return similarity, labels_from(maps, classes, 0.5)
 
 
 @cli_entry("benchmarks/registration_similarity.py")
@@ -59,13 +62,13 @@ def main() -> int:
     # accuracy.py's references (its default --n_references 5 picked with the seed): #1 registered, #2 the pair
     queries, refs = accuracy.pick_cases(folder, held_out, args.queries, 5, args.seed)
     classes = sorted(dataset_json_names(str(folder)))
-    moving = sitk.ReadImage(accuracy.image_file(folder, refs[0]))
+    moving_grid = registration_grid(sitk.ReadImage(accuracy.image_file(folder, refs[0])))  # made once
     moving_label = sitk.ReadImage(accuracy.label_file(folder, refs[0]))
     rows = []
     for case in [refs[1], *queries]:
         fixed = sitk.ReadImage(accuracy.image_file(folder, case))
         truth = sitk.GetArrayFromImage(sitk.ReadImage(accuracy.label_file(folder, case)))
-        similarity, registered = registered_onto(fixed, moving, moving_label, classes, args.seed)
+        similarity, registered = registered_onto(fixed, moving_grid, moving_label, classes, args.seed)
         dice = accuracy.labelled_dice(truth, registered, classes)
         rows.append({"case": case, "similarity": similarity, "dice": dice,
                      "mean_dice": accuracy.nanmean(list(dice.values()))})

@@ -179,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the best kept for each class (a line says which; costs about three queries' time, once; "
                         "classes the network keeps are decided at the calibrated --threshold, fused ones at 0.5; a "
                         "query whose registration correlates with it below 0.8 of the second reference's is "
-                        "segmented by the network alone, with a warning); with one reference, off. off: the network alone. A --task file holds no image: fusion needs "
-                        "-r. A bare --registration_fusion means on (default: %(default)s)")
+                        "segmented by the network alone, with a warning); with one reference, off. off: the "
+                        "network alone. A --task file holds no image: fusion needs -r. A bare --registration_fusion "
+                        "means on (default: %(default)s)")
     p.add_argument("--postprocess", choices=("none", "largest_component"), default="none",
                    help="largest_component: keep only each class's largest connected component in the written "
                         "segmentation (the authors' later code does; --save_probabilities maps stay as predicted)")

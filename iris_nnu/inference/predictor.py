@@ -674,15 +674,14 @@ class IrisPredictor:
         if not self.registration_atlases or query.original is None:
             raise IrisInputError("registration fusion needs the reference images (-r), encoded with "
                                  "registration_fusion on: a task file holds no image")
+        alone = "segmented by the network alone, without --registration_fusion"
         try:
             registered = registered_label_maps(*query.original, self.registration_atlases, classes)
         except RuntimeError as error:  # SimpleITK: e.g. too little overlap to evaluate the metric
-            return None, [f"its registration to the references failed ({brief(error)}): segmented by the network "
-                          f"alone, without --registration_fusion"]
+            return None, [f"its registration to the references failed ({brief(error)}): {alone}"]
         if self.registration_floor is not None and registered.similarity < self.registration_floor:
             return None, [f"its registration to the references looks doubtful (image correlation "
-                          f"{registered.similarity:.2f}, below {self.registration_floor:.2f}): segmented by the "
-                          f"network alone, without --registration_fusion"]
+                          f"{registered.similarity:.2f}, below {self.registration_floor:.2f}): {alone}"]
         return registered, []
 
     def predict_prepared(self, query: PreparedQuery, task: Tasks, pool: Tasks | None = None,
