@@ -71,9 +71,12 @@ from iris_nnu.inference.registration import (  # noqa: E402
 from iris_nnu.inference.plans import MODALITIES  # noqa: E402
 from iris_nnu.inference.strategies import (  # noqa: E402
     AUTO_FUSION,
+    AUTO_STEP,
+    DEFAULT_STEP_SIZE,
     DEFAULT_TUNE_LR,
     DEFAULT_TUNE_STEPS,
     calibrated_threshold,
+    calibrated_window,
     run_fusion,
     set_fusion,
 )
@@ -200,6 +203,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
     n = args.n_references
     cases = [case for r in refs for case in parse_reference(f"{image_file(folder, r)}:{label_file(folder, r)}", 1)]
     methods: dict[str, dict] = {}
+    base_step = DEFAULT_STEP_SIZE if args.step_size == AUTO_STEP else args.step_size
     # method name -> (--methods option, strategy, references, classes per pass, largest component only,
     # position prior, mirrored TTA, prior alignment)
     default = DEFAULT_PRIOR_ALIGNMENT
@@ -231,12 +235,18 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             set_fusion(predictor, fusion, floor)  # its references keep their atlases
             encoded = predictor.encode_references(cases[:k])
             task, losses = predictor.task_for_strategy(encoded.pool, strategy, encoded, args.tune_steps, args.tune_lr)
-            threshold, calibration = 0.5, None
-            # --threshold auto: calibrated unless every class is fused (run_threshold)
+            threshold, calibration, step, steps = 0.5, None, base_step, None
+            # --threshold auto: calibrated unless every class is fused (run_threshold), with -step_size auto the step too
             if option.endswith("-calibrated") or (option == "oneshot-auto" and fusion not in ("on", "registration")):
-                threshold, calibration = calibrated_threshold(predictor, cases[:k], task)
+                if args.step_size == AUTO_STEP:
+                    window = calibrated_window(predictor, cases[:k], task)
+                    threshold, step, steps = window.threshold, window.step, window.dice
+                    calibration = steps[step]
+                else:
+                    threshold, calibration = calibrated_threshold(predictor, cases[:k], task)
             methods[name] = {"encode_s": time.perf_counter() - start, "tune_losses": losses, "lost": encoded.lost,
-                             "threshold": threshold, "reference_dice_by_threshold": calibration,
+                             "threshold": threshold, "reference_dice_by_threshold": calibration, "step_size": step,
+                             "reference_dice_by_step": steps,
                              "classes_per_pass": per_pass, "largest_component": largest_component,
                              "position_prior": position, "tta": tta, "prior_alignment": alignment,
                              "registration_fusion": fusion, "similarity_floor": floor, "fusion_decision": decision,
@@ -269,7 +279,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                     predictor.largest_component = m["largest_component"]
                     predictor.position_prior = m["position_prior"]
                     predictor.use_mirroring = m["tta"]
-                    predictor.decision_threshold = m["threshold"]
+                    predictor.decision_threshold, predictor.tile_step_size = m["threshold"], m["step_size"]
                     predictor.prior_alignment, predictor.alignment_anchors = m["prior_alignment"], m["anchors"]
                     set_fusion(predictor, m["registration_fusion"], m["similarity_floor"])
                     predictor.registration_atlases = m["atlases"]
@@ -402,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune_lr", type=float, default=DEFAULT_TUNE_LR)
     p.add_argument("--threads", type=int, default=2, help="torch and SimpleITK threads")
     p.add_argument("-device", choices=("cpu", "cuda"), default="cpu", help="device of Iris (registration: CPU)")
+    p.add_argument("-step_size", default="0.5", metavar="S|auto",
+                   help="sliding-window step of Iris; auto: chosen with the threshold of the calibrated methods, as "
+                        "iris_predict's default -step_size auto (the other methods: 0.5)")
     p.add_argument("--output", default="accuracy_results.json", help="JSON of all figures")
     return p
 
@@ -425,7 +438,11 @@ def main() -> int:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     registration.DEMONS_ITERATIONS = args.demons_iterations  # what iris_predict's fusion reads at each registration
     model_folder = os.path.normpath(args.m or DEFAULT_MODEL_FOLDER)
-    predictor = IrisPredictor(device=args.device, modality=args.modality)  # mirroring is set per method
+    if args.step_size != AUTO_STEP:
+        args.step_size = float(args.step_size)
+    # mirroring and the window step are set per method
+    predictor = IrisPredictor(tile_step_size=DEFAULT_STEP_SIZE if args.step_size == AUTO_STEP else args.step_size,
+                              device=args.device, modality=args.modality)
     predictor.initialize_from_model_folder(args.m, args.f, args.chk)
     held_out_file = args.held_out or os.path.join(model_folder, HELD_OUT_FILE)
     held_out = read_held_out(model_folder, args.held_out)

@@ -24,7 +24,7 @@ from iris_nnu.inference.images import Query
 from iris_nnu.inference.names import dataset_json_names
 from iris_nnu.inference.predictor import IrisPredictor
 from iris_nnu.inference.references import ReferenceCase
-from iris_nnu.inference.strategies import AUTO_THRESHOLD, run_threshold
+from iris_nnu.inference.strategies import AUTO_STEP, AUTO_THRESHOLD, run_threshold
 from iris_nnu.io.model_folder import read_held_out
 from iris_nnu.model import TaskEmbedding
 from iris_nnu.preprocessing.raw_dataset import raw_case_files, training_cases
@@ -82,11 +82,11 @@ def describe(dice: dict[int, float], names: dict[int, str], show: int = 3, unlab
 
 
 def oneshot_task(predictor: IrisPredictor, reference: ReferenceCase) -> TaskEmbedding:
-    """The one-shot task of `reference`, the predictor set to its calibrated decision threshold (as iris_predict's
-    default, --threshold auto)."""
+    """The one-shot task of `reference`, the predictor set to its calibrated window step and decision threshold (as
+    iris_predict's defaults, -step_size auto and --threshold auto)."""
     references = predictor.encode_references([reference])
     task, _ = predictor.task_for_strategy(references.pool, "oneshot", references)
-    predictor.decision_threshold, _ = run_threshold(predictor, AUTO_THRESHOLD, task, [reference])
+    predictor.decision_threshold, _ = run_threshold(predictor, AUTO_THRESHOLD, task, [reference], AUTO_STEP)
     return task
 
 

@@ -1,4 +1,5 @@
-"""The decision threshold calibrated on the references (iris_predict --threshold auto)."""
+"""The decision threshold and the window step calibrated on the references (iris_predict --threshold auto,
+-step_size auto)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,10 @@ from conftest import cli_error
 
 from iris_nnu.inference import IrisPredictor, parse_reference
 from iris_nnu.inference.predict import main
-from iris_nnu.inference.strategies import calibrated_threshold
+from iris_nnu.inference import segmenter, strategies
+from iris_nnu.inference.strategies import (AUTO_STEP, AUTO_THRESHOLD, CALIBRATION_THRESHOLDS, DEFAULT_STEP_SIZE,
+                                          DENSE_STEP_SIZE, STEP_MARGIN, best_threshold, calibrated_threshold,
+                                          calibrated_window, run_threshold, set_fusion)
 from iris_nnu.model import TaskEmbedding
 
 DEMO = Path(__file__).resolve().parents[1] / "iris_nnu" / "demo_data" / "Dataset001_Hippocampus"
@@ -68,3 +72,67 @@ def test_threshold_option(tmp_path, capsys):
            for name in ("o3", "o4", "o5")}
     assert np.array_equal(out["o3"], out["o4"])
     assert (out["o3"] > 0).sum() > (out["o5"] > 0).sum()
+
+
+def _calibration_by_step(gains: dict[float, float]):
+    """A stand-in for calibrated_threshold whose references score best at 0.2, higher by gains[step] (else 0)."""
+    def calibrated(predictor, references, task, thresholds=CALIBRATION_THRESHOLDS):
+        table = {t: 0.5 + gains.get(predictor.tile_step_size, 0.0) - abs(t - 0.2) for t in thresholds}
+        return best_threshold(table), table
+    return calibrated
+
+
+def test_the_window_step_is_chosen_on_the_references(monkeypatch):
+    """The denser step where the references gain at least STEP_MARGIN under it, else 0.5; the predictor's step is
+    left as it was, and run_threshold sets the chosen one (none without references, or fused for every class)."""
+    predictor = IrisPredictor()
+    predictor.initialize_from_model_folder(None)
+    references = parse_reference(REFERENCE, 1)
+    task = predictor.encode_references(references).pool.mean()
+    window = calibrated_window(predictor, references, task)
+    # the hippocampus crop (24 x 33 x 23 voxels at 1.5 mm) holds the same two 32^3 windows at either step: no gain
+    assert window.dice[DEFAULT_STEP_SIZE] == window.dice[DENSE_STEP_SIZE] and window.step == DEFAULT_STEP_SIZE
+    assert window.dice[DEFAULT_STEP_SIZE][window.threshold] > 0.8 and predictor.tile_step_size == DEFAULT_STEP_SIZE
+
+    predictor.tile_step_size = 0.7
+    monkeypatch.setattr(strategies, "calibrated_threshold", _calibration_by_step({0.5: 0.0, DENSE_STEP_SIZE: 0.03}))
+    window = calibrated_window(predictor, references, task)
+    assert (window.step, window.threshold, predictor.tile_step_size) == (DENSE_STEP_SIZE, 0.2, 0.7)
+    threshold, line = run_threshold(predictor, AUTO_THRESHOLD, task, references, AUTO_STEP)
+    assert (threshold, predictor.tile_step_size) == (0.2, DENSE_STEP_SIZE)
+    assert line.startswith(f"window step {DENSE_STEP_SIZE} and decision threshold 0.2 from the references"), line
+    threshold, line = run_threshold(predictor, 0.4, task, references, AUTO_STEP)  # a given threshold is kept
+    assert (threshold, predictor.tile_step_size) == (0.4, DENSE_STEP_SIZE) and "at decision threshold 0.4" in line
+
+    monkeypatch.setattr(strategies, "calibrated_threshold",
+                        _calibration_by_step({0.5: 0.0, DENSE_STEP_SIZE: STEP_MARGIN / 2}))
+    assert run_threshold(predictor, AUTO_THRESHOLD, task, references, AUTO_STEP)[0] == 0.2
+    assert predictor.tile_step_size == DEFAULT_STEP_SIZE  # half the margin: not worth the time
+    predictor.tile_step_size = 0.7
+    assert run_threshold(predictor, AUTO_THRESHOLD, task, None, AUTO_STEP)[1] is None  # a task file
+    assert predictor.tile_step_size == DEFAULT_STEP_SIZE
+    predictor.tile_step_size = 0.7
+    set_fusion(predictor, "on")  # a reference registered onto itself says nothing
+    assert run_threshold(predictor, AUTO_THRESHOLD, task, references, AUTO_STEP)[0] == 0.5
+    assert predictor.tile_step_size == DEFAULT_STEP_SIZE
+
+
+def test_step_size_option(tmp_path, capsys, monkeypatch):
+    """-step_size auto (the default) segments the queries at the step chosen on the references and says so; a given
+    step is used as given; anything else is refused."""
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "hippocampus_026_0000.nii.gz").symlink_to(QUERY)
+    steps = []
+    window_logits = segmenter.sliding_window_logits
+    monkeypatch.setattr(segmenter, "sliding_window_logits",
+                        lambda image, k, patch, step, *args, **kwargs: steps.append(step) or
+                        window_logits(image, k, patch, step, *args, **kwargs))
+    monkeypatch.setattr(strategies, "calibrated_threshold", _calibration_by_step({0.5: 0.0, DENSE_STEP_SIZE: 0.1}))
+    assert main(["-i", str(tmp_path / "q"), "-o", str(tmp_path / "out"), "-r", REFERENCE]) == 0
+    assert f"window step {DENSE_STEP_SIZE} and decision threshold 0.2" in capsys.readouterr().out
+    assert steps[-1] == DENSE_STEP_SIZE and (tmp_path / "out" / "hippocampus_026.nii.gz").is_file()
+    assert main(["-i", str(tmp_path / "q"), "-o", str(tmp_path / "o2"), "-r", REFERENCE, "-step_size", "0.7"]) == 0
+    assert "window step" not in capsys.readouterr().out and steps[-1] == 0.7
+    line = cli_error(capsys, main, "iris_predict", ["-i", str(tmp_path / "q"), "-o", str(tmp_path / "o3"), "-r",
+                                                    REFERENCE, "-step_size", "dense"])
+    assert "-step_size must be in" in line and "dense" in line

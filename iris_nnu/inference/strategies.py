@@ -4,8 +4,8 @@
 - retrieval: `select_references` keeps per class the references most similar to the query's own embedding;
 - tune: `tune_task` optimises the task tokens on the reference crops, the network frozen;
 and `calibrated_threshold`, the decision threshold under which a task segments its own references best (`run_threshold`:
-the threshold a run segments at, calibrated by default); `run_fusion`: whether a run fuses Iris with registration,
-measured on its references by default.
+the threshold a run segments at, calibrated by default, and with `calibrated_window` its window step); `run_fusion`:
+whether a run fuses Iris with registration, measured on its references by default.
 """
 from __future__ import annotations
 
@@ -34,6 +34,13 @@ DEFAULT_TUNE_LR = 1e-2  # Adam on the tokens; the paper gives no value: a few st
 CALIBRATION_THRESHOLDS = (0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05)
 AUTO_THRESHOLD = "auto"
 DEFAULT_THRESHOLD = 0.5  # nnU-Net's sigmoid rule: a task file calibrated at none
+AUTO_STEP = "auto"
+DEFAULT_STEP_SIZE = 0.5  # nnU-Net's tile_step_size
+# -step_size auto also segments the references with windows this much denser and keeps that step where they come out
+# better by STEP_MARGIN (README Results, stage 15: on head-and-neck CT the reference's own Dice 0.475 -> 0.525 and its
+# queries' 0.314 -> 0.336; brains +0.003 and the abdomen -0.004 on their references, so both stay at 0.5)
+DENSE_STEP_SIZE = 0.33
+STEP_MARGIN = 0.02
 AUTO_FUSION = "auto"
 # --registration_fusion on: the network's probability and the registered references' label in equal shares (benchmarks/
 # registration_fusion.py, abdominal MR never trained on, 11 queries: 0.727; 0.3 : 0.7 gave 0.717, 0.7 : 0.3 0.700)
@@ -145,24 +152,77 @@ def calibrated_threshold(predictor: IrisPredictor, references: Sequence[Referenc
             per_class = dice_per_class(truth, np.where(scores > floor, values, 0), held)
             dice[t].append(float(np.mean(list(per_class.values()))))
     mean = {t: float(np.mean(d)) for t, d in dice.items()}
-    best = max(thresholds, key=lambda t: (round(mean[t], 4), t))
-    return best, mean
+    return best_threshold(mean), mean
+
+
+def best_threshold(dice: Mapping[float, float]) -> float:
+    """The threshold of the highest Dice (to 4 decimals), the higher threshold on a tie."""
+    return max(dice, key=lambda t: (round(dice[t], 4), t))
+
+
+class WindowCalibration(NamedTuple):
+    """calibrated_window's result: the window step and decision threshold chosen, and the references' mean Dice per
+    step and threshold."""
+
+    step: float
+    threshold: float
+    dice: dict[float, dict[float, float]]
+
+    def line(self, threshold_calibrated: bool = True) -> str:
+        """What a run prints: the choice, and the references' Dice under it and under the other steps."""
+        others = ", ".join(f"{max(d.values()):.3f} at step {s}" for s, d in self.dice.items() if s != self.step)
+        chosen = f"window step {self.step}" + (f" and decision threshold {self.threshold}" if threshold_calibrated
+                                               else f" at decision threshold {self.threshold}")
+        return f"{chosen} from the references (their own Dice {self.dice[self.step][self.threshold]:.3f}; {others})"
+
+
+def calibrated_window(predictor: IrisPredictor, references: Sequence[ReferenceCase], task: Tasks,
+                      thresholds: Sequence[float] = CALIBRATION_THRESHOLDS,
+                      steps: Sequence[float] = (DEFAULT_STEP_SIZE, DENSE_STEP_SIZE)) -> WindowCalibration:
+    """calibrated_threshold under each window step of `steps` (the first the default): a later step is kept where
+    the references come out better under it by STEP_MARGIN. A network unsure away from its window's centre gains from
+    denser windows (head-and-neck CT); others only pay for them. Leaves the predictor's step as it was."""
+    original = predictor.tile_step_size
+    dice: dict[float, dict[float, float]] = {}
+    try:
+        for step in steps:
+            predictor.tile_step_size = step
+            dice[step] = calibrated_threshold(predictor, references, task, thresholds)[1]
+    finally:
+        predictor.tile_step_size = original
+    chosen = steps[0]
+    for step in steps[1:]:
+        if max(dice[step].values()) >= max(dice[chosen].values()) + STEP_MARGIN:
+            chosen = step
+    return WindowCalibration(chosen, best_threshold(dice[chosen]), dice)
 
 
 def run_threshold(predictor: IrisPredictor, setting: float | str, task: Tasks,
-                  references: Sequence[ReferenceCase] | None) -> tuple[float, str | None]:
-    """The decision threshold a run segments `task` at, and a line saying where it came from (None: nothing to say).
+                  references: Sequence[ReferenceCase] | None, step: float | str | None = None,
+                  ) -> tuple[float, str | None]:
+    """The decision threshold a run segments `task` at, and a line saying where it came from (None: nothing to say);
+    with `step`, the run's window step is set on the predictor too (None: left as it is).
 
     A probability is used as given. AUTO_THRESHOLD: with reference scans, the one under which the task segments them
     best (calibrated_threshold: one segmentation per reference; measured at most 0.004 Dice below 0.5 on any member,
     up to +0.27 on brains after training on other anatomy); without (a task file), the one the file was calibrated at,
-    else DEFAULT_THRESHOLD."""
-    if setting != AUTO_THRESHOLD:
-        return float(setting), None
+    else DEFAULT_THRESHOLD. A `step` of AUTO_STEP: with reference scans that the network segments, chosen with the
+    threshold (calibrated_window: one more segmentation per reference, at the denser step), else DEFAULT_STEP_SIZE."""
+    if step is not None:
+        predictor.tile_step_size = DEFAULT_STEP_SIZE if step == AUTO_STEP else float(step)
     # fused for every class: measured 0.5 above the Iris-alone calibration (abdomen 0.727 vs 0.714); fused per class
     # (run_fusion's choices): the fused classes are decided at 0.5 (IrisPredictor.fusion_shares), the network's, and a
     # query that falls back to the network (registration_floor), at the calibrated threshold
-    if predictor.registration_fusion and predictor.class_network_shares is None:
+    fused = predictor.registration_fusion and predictor.class_network_shares is None
+    if step == AUTO_STEP and references and not fused:
+        calibrated = setting == AUTO_THRESHOLD
+        window = calibrated_window(predictor, references, task,
+                                   CALIBRATION_THRESHOLDS if calibrated else (float(setting),))
+        predictor.tile_step_size = window.step
+        return window.threshold, window.line(calibrated)
+    if setting != AUTO_THRESHOLD:
+        return float(setting), None
+    if fused:
         return DEFAULT_THRESHOLD, (f"decision threshold {DEFAULT_THRESHOLD}: with --registration_fusion a reference "
                                    f"registered onto itself returns its own label, so it cannot calibrate the run")
     if references:
