@@ -76,7 +76,7 @@ def test_threshold_option(tmp_path, capsys):
 
 def _calibration_by_step(gains: dict[float, float]):
     """A stand-in for calibrated_threshold whose references score best at 0.2, higher by gains[step] (else 0)."""
-    def calibrated(predictor, references, task, thresholds=CALIBRATION_THRESHOLDS):
+    def calibrated(predictor, references, task, thresholds=CALIBRATION_THRESHOLDS, scans=None):
         table = {t: 0.5 + gains.get(predictor.tile_step_size, 0.0) - abs(t - 0.2) for t in thresholds}
         return best_threshold(table), table
     return calibrated

@@ -25,7 +25,8 @@ from iris_nnu.model.loss import MaskedDiceBCELoss
 from iris_nnu.orientation import to_storage
 
 if TYPE_CHECKING:
-    from iris_nnu.inference.predictor import IrisPredictor, Tasks
+    from iris_nnu.inference.predictor import IrisPredictor, PreparedQuery, Tasks
+    from iris_nnu.model.position import ScanFrame
 
 STRATEGIES = ("oneshot", "ensemble", "retrieval", "tune")
 DEFAULT_TUNE_STEPS = 20
@@ -128,25 +129,43 @@ def tune_task(network: IrisNetwork, task: TaskEmbedding, crops: Sequence[Sequenc
     return dataclasses.replace(task, tokens=[p.detach() for p in params], mirrored=None), losses
 
 
+class ReferenceScan(NamedTuple):
+    """A reference read and preprocessed as the run's queries are, with its scan frame and its label: what calibration
+    segments and scores (reference_scans)."""
+
+    prepared: PreparedQuery
+    frame: ScanFrame | None
+    truth: np.ndarray
+
+
+def reference_scans(predictor: IrisPredictor, references: Sequence[ReferenceCase], task: Tasks) -> list[ReferenceScan]:
+    """Each reference prepared once for calibration, whatever the window steps it is then segmented at."""
+    predictor.follow(task)
+    scans = []
+    for case in references:
+        prepared = predictor.query_preparation(case.images)
+        truth = read_label(case.label, reader_writer_for(case.label, predictor.reader_writer_class))[0]
+        scans.append(ReferenceScan(prepared, predictor.prepared_frame(prepared.data, prepared.properties), truth))
+    return scans
+
+
 def calibrated_threshold(predictor: IrisPredictor, references: Sequence[ReferenceCase], task: Tasks,
-                         thresholds: Sequence[float] = CALIBRATION_THRESHOLDS) -> tuple[float, dict[float, float]]:
+                         thresholds: Sequence[float] = CALIBRATION_THRESHOLDS,
+                         scans: Sequence[ReferenceScan] | None = None) -> tuple[float, dict[float, float]]:
     """The decision threshold under which `task` segments its own reference scans best (mean Dice over the task's
     classes each reference holds, averaged over the references; ties go to the higher threshold), and the Dice at
     each threshold. A model trained on other anatomy can be right about which class a voxel is but unsure whether it
     is one (brains after CT: the argmax held, the probabilities ran low); the references show at what level. Costs one
-    segmentation per reference."""
-    predictor.follow(task)
+    segmentation per reference. `scans`: the references already prepared (reference_scans of the same task)."""
+    scans = reference_scans(predictor, references, task) if scans is None else scans
     classes = predictor.per_fold(task)[0].classes
     floors = {t: float(np.log(t / (1 - t))) for t in thresholds}
     dice: dict[float, list[float]] = {t: [] for t in thresholds}
-    for case in references:
-        prepared = predictor.query_preparation(case.images)
+    for prepared, frame, truth in scans:
         result = predictor.segment_preprocessed(prepared.data, prepared.properties, task, scores=True,
-                                                threshold=min(thresholds),
-                                                frame=predictor.prepared_frame(prepared.data, prepared.properties))
+                                                threshold=min(thresholds), frame=frame)
         values = to_storage(indices_to_values(result.labels, classes), prepared.properties)
         scores = to_storage(result.scores, prepared.properties)
-        truth = read_label(case.label, reader_writer_for(case.label, predictor.reader_writer_class))[0]
         held = [c for c in classes if (truth == c).any()]
         for t, floor in floors.items():
             per_class = dice_per_class(truth, np.where(scores > floor, values, 0), held)
@@ -184,10 +203,11 @@ def calibrated_window(predictor: IrisPredictor, references: Sequence[ReferenceCa
     denser windows (head-and-neck CT); others only pay for them. Leaves the predictor's step as it was."""
     original = predictor.tile_step_size
     dice: dict[float, dict[float, float]] = {}
+    scans = reference_scans(predictor, references, task)  # read, preprocessed and aligned once for every step
     try:
         for step in steps:
             predictor.tile_step_size = step
-            dice[step] = calibrated_threshold(predictor, references, task, thresholds)[1]
+            dice[step] = calibrated_threshold(predictor, references, task, thresholds, scans=scans)[1]
     finally:
         predictor.tile_step_size = original
     chosen = steps[0]
