@@ -11,8 +11,9 @@ from the model's training cases of each dataset, i.e. imagesTr minus the held-ou
   multi-atlas-5     the 5 references registered, per-voxel majority vote
   box alignment     reference #1's label carried over by mapping the scans' non-zero boxes onto each other
   iris oneshot no position prior   as oneshot, from the image alone (iris_predict --no_position_prior)
-  iris oneshot calibrated   as oneshot, the decision threshold the reference's own segmentation scores best at
-                            (iris_predict's default, --threshold auto; its time is part of "encode s")
+  iris oneshot calibrated   as oneshot, each class's decision threshold the reference's own segmentation scores
+                            best at (iris_predict's default, --threshold auto; its time is part of "encode s")
+  iris oneshot calibrated, one threshold   as oneshot calibrated, one threshold for all classes (as before 2026-12)
   iris tune calibrated      as tune, then the threshold calibrated with the tuned task (--strategy tune)
   iris oneshot fused with registration   as oneshot, each class's probability averaged with reference #1's label
                             carried onto the query by the registration above (--registration_fusion on)
@@ -217,6 +218,8 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             "iris oneshot no position prior": ("oneshot-no-position", "oneshot", 1, None, False, False, False, default),
             "iris oneshot mirrored TTA": ("oneshot-tta", "oneshot", 1, None, False, True, True, default),
             "iris oneshot calibrated": ("oneshot-calibrated", "oneshot", 1, None, False, True, False, default),
+            "iris oneshot calibrated, one threshold": ("oneshot-calibrated-single", "oneshot", 1, None, False, True,
+                                                       False, default),
             f"iris ensemble-{n}": ("ensemble", "ensemble", n, None, False, True, False, default),
             f"iris ensemble-{n} frames prior": ("ensemble-frames", "ensemble", n, None, False, True, False, "frames"),
             f"iris retrieval-{n}": ("retrieval", "retrieval", n, None, False, True, False, default),
@@ -235,18 +238,19 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             set_fusion(predictor, fusion, floor)  # its references keep their atlases
             encoded = predictor.encode_references(cases[:k])
             task, losses = predictor.task_for_strategy(encoded.pool, strategy, encoded, args.tune_steps, args.tune_lr)
-            threshold, calibration, step, steps = 0.5, None, base_step, None
+            threshold, calibration, step, steps, own = 0.5, None, base_step, None, None
             # --threshold auto: calibrated unless every class is fused (run_threshold), with -step_size auto the step too
-            if option.endswith("-calibrated") or (option == "oneshot-auto" and fusion not in ("on", "registration")):
+            if "-calibrated" in option or (option == "oneshot-auto" and fusion not in ("on", "registration")):
+                per_class = not option.endswith("-single")
                 if args.step_size == AUTO_STEP:
-                    window = calibrated_window(predictor, cases[:k], task)
+                    window = calibrated_window(predictor, cases[:k], task, per_class=per_class)
                     threshold, step, steps = window.threshold, window.step, window.dice
-                    calibration = steps[step]
+                    calibration, own = steps[step], {s: c.own for s, c in window.calibrations.items()}
                 else:
-                    threshold, calibration = calibrated_threshold(predictor, cases[:k], task)
+                    threshold, calibration, own = calibrated_threshold(predictor, cases[:k], task, per_class=per_class)
             methods[name] = {"encode_s": time.perf_counter() - start, "tune_losses": losses, "lost": encoded.lost,
                              "threshold": threshold, "reference_dice_by_threshold": calibration, "step_size": step,
-                             "reference_dice_by_step": steps,
+                             "reference_dice_by_step": steps, "reference_dice_as_calibrated": own,
                              "classes_per_pass": per_pass, "largest_component": largest_component,
                              "position_prior": position, "tta": tta, "prior_alignment": alignment,
                              "registration_fusion": fusion, "similarity_floor": floor, "fusion_decision": decision,
@@ -386,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["oneshot", "ensemble", "retrieval", "tune", "registration",
                                                     "multi-atlas"],
                    choices=["oneshot", "oneshot-frames", "oneshot-affine", "oneshot-1-per-pass", "oneshot-8-per-pass", "oneshot-largest-component",
-                            "oneshot-no-position", "oneshot-tta", "oneshot-calibrated", "oneshot-fused", "oneshot-auto", "ensemble", "ensemble-frames", "retrieval", "tune",
+                            "oneshot-no-position", "oneshot-tta", "oneshot-calibrated", "oneshot-calibrated-single", "oneshot-fused", "oneshot-auto", "ensemble", "ensemble-frames", "retrieval", "tune",
                             "tune-calibrated",
                             "registration", "ants-syn",
                             "multi-atlas", "box-alignment"],
@@ -398,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "oneshot-no-position: oneshot without the position prior (iris_predict "
                         "--no_position_prior); oneshot-tta: oneshot with mirrored test-time augmentation (iris_predict "
                         "--tta: 8 flips of query and reference together); oneshot-calibrated: oneshot with the decision "
-                        "threshold calibrated on the reference (iris_predict --threshold auto), tune-calibrated likewise after tune; oneshot-fused: oneshot averaged with reference #1's label registered onto the query (iris_predict --registration_fusion on, at 0.5); oneshot-auto: the network alone, fused or the registration alone as reference #2 segmented from #1 decides, a query registered less alike than 0.8 of #2 by the network alone (--registration_fusion auto); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
+                        "thresholds calibrated on the reference, one per class (iris_predict --threshold auto), "
+                        "oneshot-calibrated-single: one threshold for all classes, tune-calibrated likewise after tune; oneshot-fused: oneshot averaged with reference #1's label registered onto the query (iris_predict --registration_fusion on, at 0.5); oneshot-auto: the network alone, fused or the registration alone as reference #2 segmented from #1 decides, a query registered less alike than 0.8 of #2 by the network alone (--registration_fusion auto); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
                         "box-alignment: reference #1's label carried over by aligning the scans' non-zero boxes "
                         "(what the position prior alone knows)")
     p.add_argument("--seed", type=int, default=0, help="picks the references; seeds the registration sampling")

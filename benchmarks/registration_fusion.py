@@ -66,7 +66,7 @@ def main() -> int:
     cases = parse_reference(f"{reference[0]}:{reference[1]}", 1)
     encoded = predictor.encode_references(cases)
     task, _ = predictor.task_for_strategy(encoded.pool, "oneshot", encoded)
-    threshold, self_dice = calibrated_threshold(predictor, cases, task)
+    threshold, self_dice, _ = calibrated_threshold(predictor, cases, task, per_class=False)  # as measured
     predictor.decision_threshold = threshold
     reference_image, reference_label = (sitk.ReadImage(f) for f in reference)
     reference_labels = sitk.GetArrayFromImage(reference_label)

@@ -20,6 +20,7 @@ from iris_nnu.device import add_device_argument, resolve_device
 from iris_nnu.errors import IrisInputError, cli_entry
 from iris_nnu.files import write_json_atomic
 from iris_nnu.inference.evaluate import evaluate_folders, write_overlay
+from iris_nnu.inference.export import describe_threshold
 from iris_nnu.inference.images import Query
 from iris_nnu.inference.names import dataset_json_names
 from iris_nnu.inference.predictor import IrisPredictor
@@ -123,7 +124,7 @@ def run_dataset(predictor: IrisPredictor, raw_folder: str, held_out: list[str], 
     kind = "held-out" if held_out else "a dataset the default model never trained on"
     counted = f"{len(queries)} quer{'y' if len(queries) == 1 else 'ies'}"
     print(f"{PROGRAM}: {name}: reference {reference} ({len(task.classes)} structures, modality {predictor.modality}, "
-          f"window step {predictor.tile_step_size}, decision threshold {predictor.decision_threshold}), {counted} "
+          f"window step {predictor.tile_step_size}, decision threshold {describe_threshold(predictor.decision_threshold)}), {counted} "
           f"({kind})")
     failures = predictor.predict_queries(queries, out, task, progress=False)
     if failures:

@@ -455,7 +455,8 @@ def test_a_task_saved_from_a_fused_run_records_the_networks_threshold(tmp_path: 
     """A fused run segments at 0.5, but its --save_task file is segmented later by the network alone: it records
     the threshold calibrated for the network alone (here forced to 0.25), and the line says so."""
     import iris_nnu.inference.strategies as strategies
-    monkeypatch.setattr(strategies, "calibrated_threshold", lambda *args, **kwargs: (0.25, {0.25: 0.9, 0.5: 0.8}))
+    monkeypatch.setattr(strategies, "calibrated_threshold",
+                        lambda *args, **kwargs: strategies.ThresholdCalibration(0.25, {0.25: 0.9, 0.5: 0.8}, 0.9))
     task = tmp_path / "task.pt"
     _, out = _fusion_run(tmp_path, capsys, "fused", [REFERENCE], "--registration_fusion", "on",
                          "--save_task", str(task))

@@ -663,7 +663,7 @@ def test_fold_ensemble_is_the_mean_of_the_folds_probabilities(world, tmp_path, c
     for folds in (["0"], ["1"], ["0", "1"], ["all"]):
         out = tmp_path / "_".join(folds)
         main(["-m", str(model), "-i", str(query), "-o", str(out), "-r", *world["ref"][:2], "--disable_tta",
-              "-f", *folds, "--save_probabilities"])
+              "-f", *folds, "--save_probabilities", "--threshold", "0.5"])  # the labels checked at 0.5 below
         maps[" ".join(folds)] = np.load(out / "one.npz")["probabilities"].astype(np.float32), read(out / "one.nii.gz")[0]
     assert "by each of 2 folds" in capsys.readouterr().out
     (p0, s0), (p1, s1), (both, seg) = maps["0"], maps["1"], maps["0 1"]

@@ -1,7 +1,7 @@
 """From per-class logits in preprocessed space to a label map in the query's original geometry.
 
 Iris outputs K independent sigmoid maps, not a softmax: a voxel gets the class with the highest probability
-among those above 0.5, else background. Classes arrive in chunks and a running winner (best logit, class index)
+where it is above its decision threshold (0.5, or as calibrated for the run, one per class), else background. Classes arrive in chunks and a running winner (best logit, class index)
 is kept, so memory does not grow with K x volume. Sigmoid is monotone, so comparing logits compares
 probabilities and `logit > 0` is `p > 0.5`.
 
@@ -11,6 +11,8 @@ crop reversal and transpose are adapted from nnunetv2
 Copyright German Cancer Research Center (DKFZ), Apache-2.0.
 """
 from __future__ import annotations
+
+from typing import Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,14 +31,44 @@ from nnunetv2.utilities.plans_handling.plans_handler import (
 from scipy.ndimage import find_objects
 
 
-class Winner:
-    """Running per-voxel decision over class chunks: index (1-based) of the best class with logit > `floor`, else 0;
-    `logit` ends as the winning logit (`floor` where none won)."""
+# the decision threshold of a run: one probability for every class, or one per class value
+# (strategies.calibrated_threshold calibrates one per class on the references)
+DecisionThreshold = Union[float, Mapping[int, float]]
 
-    def __init__(self, shape: tuple[int, ...], floor: float = 0.0):
+
+def threshold_logits(threshold: DecisionThreshold, classes: Sequence[int]) -> np.ndarray:
+    """Each class's threshold as a logit (K,): the level its logit must exceed to win (0 for 0.5)."""
+    values = [threshold[int(c)] if isinstance(threshold, Mapping) else threshold for c in classes]
+    return np.array([np.log(t / (1 - t)) for t in values], dtype=np.float32)
+
+
+def describe_threshold(threshold: DecisionThreshold) -> str:
+    """"0.15", or for one per class "per class 0.01-0.5 (median 0.15)"."""
+    if not isinstance(threshold, Mapping):
+        return f"{threshold:g}"
+    values = sorted(threshold.values())
+    if values[0] == values[-1]:
+        return f"{values[0]:g}"
+    return f"per class {values[0]:g}-{values[-1]:g} (median {float(np.median(values)):g})"
+
+
+def check_threshold(threshold: DecisionThreshold) -> None:
+    """ValueError unless every probability is in (0, 1)."""
+    values = threshold.values() if isinstance(threshold, Mapping) else [threshold]
+    if not all(0 < float(t) < 1 for t in values):
+        raise ValueError(f"decision thresholds must be in (0, 1), got {threshold}")
+
+
+class Winner:
+    """Running per-voxel decision over class chunks: `index` (1-based) of the class with the highest logit where that
+    logit exceeds its class's `floors` (one for all, or one per class), else 0; `logit` ends as the highest logit
+    (the least floor where none exceeded it)."""
+
+    def __init__(self, shape: tuple[int, ...], floors: float | np.ndarray = 0.0):
         # floor 0 = probability 0.5: a class must beat it to win
-        self.logit = np.full(shape, floor, dtype=np.float32)
-        self.index = np.zeros(shape, dtype=np.uint16)
+        self.floors = np.asarray(floors, dtype=np.float32)
+        self.logit = np.full(shape, self.floors.min(), dtype=np.float32)
+        self._index = np.zeros(shape, dtype=np.uint16)
 
     def update(self, logits: np.ndarray | torch.Tensor, first_index: int) -> None:
         """logits (k, *shape) of classes first_index+1 .. first_index+k."""
@@ -44,8 +76,17 @@ class Winner:
             channel = logits[j]
             channel = channel.float().numpy() if isinstance(channel, torch.Tensor) else channel
             better = channel > self.logit
-            self.index[better] = first_index + j + 1
+            self._index[better] = first_index + j + 1
             np.maximum(self.logit, channel, out=self.logit)
+
+    @property
+    def index(self) -> np.ndarray:
+        if self.floors.ndim == 0 or np.all(self.floors == self.floors.min()):
+            return self._index
+        # per class: the most probable class, kept where it passes its own threshold (separable per class, so the
+        # references calibrate each class's threshold on its own: strategies.calibrated_threshold)
+        floor = np.concatenate([[np.inf], self.floors]).astype(np.float32)[self._index]
+        return np.where(self.logit > floor, self._index, 0).astype(np.uint16)
 
 
 def _is_plain_trilinear(configuration_manager: ConfigurationManager, current_spacing, new_spacing) -> bool:

@@ -32,11 +32,14 @@ from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
 from iris_nnu.errors import IrisInputError, brief
 from iris_nnu.inference.alignment import PRIOR_ALIGNMENTS, AlignmentAnchor, aligned_frame, priors_onto
 from iris_nnu.inference.export import (
+    DecisionThreshold,
     Winner,
+    check_threshold,
     indices_to_values,
     keep_largest_components,
     resample_to_cropped_shape,
     revert_crop_and_transpose,
+    threshold_logits,
 )
 from iris_nnu.inference.images import (
     read_geometry,
@@ -223,8 +226,9 @@ class IrisPredictor:
         classes_per_pass: classes decoded in one pass (None: as many as `map_memory_gb` allows).
         map_memory_gb: memory for the class maps of one pass and the export chunks.
         largest_component: keep each class's largest connected component in the output.
-        decision_threshold: a voxel gets the most probable class whose probability exceeds this, else background
-            (strategies.run_threshold picks the run's: calibrated on the references by default).
+        decision_threshold: a voxel gets its most probable class where that probability exceeds this, else
+            background: one probability, or one per class value (strategies.run_threshold picks the run's: calibrated
+            per class on the references by default).
         position_prior: False segments from the image alone, ignoring where the references hold each class
             (model/position.py).
         prior_alignment: how a query is matched to its references' position priors: "affine" registers it to the
@@ -249,7 +253,7 @@ class IrisPredictor:
                  device: torch.device | str = "cpu", modality: str = "other", classes_per_pass: int | None = None,
                  map_memory_gb: float = DEFAULT_MAP_MEMORY_GB, largest_component: bool = False,
                  position_prior: bool = True, verbose: bool = False, allow_tqdm: bool = False,
-                 decision_threshold: float = DEFAULT_THRESHOLD, prior_alignment: str = DEFAULT_PRIOR_ALIGNMENT,
+                 decision_threshold: DecisionThreshold = DEFAULT_THRESHOLD, prior_alignment: str = DEFAULT_PRIOR_ALIGNMENT,
                  registration_fusion: bool = False, network_share: float = FUSION_WEIGHT):
         if not MIN_STEP_SIZE <= tile_step_size <= 1:
             raise ValueError(f"step size must be in [{MIN_STEP_SIZE}, 1], got {tile_step_size}")
@@ -261,8 +265,7 @@ class IrisPredictor:
         self.modality = modality
         self.classes_per_pass = classes_per_pass
         self.largest_component = largest_component
-        if not 0 < decision_threshold < 1:
-            raise ValueError(f"decision_threshold must be in (0, 1), got {decision_threshold}")
+        check_threshold(decision_threshold)
         self.decision_threshold = decision_threshold
         self.position_prior = position_prior
         if prior_alignment not in PRIOR_ALIGNMENTS:
@@ -545,19 +548,19 @@ class IrisPredictor:
         per_voxel = 2 if self.num_folds == 1 else 10  # fp16 logits; an ensemble adds its fp32 sum and a sigmoid
         return max(1, int(self.map_memory_bytes // (per_voxel * voxels)))
 
-    def fusion_shares(self, classes: Sequence[int], floor: float) -> tuple[np.ndarray, np.ndarray | None]:
+    def fusion_shares(self, classes: Sequence[int], floors: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The network's share of each class's fused probability (K,), and with class_network_shares the logit added
-        to each fused class so that it is decided at 0.5 where the run's threshold has the logit `floor` (None: no
-        offsets)."""
+        to each fused class so that it is decided at 0.5 where the run's thresholds have the logits `floors` (K,)
+        (None: no offsets)."""
         if self.class_network_shares is None:
             return np.full(len(classes), self.network_share, np.float32), None
         shares = np.array([self.class_network_shares.get(int(c), 1.0) for c in classes], np.float32)
-        return shares, np.where(shares < 1, np.float32(floor), np.float32(0))
+        return shares, np.where(shares < 1, floors, np.float32(0)).astype(np.float32)
 
     def segment_preprocessed(self, data: np.ndarray, properties: dict, task: Tasks, *, export: bool = True,
                              probabilities: bool = False, preprocessed_labels: bool = False,
                              frame: ScanFrame | None = None, scores: bool = False,
-                             threshold: float | None = None, atlas: np.ndarray | None = None) -> QuerySegmentation:
+                             threshold: DecisionThreshold | None = None, atlas: np.ndarray | None = None) -> QuerySegmentation:
         """Segment a preprocessed query (nnU-Net's sliding window, conditioned on `task`); `export` asks for labels in
         the original geometry, `probabilities` for per-class probabilities there, `preprocessed_labels` for labels in
         the model's space. Classes go in passes of `classes_in_one_pass`. `frame`: where the query's body lies (default:
@@ -573,16 +576,15 @@ class IrisPredictor:
         per_pass = self.classes_in_one_pass(data.shape[1:])
         cropped_shape = tuple(properties["shape_after_cropping_and_before_resampling"])
         per_export = max(1, int(self.map_memory_bytes // (8 * np.prod(data.shape[1:]) + 4 * np.prod(cropped_shape))))
-        t = threshold or self.decision_threshold
-        floor = float(np.log(t / (1 - t)))  # the threshold's logit (0 for 0.5)
-        original = Winner(cropped_shape, floor) if export or scores else None
-        preprocessed = Winner(data.shape[1:], floor) if preprocessed_labels else None
+        floors = threshold_logits(threshold or self.decision_threshold, classes)  # 0 for 0.5
+        original = Winner(cropped_shape, floors) if export or scores else None
+        preprocessed = Winner(data.shape[1:], floors) if preprocessed_labels else None
         probs = np.zeros((k_total, *cropped_shape), dtype=np.float16) if probabilities else None
         image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
         if frame is None and self.position_grid and self.position_prior:
             frame = scan_frame(properties)
         segmenter = self.segmenter()
-        shares, offsets = self.fusion_shares(classes, floor)
+        shares, offsets = self.fusion_shares(classes, floors)
         # the registration alone (network_share 0) needs no network output in the original geometry
         registration_only = atlas is not None and not shares.any() and preprocessed is None
         for start in range(0, k_total, per_pass):

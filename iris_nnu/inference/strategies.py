@@ -17,7 +17,7 @@ import torch
 
 from iris_nnu.errors import IrisInputError
 from iris_nnu.inference.evaluate import dice_per_class
-from iris_nnu.inference.export import indices_to_values
+from iris_nnu.inference.export import DecisionThreshold, describe_threshold, indices_to_values
 from iris_nnu.inference.images import read_label, reader_writer_for
 from iris_nnu.inference.references import Crop, ReferenceCase
 from iris_nnu.model import IrisNetwork, TaskEmbedding
@@ -32,7 +32,7 @@ STRATEGIES = ("oneshot", "ensemble", "retrieval", "tune")
 DEFAULT_TUNE_STEPS = 20
 DEFAULT_TUNE_LR = 1e-2  # Adam on the tokens; the paper gives no value: a few steps should move them noticeably
 # the decision thresholds calibrated_threshold tries (probability of the winning class), highest first
-CALIBRATION_THRESHOLDS = (0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05)
+CALIBRATION_THRESHOLDS = (0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05, 0.03, 0.02, 0.01)
 AUTO_THRESHOLD = "auto"
 DEFAULT_THRESHOLD = 0.5  # nnU-Net's sigmoid rule: a task file calibrated at none
 AUTO_STEP = "auto"
@@ -149,29 +149,55 @@ def reference_scans(predictor: IrisPredictor, references: Sequence[ReferenceCase
     return scans
 
 
+class ThresholdCalibration(NamedTuple):
+    """calibrated_threshold's result: the threshold chosen (one per class value, or one for all), the references'
+    mean Dice at each single threshold, and their mean Dice under the threshold chosen."""
+
+    threshold: DecisionThreshold
+    dice: dict[float, float]
+    own: float
+
+    @property
+    def single(self) -> float:
+        """The best single threshold."""
+        return best_threshold(self.dice)
+
+
 def calibrated_threshold(predictor: IrisPredictor, references: Sequence[ReferenceCase], task: Tasks,
                          thresholds: Sequence[float] = CALIBRATION_THRESHOLDS,
-                         scans: Sequence[ReferenceScan] | None = None) -> tuple[float, dict[float, float]]:
-    """The decision threshold under which `task` segments its own reference scans best (mean Dice over the task's
-    classes each reference holds, averaged over the references; ties go to the higher threshold), and the Dice at
-    each threshold. A model trained on other anatomy can be right about which class a voxel is but unsure whether it
-    is one (brains after CT: the argmax held, the probabilities ran low); the references show at what level. Costs one
-    segmentation per reference. `scans`: the references already prepared (reference_scans of the same task)."""
+                         scans: Sequence[ReferenceScan] | None = None, per_class: bool = True) -> ThresholdCalibration:
+    """The decision threshold under which `task` segments its own reference scans best, per class value (each
+    class's Dice averaged over the references that hold it; a class none holds gets the best single threshold) or,
+    with `per_class=False`, one for all (mean Dice over the classes each reference holds, averaged over the
+    references); ties go to the higher threshold. A model trained on other anatomy can be right about which class a
+    voxel is but unsure whether it is one (brains after CT: the argmax held, the probabilities ran low); the
+    references show at what level, and the level differs by structure (whole brains: the thalamus and ventral DC run
+    low, the cortex does not; README Results). A voxel's class is its most probable one, so each class's Dice
+    depends on its own threshold alone and each is calibrated on its own. Costs one segmentation per reference.
+    `scans`: the references already prepared (reference_scans of the same task)."""
     scans = reference_scans(predictor, references, task) if scans is None else scans
     classes = predictor.per_fold(task)[0].classes
     floors = {t: float(np.log(t / (1 - t))) for t in thresholds}
-    dice: dict[float, list[float]] = {t: [] for t in thresholds}
+    # per reference: Dice per held class at each threshold
+    tables: list[dict[float, dict[int, float]]] = []
     for prepared, frame, truth in scans:
         result = predictor.segment_preprocessed(prepared.data, prepared.properties, task, scores=True,
                                                 threshold=min(thresholds), frame=frame)
         values = to_storage(indices_to_values(result.labels, classes), prepared.properties)
         scores = to_storage(result.scores, prepared.properties)
         held = [c for c in classes if (truth == c).any()]
-        for t, floor in floors.items():
-            per_class = dice_per_class(truth, np.where(scores > floor, values, 0), held)
-            dice[t].append(float(np.mean(list(per_class.values()))))
-    mean = {t: float(np.mean(d)) for t, d in dice.items()}
-    return best_threshold(mean), mean
+        tables.append({t: dice_per_class(truth, np.where(scores > floor, values, 0), held)
+                       for t, floor in floors.items()})
+    dice = {t: float(np.mean([np.mean(list(table[t].values())) for table in tables])) for t in thresholds}
+    single = best_threshold(dice)
+    if not per_class or len(thresholds) == 1:
+        return ThresholdCalibration(single, dice, dice[single])
+    chosen = {}
+    for c in classes:
+        scored = {t: [table[t][c] for table in tables if c in table[t]] for t in thresholds}
+        chosen[c] = best_threshold({t: float(np.mean(d)) for t, d in scored.items()}) if scored[single] else single
+    own = float(np.mean([np.mean([table[chosen[c]][c] for c in table[single]]) for table in tables]))
+    return ThresholdCalibration(chosen, dice, own)
 
 
 def best_threshold(dice: Mapping[float, float]) -> float:
@@ -179,57 +205,81 @@ def best_threshold(dice: Mapping[float, float]) -> float:
     return max(dice, key=lambda t: (round(dice[t], 4), t))
 
 
+def threshold_source(calibration: ThresholdCalibration) -> str:
+    """The references' Dice under the threshold chosen and, where it is per class, under the best single one."""
+    line = f"their own Dice {calibration.own:.3f}"
+    if isinstance(calibration.threshold, Mapping):
+        line += f"; {calibration.dice[calibration.single]:.3f} at one threshold {calibration.single}"
+    return line
+
+
 class WindowCalibration(NamedTuple):
-    """calibrated_window's result: the window step and decision threshold chosen, and the references' mean Dice per
-    step and threshold."""
+    """calibrated_window's result: the window step chosen, and the threshold calibration at each step."""
 
     step: float
-    threshold: float
-    dice: dict[float, dict[float, float]]
+    calibrations: dict[float, ThresholdCalibration]
+
+    @property
+    def threshold(self) -> DecisionThreshold:
+        return self.calibrations[self.step].threshold
+
+    @property
+    def dice(self) -> dict[float, dict[float, float]]:
+        """The references' mean Dice per step and single threshold."""
+        return {step: c.dice for step, c in self.calibrations.items()}
 
     def line(self, threshold_calibrated: bool = True) -> str:
         """What a run prints: the choice, and the references' Dice under it and under the other steps."""
-        others = ", ".join(f"{max(d.values()):.3f} at step {s}" for s, d in self.dice.items() if s != self.step)
-        chosen = f"window step {self.step}" + (f" and decision threshold {self.threshold}" if threshold_calibrated
-                                               else f" at decision threshold {self.threshold}")
-        return f"{chosen} from the references (their own Dice {self.dice[self.step][self.threshold]:.3f}; {others})"
+        others = ", ".join(f"{c.own:.3f} at step {s}" for s, c in self.calibrations.items() if s != self.step)
+        threshold = describe_threshold(self.threshold)
+        chosen = f"window step {self.step}" + (f" and decision threshold {threshold}" if threshold_calibrated
+                                               else f" at decision threshold {threshold}")
+        return f"{chosen} from the references ({threshold_source(self.calibrations[self.step])}; {others})"
 
 
 def calibrated_window(predictor: IrisPredictor, references: Sequence[ReferenceCase], task: Tasks,
                       thresholds: Sequence[float] = CALIBRATION_THRESHOLDS,
-                      steps: Sequence[float] = (DEFAULT_STEP_SIZE, DENSE_STEP_SIZE)) -> WindowCalibration:
+                      steps: Sequence[float] = (DEFAULT_STEP_SIZE, DENSE_STEP_SIZE), per_class: bool = True,
+                      ) -> WindowCalibration:
     """calibrated_threshold under each window step of `steps` (the first the default): a later step is kept where
     the references come out better under it by STEP_MARGIN. A network unsure away from its window's centre gains from
-    denser windows (head-and-neck CT); others only pay for them. Leaves the predictor's step as it was."""
+    denser windows (head-and-neck CT); others only pay for them. Leaves the predictor's step as it was. `per_class`:
+    as calibrated_threshold's."""
     original = predictor.tile_step_size
-    dice: dict[float, dict[float, float]] = {}
+    calibrations: dict[float, ThresholdCalibration] = {}
     scans = reference_scans(predictor, references, task)  # read, preprocessed and aligned once for every step
     try:
         for step in steps:
             predictor.tile_step_size = step
-            dice[step] = calibrated_threshold(predictor, references, task, thresholds, scans=scans)[1]
+            calibrations[step] = calibrated_threshold(predictor, references, task, thresholds, scans=scans,
+                                                      per_class=per_class)
     finally:
         predictor.tile_step_size = original
     chosen = steps[0]
     for step in steps[1:]:
-        if max(dice[step].values()) >= max(dice[chosen].values()) + STEP_MARGIN:
+        if calibrations[step].own >= calibrations[chosen].own + STEP_MARGIN:
             chosen = step
-    return WindowCalibration(chosen, best_threshold(dice[chosen]), dice)
+    return WindowCalibration(chosen, calibrations)
 
 
 def run_threshold(predictor: IrisPredictor, setting: float | str, task: Tasks,
                   references: Sequence[ReferenceCase] | None, step: float | str | None = None,
-                  ) -> tuple[float, str | None]:
+                  ) -> tuple[DecisionThreshold, str | None]:
     """The decision threshold a run segments `task` at, and a line saying where it came from (None: nothing to say);
     with `step`, the run's window step is set on the predictor too (None: left as it is).
 
-    A probability is used as given. AUTO_THRESHOLD: with reference scans, the one under which the task segments them
-    best (calibrated_threshold: one segmentation per reference; measured at most 0.004 Dice below 0.5 on any member,
-    up to +0.27 on brains after training on other anatomy); without (a task file), the one the file was calibrated at,
-    else DEFAULT_THRESHOLD. A `step` of AUTO_STEP: with reference scans that the network segments, chosen with the
-    threshold (calibrated_window: one more segmentation per reference, at the denser step), else DEFAULT_STEP_SIZE."""
+    A probability is used as given. AUTO_THRESHOLD: with reference scans, one per class under which the task segments
+    them best (calibrated_threshold: one segmentation per reference); without (a task file), the one the file was
+    calibrated at, else DEFAULT_THRESHOLD. A `step` of AUTO_STEP: with reference scans that the network segments, chosen with the
+    threshold (calibrated_window: one more segmentation per reference, at the denser step); without (a task file), the
+    one the file records, else DEFAULT_STEP_SIZE."""
+    step_line = None
     if step is not None:
         predictor.tile_step_size = DEFAULT_STEP_SIZE if step == AUTO_STEP else float(step)
+        stored_step = _recorded(predictor, task, "window_step")
+        if step == AUTO_STEP and not references and stored_step is not None:
+            predictor.tile_step_size = stored_step
+            step_line = f"window step {stored_step}, as the task file was calibrated"
     # fused for every class: measured 0.5 above the Iris-alone calibration (abdomen 0.727 vs 0.714); fused per class
     # (run_fusion's choices): the fused classes are decided at 0.5 (IrisPredictor.fusion_shares), the network's, and a
     # query that falls back to the network (registration_floor), at the calibrated threshold
@@ -241,23 +291,30 @@ def run_threshold(predictor: IrisPredictor, setting: float | str, task: Tasks,
         predictor.tile_step_size = window.step
         return window.threshold, window.line(calibrated)
     if setting != AUTO_THRESHOLD:
-        return float(setting), None
+        return float(setting), step_line
     if fused:
         return DEFAULT_THRESHOLD, (f"decision threshold {DEFAULT_THRESHOLD}: with --registration_fusion a reference "
                                    f"registered onto itself returns its own label, so it cannot calibrate the run")
     if references:
-        threshold, dice = calibrated_threshold(predictor, references, task)
-        return threshold, (f"decision threshold {threshold} from the references (their own Dice "
-                           f"{dice[threshold]:.3f}; at 0.5: {dice[0.5]:.3f})")
-    stored = {t.decision_threshold for t in predictor.per_fold(task)}
-    if len(stored) == 1 and None not in stored:
-        threshold = stored.pop()
-        return threshold, f"decision threshold {threshold}, as the task file was calibrated"
-    return DEFAULT_THRESHOLD, None
+        calibration = calibrated_threshold(predictor, references, task)
+        return calibration.threshold, (f"decision threshold {describe_threshold(calibration.threshold)} from the "
+                                       f"references ({threshold_source(calibration)}; at 0.5: "
+                                       f"{calibration.dice[0.5]:.3f})")
+    stored = _recorded(predictor, task, "decision_threshold")
+    if stored is not None:
+        return stored, "; ".join(filter(None, [step_line, f"decision threshold {describe_threshold(stored)}, as the "
+                                                          f"task file was calibrated"]))
+    return DEFAULT_THRESHOLD, step_line
+
+
+def _recorded(predictor: IrisPredictor, task: Tasks, field: str):
+    """What the task (every fold's alike) records in `field`; None where not recorded or the folds differ."""
+    values = [getattr(t, field) for t in predictor.per_fold(task)]
+    return values[0] if all(v == values[0] for v in values[1:]) else None
 
 
 def task_file_threshold(predictor: IrisPredictor, setting: float | str, task: Tasks,
-                        references: Sequence[ReferenceCase] | None) -> tuple[float, str | None]:
+                        references: Sequence[ReferenceCase] | None) -> tuple[DecisionThreshold, str | None]:
     """The decision threshold a --save_task file records, and a line when it is not the run's: the run's, except in a
     run fused with registration, where it is the one run_threshold gives the network alone (a task file segments by
     the network alone: it holds no reference image to register)."""
@@ -268,15 +325,16 @@ def task_file_threshold(predictor: IrisPredictor, setting: float | str, task: Ta
         threshold, _ = run_threshold(predictor, setting, task, references)
     finally:
         predictor.registration_fusion = True
-    return threshold, (f"the task file records decision threshold {threshold}, the network's alone: a task file "
+    return threshold, (f"the task file records decision threshold {describe_threshold(threshold)}, the network's alone: a task file "
                        f"segments without registration")
 
 
-def with_threshold(task: Tasks, threshold: float) -> Tasks:
-    """`task` (one, or one per fold) recording the decision threshold it segments at, for a task file."""
+def with_calibration(task: Tasks, threshold: DecisionThreshold, step: float) -> Tasks:
+    """`task` (one, or one per fold) recording the decision threshold and window step it segments at, for a task
+    file."""
     if isinstance(task, TaskEmbedding):
-        return dataclasses.replace(task, decision_threshold=threshold)
-    return [dataclasses.replace(t, decision_threshold=threshold) for t in task]
+        return dataclasses.replace(task, decision_threshold=threshold, window_step=step)
+    return [dataclasses.replace(t, decision_threshold=threshold, window_step=step) for t in task]
 
 
 def set_fusion(predictor: IrisPredictor, setting: str | Mapping[int, str], similarity_floor: float | None = None,
@@ -328,7 +386,7 @@ def fusion_comparison(predictor: IrisPredictor, first: ReferenceCase, second: Re
         predictor.decision_threshold = DEFAULT_THRESHOLD
         segmentations[setting] = predictor.predict_prepared(query, task, atlas=registered.maps).segmentation
     set_fusion(predictor, "off")
-    predictor.decision_threshold, _ = calibrated_threshold(predictor, [first], task)
+    predictor.decision_threshold = calibrated_threshold(predictor, [first], task).threshold
     segmentations["off"] = predictor.predict_prepared(query, task).segmentation
     return FusionComparison({setting: dice_per_class(truth, segmentations[setting], held)
                              if setting in segmentations else {} for setting in NETWORK_SHARES},

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -44,9 +44,12 @@ class TaskEmbedding:
     orientation: str | None = None
     # the references' bodies: their frames' spreads (voxels at `spacing`, sorted), for the field-of-view check
     extent: tuple[float, float, float] | None = None
-    # the decision threshold the task segments at (calibrated on its references: iris_predict --threshold auto);
+    # the decision threshold the task segments at (calibrated on its references: iris_predict --threshold auto),
+    # one probability or one per class value; None: not recorded (0.5)
+    decision_threshold: float | dict[int, float] | None = None
+    # the sliding window's step the task segments at (chosen on its references: iris_predict -step_size auto);
     # None: not recorded (0.5)
-    decision_threshold: float | None = None
+    window_step: float | None = None
 
     def __post_init__(self) -> None:
         self.tokens = list(self.tokens)
@@ -57,10 +60,18 @@ class TaskEmbedding:
         self.classes = [int(c) for c in self.classes]
         self.spacing = None if self.spacing is None else float(self.spacing)
         self.extent = None if self.extent is None else tuple(float(e) for e in self.extent)
-        if self.decision_threshold is not None:
+        if isinstance(self.decision_threshold, Mapping):
+            self.decision_threshold = {int(c): float(t) for c, t in self.decision_threshold.items()}
+        elif self.decision_threshold is not None:
             self.decision_threshold = float(self.decision_threshold)
-            if not 0 < self.decision_threshold < 1:
-                raise ValueError(f"decision_threshold must be in (0, 1), got {self.decision_threshold}")
+        values = self.decision_threshold.values() if isinstance(self.decision_threshold, dict) else \
+            [] if self.decision_threshold is None else [self.decision_threshold]
+        if not all(0 < t < 1 for t in values):
+            raise ValueError(f"decision_threshold must be in (0, 1), got {self.decision_threshold}")
+        if self.window_step is not None:
+            self.window_step = float(self.window_step)
+            if not 0 < self.window_step <= 1:
+                raise ValueError(f"window_step must be in (0, 1], got {self.window_step}")
         self.names = None if self.names is None else {int(v): str(n) for v, n in self.names.items()}
         if not self.tokens or any(t.dim() != 4 for t in self.tokens):
             raise ValueError("tokens must be a non-empty list of (B, K, m+1, C) tensors")
@@ -174,7 +185,8 @@ class TaskEmbedding:
             extent=tuple(np.mean(extents, axis=0)) if extents else None,
             # a threshold calibrated on some of the tasks' references holds for the union only where they agree
             decision_threshold=first.decision_threshold
-            if len({t.decision_threshold for t in tasks}) == 1 else None)
+            if all(t.decision_threshold == first.decision_threshold for t in tasks[1:]) else None,
+            window_step=first.window_step if all(t.window_step == first.window_step for t in tasks[1:]) else None)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TaskEmbedding:
         tokens, mirrored = self._map_tokens(lambda ts: [t.to(device=device, dtype=dtype) for t in ts])
@@ -190,7 +202,7 @@ class TaskEmbedding:
                  [[list(axes), [t.detach().cpu() for t in ts]] for axes, ts in self.mirrored.items()],
                  "spacing": self.spacing, "names": self.names, "orientation": self.orientation,
                  "extent": None if self.extent is None else list(self.extent),
-                 "decision_threshold": self.decision_threshold}
+                 "decision_threshold": self.decision_threshold, "window_step": self.window_step}
         write_atomic(path, lambda tmp: torch.save(state, tmp))
 
     @classmethod
@@ -211,7 +223,8 @@ class TaskEmbedding:
                    names=state.get("names"),  # absent from files written before structure names
                    orientation=state.get("orientation"),  # ... and before one voxel order per run
                    extent=state.get("extent"),
-                   decision_threshold=state.get("decision_threshold"))  # absent before calibrated thresholds
+                   decision_threshold=state.get("decision_threshold"),  # absent before calibrated thresholds
+                   window_step=state.get("window_step"))  # ... and before the step chosen on the references
         if model is not None and model.model_id() != task.model_id:
             raise TaskMismatchError(
                 f"task file {path} was encoded by model {task.model_id}, not by this model {model.model_id()}")
