@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from unittest import mock
 
@@ -136,6 +135,16 @@ def test_save_load_round_trip(net, tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(loaded.tokens, task.tokens))
         assert torch.equal(net(image, loaded), net(image, task))
     assert [p.name for p in tmp_path.iterdir()] == ["task.pt"]  # no temp file left behind
+    assert loaded.decision_threshold is None and loaded.window_step is None  # not calibrated
+    # a calibration recorded: one threshold per class value and the window step
+    calibrated = dataclasses.replace(task, decision_threshold={17: 0.5, 53: 0.05, 2035: 0.2}, window_step=0.33)
+    calibrated.save(tmp_path / "calibrated.pt")
+    loaded = TaskEmbedding.load(tmp_path / "calibrated.pt")
+    assert loaded.decision_threshold == {17: 0.5, 53: 0.05, 2035: 0.2} and loaded.window_step == 0.33
+    with pytest.raises(ValueError, match="decision_threshold"):
+        dataclasses.replace(task, decision_threshold={17: 1.5})
+    with pytest.raises(ValueError, match="window_step"):
+        dataclasses.replace(task, window_step=0)
 
 
 def test_task_from_another_model_is_refused(net, tmp_path):

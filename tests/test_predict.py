@@ -16,7 +16,7 @@ from synthetic import blob_volume, write_volume
 
 from iris_nnu.errors import IrisInputError
 from iris_nnu.inference import IrisPredictor, parse_reference, select_references, write_model_folder
-from iris_nnu.inference.export import Winner, keep_largest_components
+from iris_nnu.inference.export import Winner, keep_largest_components, threshold_logits
 from iris_nnu.inference.images import find_queries, label_to_sitk
 from iris_nnu.inference.plans import inference_plans, modality_of
 from iris_nnu.inference.predict import main
@@ -424,13 +424,23 @@ def test_postprocess_largest_component_end_to_end(world, tmp_path):
     assert removed > 0  # the random model's output has stray parts to remove
 
 
-def test_winner_over_class_chunks_is_the_best_class_above_half():
+def test_winner_over_class_chunks_is_the_best_class_above_its_threshold():
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 2, (7, 5, 6, 4)).astype(np.float32)
     winner = Winner(logits.shape[1:])
     for start in range(0, 7, 3):
         winner.update(logits[start:start + 3], start)
     expected = np.where(logits.max(0) > 0, logits.argmax(0) + 1, 0)
+    np.testing.assert_array_equal(winner.index, expected)
+    # one threshold per class: the most probable class, kept where it passes its own threshold, in passes as well
+    thresholds = {v: t for v, t in zip(range(1, 8), (0.5, 0.1, 0.9, 0.3, 0.5, 0.02, 0.7))}
+    floors = threshold_logits(thresholds, range(1, 8))
+    winner = Winner(logits.shape[1:], floors)
+    for start in range(0, 7, 3):
+        winner.update(logits[start:start + 3], start)
+    best = logits.argmax(0)
+    expected = np.where(logits.max(0) > floors[best], best + 1, 0)
+    assert 0 < (expected != np.where(logits.max(0) > 0, best + 1, 0)).mean() < 0.5  # the thresholds matter here
     np.testing.assert_array_equal(winner.index, expected)
 
 
