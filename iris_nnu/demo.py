@@ -124,7 +124,8 @@ def run_dataset(predictor: IrisPredictor, raw_folder: str, held_out: list[str], 
     kind = "held-out" if held_out else "a dataset the default model never trained on"
     counted = f"{len(queries)} quer{'y' if len(queries) == 1 else 'ies'}"
     print(f"{PROGRAM}: {name}: reference {reference} ({len(task.classes)} structures, modality {predictor.modality}, "
-          f"window step {predictor.tile_step_size}, decision threshold {describe_threshold(predictor.decision_threshold)}), {counted} "
+          f"window step {predictor.tile_step_size}, decision threshold "
+          f"{describe_threshold(predictor.decision_threshold)}), {counted} "
           f"({kind})")
     failures = predictor.predict_queries(queries, out, task, progress=False)
     if failures:

@@ -1,8 +1,8 @@
 """From per-class logits in preprocessed space to a label map in the query's original geometry.
 
 Iris outputs K independent sigmoid maps, not a softmax: a voxel gets the class with the highest probability
-where it is above its decision threshold (0.5, or as calibrated for the run, one per class), else background. Classes arrive in chunks and a running winner (best logit, class index)
-is kept, so memory does not grow with K x volume. Sigmoid is monotone, so comparing logits compares
+where it is above its decision threshold (0.5, or as calibrated for the run, one per class), else background.
+Classes arrive in chunks and a running winner (best logit, class index) is kept, so memory does not grow with K x volume. Sigmoid is monotone, so comparing logits compares
 probabilities and `logit > 0` is `p > 0.5`.
 
 Resampling (nnU-Net's function, or the equal and faster trilinear interpolation where that is what it computes),
@@ -36,10 +36,15 @@ from scipy.ndimage import find_objects
 DecisionThreshold = Union[float, Mapping[int, float]]
 
 
+def threshold_logit(threshold: float) -> float:
+    """A probability as the logit a class's must exceed (0 for 0.5)."""
+    return float(np.log(threshold / (1 - threshold)))
+
+
 def threshold_logits(threshold: DecisionThreshold, classes: Sequence[int]) -> np.ndarray:
-    """Each class's threshold as a logit (K,): the level its logit must exceed to win (0 for 0.5)."""
+    """Each class's threshold as a logit (K,)."""
     values = [threshold[int(c)] if isinstance(threshold, Mapping) else threshold for c in classes]
-    return np.array([np.log(t / (1 - t)) for t in values], dtype=np.float32)
+    return np.array([threshold_logit(t) for t in values], dtype=np.float32)
 
 
 def describe_threshold(threshold: DecisionThreshold) -> str:
@@ -50,13 +55,6 @@ def describe_threshold(threshold: DecisionThreshold) -> str:
     if values[0] == values[-1]:
         return f"{values[0]:g}"
     return f"per class {values[0]:g}-{values[-1]:g} (median {float(np.median(values)):g})"
-
-
-def check_threshold(threshold: DecisionThreshold) -> None:
-    """ValueError unless every probability is in (0, 1)."""
-    values = threshold.values() if isinstance(threshold, Mapping) else [threshold]
-    if not all(0 < float(t) < 1 for t in values):
-        raise ValueError(f"decision thresholds must be in (0, 1), got {threshold}")
 
 
 class Winner:

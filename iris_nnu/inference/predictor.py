@@ -34,7 +34,6 @@ from iris_nnu.inference.alignment import PRIOR_ALIGNMENTS, AlignmentAnchor, alig
 from iris_nnu.inference.export import (
     DecisionThreshold,
     Winner,
-    check_threshold,
     indices_to_values,
     keep_largest_components,
     resample_to_cropped_shape,
@@ -78,6 +77,7 @@ from iris_nnu.io.model_folder import (
     load_model_folder,
 )
 from iris_nnu.model import IrisNetwork, TaskEmbedding, TaskMismatchError
+from iris_nnu.model.task import checked_threshold
 from iris_nnu.model.position import ScanFrame
 from iris_nnu.orientation import orientation_code, reorient, stored_properties, to_storage
 from iris_nnu.preprocessing.frames import SCAN_FRAME_KEY, scan_frame
@@ -253,7 +253,8 @@ class IrisPredictor:
                  device: torch.device | str = "cpu", modality: str = "other", classes_per_pass: int | None = None,
                  map_memory_gb: float = DEFAULT_MAP_MEMORY_GB, largest_component: bool = False,
                  position_prior: bool = True, verbose: bool = False, allow_tqdm: bool = False,
-                 decision_threshold: DecisionThreshold = DEFAULT_THRESHOLD, prior_alignment: str = DEFAULT_PRIOR_ALIGNMENT,
+                 decision_threshold: DecisionThreshold = DEFAULT_THRESHOLD,
+                 prior_alignment: str = DEFAULT_PRIOR_ALIGNMENT,
                  registration_fusion: bool = False, network_share: float = FUSION_WEIGHT):
         if not MIN_STEP_SIZE <= tile_step_size <= 1:
             raise ValueError(f"step size must be in [{MIN_STEP_SIZE}, 1], got {tile_step_size}")
@@ -265,8 +266,7 @@ class IrisPredictor:
         self.modality = modality
         self.classes_per_pass = classes_per_pass
         self.largest_component = largest_component
-        check_threshold(decision_threshold)
-        self.decision_threshold = decision_threshold
+        self.decision_threshold = checked_threshold(decision_threshold)
         self.position_prior = position_prior
         if prior_alignment not in PRIOR_ALIGNMENTS:
             raise ValueError(f"prior_alignment must be one of {PRIOR_ALIGNMENTS}, got {prior_alignment!r}")
@@ -560,7 +560,8 @@ class IrisPredictor:
     def segment_preprocessed(self, data: np.ndarray, properties: dict, task: Tasks, *, export: bool = True,
                              probabilities: bool = False, preprocessed_labels: bool = False,
                              frame: ScanFrame | None = None, scores: bool = False,
-                             threshold: DecisionThreshold | None = None, atlas: np.ndarray | None = None) -> QuerySegmentation:
+                             threshold: DecisionThreshold | None = None,
+                             atlas: np.ndarray | None = None) -> QuerySegmentation:
         """Segment a preprocessed query (nnU-Net's sliding window, conditioned on `task`); `export` asks for labels in
         the original geometry, `probabilities` for per-class probabilities there, `preprocessed_labels` for labels in
         the model's space. Classes go in passes of `classes_in_one_pass`. `frame`: where the query's body lies (default:

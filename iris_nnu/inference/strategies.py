@@ -17,7 +17,7 @@ import torch
 
 from iris_nnu.errors import IrisInputError
 from iris_nnu.inference.evaluate import dice_per_class
-from iris_nnu.inference.export import DecisionThreshold, describe_threshold, indices_to_values
+from iris_nnu.inference.export import DecisionThreshold, describe_threshold, indices_to_values, threshold_logit
 from iris_nnu.inference.images import read_label, reader_writer_for
 from iris_nnu.inference.references import Crop, ReferenceCase
 from iris_nnu.model import IrisNetwork, TaskEmbedding
@@ -177,7 +177,7 @@ def calibrated_threshold(predictor: IrisPredictor, references: Sequence[Referenc
     `scans`: the references already prepared (reference_scans of the same task)."""
     scans = reference_scans(predictor, references, task) if scans is None else scans
     classes = predictor.per_fold(task)[0].classes
-    floors = {t: float(np.log(t / (1 - t))) for t in thresholds}
+    floors = {t: threshold_logit(t) for t in thresholds}
     # per reference: Dice per held class at each threshold
     tables: list[dict[float, dict[int, float]]] = []
     for prepared, frame, truth in scans:
@@ -270,9 +270,9 @@ def run_threshold(predictor: IrisPredictor, setting: float | str, task: Tasks,
 
     A probability is used as given. AUTO_THRESHOLD: with reference scans, one per class under which the task segments
     them best (calibrated_threshold: one segmentation per reference); without (a task file), the one the file was
-    calibrated at, else DEFAULT_THRESHOLD. A `step` of AUTO_STEP: with reference scans that the network segments, chosen with the
-    threshold (calibrated_window: one more segmentation per reference, at the denser step); without (a task file), the
-    one the file records, else DEFAULT_STEP_SIZE."""
+    calibrated at, else DEFAULT_THRESHOLD. A `step` of AUTO_STEP: with reference scans that the network segments,
+    chosen with the threshold (calibrated_window: one more segmentation per reference, at the denser step); without (a
+    task file), the one the file records, else DEFAULT_STEP_SIZE."""
     step_line = None
     if step is not None:
         predictor.tile_step_size = DEFAULT_STEP_SIZE if step == AUTO_STEP else float(step)
@@ -325,8 +325,8 @@ def task_file_threshold(predictor: IrisPredictor, setting: float | str, task: Ta
         threshold, _ = run_threshold(predictor, setting, task, references)
     finally:
         predictor.registration_fusion = True
-    return threshold, (f"the task file records decision threshold {describe_threshold(threshold)}, the network's alone: a task file "
-                       f"segments without registration")
+    return threshold, (f"the task file records decision threshold {describe_threshold(threshold)}, the network's "
+                       f"alone: a task file segments without registration")
 
 
 def with_calibration(task: Tasks, threshold: DecisionThreshold, step: float) -> Tasks:

@@ -22,6 +22,15 @@ FORMAT_VERSION = "iris_nnu.task_embedding/1"
 TRAINING_MODEL_ID = "training"
 
 
+def checked_threshold(threshold: float | Mapping[int, float]) -> float | dict[int, float]:
+    """A decision threshold (one probability, or one per class value) as float or {int: float}; ValueError unless
+    every probability is in (0, 1)."""
+    checked = {int(c): float(t) for c, t in threshold.items()} if isinstance(threshold, Mapping) else float(threshold)
+    if not all(0 < t < 1 for t in (checked.values() if isinstance(checked, dict) else [checked])):
+        raise ValueError(f"decision_threshold must be in (0, 1), got {threshold}")
+    return checked
+
+
 class TaskMismatchError(ValueError):
     """A task embedding does not belong to this model (other weights) or to the other tasks (other shapes)."""
 
@@ -60,14 +69,8 @@ class TaskEmbedding:
         self.classes = [int(c) for c in self.classes]
         self.spacing = None if self.spacing is None else float(self.spacing)
         self.extent = None if self.extent is None else tuple(float(e) for e in self.extent)
-        if isinstance(self.decision_threshold, Mapping):
-            self.decision_threshold = {int(c): float(t) for c, t in self.decision_threshold.items()}
-        elif self.decision_threshold is not None:
-            self.decision_threshold = float(self.decision_threshold)
-        values = self.decision_threshold.values() if isinstance(self.decision_threshold, dict) else \
-            [] if self.decision_threshold is None else [self.decision_threshold]
-        if not all(0 < t < 1 for t in values):
-            raise ValueError(f"decision_threshold must be in (0, 1), got {self.decision_threshold}")
+        if self.decision_threshold is not None:
+            self.decision_threshold = checked_threshold(self.decision_threshold)
         if self.window_step is not None:
             self.window_step = float(self.window_step)
             if not 0 < self.window_step <= 1:
