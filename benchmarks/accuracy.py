@@ -70,6 +70,7 @@ from iris_nnu.inference.registration import (  # noqa: E402
     register_label,
 )
 from iris_nnu.inference.plans import MODALITIES  # noqa: E402
+from iris_nnu.inference.segmenter import DEFAULT_PRECISION, PRECISIONS  # noqa: E402
 from iris_nnu.inference.strategies import (  # noqa: E402
     AUTO_FUSION,
     AUTO_STEP,
@@ -420,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-step_size", default="0.5", metavar="S|auto",
                    help="sliding-window step of Iris; auto: chosen with the threshold of the calibrated methods, as "
                         "iris_predict's default -step_size auto (the other methods: 0.5)")
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                   help="as iris_predict --precision (Iris's windows on a CPU)")
     p.add_argument("--output", default="accuracy_results.json", help="JSON of all figures")
     return p
 
@@ -447,7 +450,7 @@ def main() -> int:
         args.step_size = float(args.step_size)
     # mirroring and the window step are set per method
     predictor = IrisPredictor(tile_step_size=DEFAULT_STEP_SIZE if args.step_size == AUTO_STEP else args.step_size,
-                              device=args.device, modality=args.modality)
+                              device=args.device, modality=args.modality, precision=args.precision)
     predictor.initialize_from_model_folder(args.m, args.f, args.chk)
     held_out_file = args.held_out or os.path.join(model_folder, HELD_OUT_FILE)
     held_out = read_held_out(model_folder, args.held_out)

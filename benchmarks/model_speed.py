@@ -6,7 +6,11 @@ inference_mode. The nnU-Net networks (dynamic_network_architectures) are timed t
 their Conv3d layers sent to oneDNN like Iris's (PyTorch's own choice sends small batch-1 3D convs to a slow
 kernel), so the ratio compares architectures, not conv backends.
 
+On CPU the Iris query pass is also timed under bfloat16 autocast (iris_predict --precision bfloat16, the default on
+CPUs with AMX tiles): column "bf16/fp32".
+
 Run: python benchmarks/model_speed.py [--widths 16,32,64,128,256] [--patch 64,64,64] [--ks 1,4,16]
+The bundled model's windows: --widths 8,16,32,64,128 --patch 32,32,32 --ks 2,5,85
 On a machine shared with other jobs: --threads 1 --clock cpu.
 """
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from iris_nnu.model import IrisNetwork, count_parameters  # noqa: E402
+from iris_nnu.inference.segmenter import window_autocast  # noqa: E402
 from iris_nnu.model.ops import Conv3d  # noqa: E402
 
 
@@ -49,6 +54,11 @@ def with_onednn_convs(net: nn.Module) -> nn.Module:
     return net
 
 
+def _under(context, fn, *args):
+    with context:
+        return fn(*args)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -67,6 +77,8 @@ def bench(device: torch.device, widths: tuple[int, ...], blocks: int, patch: tup
             task = iris.encode_task(ref, masks)
         fns[k, "encode"] = lambda masks=masks: iris.encode_task(ref, masks)
         fns[k, "iris"] = lambda task=task: iris(query, task)
+        if device.type == "cpu":  # the windows of iris_predict --precision bfloat16 (the default on AMX CPUs)
+            fns[k, "iris bf16"] = lambda task=task: _under(window_autocast("bfloat16", device), iris, query, task)
         for name, net in nnunet_networks(widths, blocks, k + 1).items():
             fns[k, name + " stock"] = lambda net=net.to(device).eval(): net(query)
         if device.type == "cpu":  # separate instances: with_onednn_convs changes the modules' class
@@ -90,6 +102,8 @@ def bench(device: torch.device, widths: tuple[int, ...], blocks: int, patch: tup
           f"patch {patch}, batch 1; {'process CPU' if now is time.process_time else 'wall'} seconds, min of {repeats}")
     cols = ["K", "encode_task", "Iris query", "vs K=" + str(ks[0]), "PlainConvUNet", "Iris/Plain",
             "ResEncUNet", "Iris/ResEnc", "Plain stock", "ResEnc stock"]
+    if device.type == "cpu":
+        cols += ["Iris bf16", "bf16/fp32"]
     print(" | ".join(cols) + "\n" + "-" * (sum(map(len, cols)) + 3 * len(cols)))
     t1 = rows[0][1]["iris"]
     for k, b in rows:
@@ -97,6 +111,8 @@ def bench(device: torch.device, widths: tuple[int, ...], blocks: int, patch: tup
                 f"{b['PlainConvUNet']:.3f}", f"{b['iris'] / b['PlainConvUNet']:.2f}x",
                 f"{b['ResEncUNet']:.3f}", f"{b['iris'] / b['ResEncUNet']:.2f}x",
                 f"{b['PlainConvUNet stock']:.3f}", f"{b['ResEncUNet stock']:.3f}"]
+        if "iris bf16" in b:
+            vals += [f"{b['iris bf16']:.3f}", f"{b['iris bf16'] / b['iris']:.2f}x"]
         print(" | ".join(v.rjust(len(c)) for v, c in zip(vals, cols)))
 
 

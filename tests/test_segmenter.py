@@ -11,7 +11,8 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from iris_nnu.errors import IrisInputError
-from iris_nnu.inference.segmenter import LOGIT_LIMIT, Segmenter
+from iris_nnu.inference import segmenter
+from iris_nnu.inference.segmenter import LOGIT_LIMIT, Segmenter, window_precision
 from iris_nnu.model import IrisNetwork
 from iris_nnu.model.position import ScanFrame
 
@@ -62,11 +63,12 @@ def test_the_sliding_window_is_nnunets_bit_for_bit(network_and_task, shape, step
     image = torch.randn(1, *shape)
     frame = ScanFrame.box(shape)
     expected = _nnunet_logits(network, task, image, frame, step)
-    got = Segmenter([network], PATCH, step).logits(image, [task], frame)
+    got = Segmenter([network], PATCH, step, precision="float32").logits(image, [task], frame)
     assert got.dtype == torch.half and got.shape == (3, *shape)
     assert torch.equal(got, expected)
     # classes picked by value: the task's selection (decoded together, so not the rows of the 3-class map)
-    assert torch.equal(Segmenter([network], PATCH, step).logits(image, [task], frame, classes=[5, 1]),
+    assert torch.equal(Segmenter([network], PATCH, step, precision="float32").logits(image, [task], frame,
+                                                                                     classes=[5, 1]),
                        _nnunet_logits(network, task.select([5, 1]), image, frame, step))
 
 
@@ -79,12 +81,13 @@ def test_the_prior_added_once_per_voxel_equals_adding_it_in_every_window(network
     image = torch.randn(1, *shape)
     frame = ScanFrame.box(shape)
     per_window = _nnunet_logits(network, task, image, frame, 0.5).float()
-    got = Segmenter([network], PATCH).logits(image, [task], frame).float()
+    got = Segmenter([network], PATCH, precision="float32").logits(image, [task], frame).float()
     inside = (slice(None), *(slice(6, -6),) * 3)  # at the image's rim fp16 Gaussian weights round the old sums coarsely
     assert (got - per_window)[inside].abs().max() < 0.05
     assert (got - per_window).abs().mean() < 0.01
     assert ((got > 0) == (per_window > 0)).float().mean() > 0.998
-    without = Segmenter([network], PATCH).logits(image, [_task_without_prior(task)], frame).float()
+    without = Segmenter([network], PATCH, precision="float32").logits(image, [_task_without_prior(task)],
+                                                                      frame).float()
     assert (got - without).abs().mean() > 0.5  # the prior does change the logits
 
 
@@ -127,3 +130,36 @@ def test_mirrored_tta_needs_the_tasks_flipped_tokens(network_and_task):
     with pytest.raises(IrisInputError, match="flipped"):
         Segmenter([network], PATCH, mirror_axes=(0, 1, 2)).logits(torch.randn(1, *PATCH), [task],
                                                                   ScanFrame.box(PATCH))
+
+
+def test_precision_auto_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    monkeypatch.setattr(segmenter, "cpu_has_native_bfloat16", lambda: True)
+    assert window_precision("auto", "cpu") == "bfloat16"
+    monkeypatch.setattr(segmenter, "cpu_has_native_bfloat16", lambda: False)
+    assert window_precision("auto", "cpu") == "float32"
+    assert window_precision("bfloat16", "cpu") == "bfloat16"  # asked for: used, even where emulated
+    assert window_precision("float32", "cuda") == "float16"  # CUDA: nnU-Net's float16 autocast, whatever is asked
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Segmenter([], PATCH, precision="half")
+
+
+def test_bfloat16_windows_run_in_bfloat16_and_agree_with_float32(network_and_task):
+    network, task = network_and_task
+    shape = (45, 38, 52)
+    torch.manual_seed(1)
+    image = torch.randn(1, *shape)
+    frame = ScanFrame.box(shape)
+    seen = []
+    hook = network.encoder.register_forward_hook(lambda module, inputs, output: seen.append(output[0].dtype))
+    try:
+        exact = Segmenter([network], PATCH, precision="float32").logits(image, [task], frame).float()
+        assert set(seen) == {torch.float32}
+        seen.clear()
+        fast = Segmenter([network], PATCH, precision="bfloat16").logits(image, [task], frame).float()
+        assert set(seen) == {torch.bfloat16}  # the convolutions really ran in bfloat16
+    finally:
+        hook.remove()
+    assert fast.dtype == exact.dtype and fast.shape == exact.shape
+    assert not torch.equal(fast, exact)
+    assert (fast - exact).abs().mean() < 0.05 * exact.abs().mean()
+    assert ((fast > 0) == (exact > 0)).float().mean() > 0.99

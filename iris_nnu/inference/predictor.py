@@ -62,7 +62,8 @@ from iris_nnu.inference.references import (
     structure_crops,
 )
 from iris_nnu.inference.runner import run_queries, write_result
-from iris_nnu.inference.segmenter import LOGIT_LIMIT, MIN_STEP_SIZE, Segmenter, mirror_flips
+from iris_nnu.inference.segmenter import (DEFAULT_PRECISION, LOGIT_LIMIT, MIN_STEP_SIZE, Segmenter, mirror_flips,
+                                         window_precision)
 from iris_nnu.inference.strategies import (
     DEFAULT_THRESHOLD,
     DEFAULT_TUNE_LR,
@@ -245,6 +246,8 @@ class IrisPredictor:
             default): a query whose registration looks less like it than this (registration_similarity) is segmented
             by the network alone, at the run's decision threshold (set_fusion; --registration_fusion auto sets it
             from the references).
+        precision: how the windows compute on a CPU (segmenter.PRECISIONS): "auto" is bfloat16 on a CPU with AMX
+            tiles and float32 elsewhere; CUDA uses float16 autocast.
         verbose: unused (nnU-Net's argument, kept for its argument order).
         allow_tqdm: progress bars over the queries of predict_from_files.
     """
@@ -255,7 +258,8 @@ class IrisPredictor:
                  position_prior: bool = True, verbose: bool = False, allow_tqdm: bool = False,
                  decision_threshold: DecisionThreshold = DEFAULT_THRESHOLD,
                  prior_alignment: str = DEFAULT_PRIOR_ALIGNMENT,
-                 registration_fusion: bool = False, network_share: float = FUSION_WEIGHT):
+                 registration_fusion: bool = False, network_share: float = FUSION_WEIGHT,
+                 precision: str = DEFAULT_PRECISION):
         if not MIN_STEP_SIZE <= tile_step_size <= 1:
             raise ValueError(f"step size must be in [{MIN_STEP_SIZE}, 1], got {tile_step_size}")
         if classes_per_pass is not None and classes_per_pass < 1:
@@ -275,6 +279,8 @@ class IrisPredictor:
         if not 0 <= network_share <= 1:
             raise ValueError(f"network_share must be in [0, 1], got {network_share}")
         self.network_share = network_share
+        window_precision(precision, device)  # refuses an unknown one
+        self.precision = precision
         self.class_network_shares: dict[int, float] | None = None
         self.registration_floor: float | None = None
         # the references queries are registered to (encode_references sets them; a loaded task has none)
@@ -539,7 +545,7 @@ class IrisPredictor:
         """The run's Segmenter: its fold networks, window, mirroring and position-prior choice."""
         return Segmenter(self.fold_networks, self.patch_size, self.tile_step_size,
                          tuple(self.allowed_mirroring_axes or ()) if self.use_mirroring else (), self.position_prior,
-                         self.device)
+                         self.device, self.precision)
 
     def classes_in_one_pass(self, preprocessed_shape: Sequence[int]) -> int:
         if self.classes_per_pass:

@@ -24,6 +24,37 @@ from iris_nnu.model.position import ScanFrame
 LOGIT_LIMIT = 16.0
 MIN_STEP_SIZE = 0.2
 
+# how the windows' networks compute: "auto" is bfloat16 on a CPU with AMX tiles (oneDNN's bf16 convolutions and
+# matmuls run natively there: -20 to -25% per window of the bundled model at 5 to 85 classes, benchmarks/model_speed.py),
+# float32 on other CPUs (emulated bf16 is slower); CUDA always uses float16 autocast, as nnU-Net does
+PRECISIONS = ("auto", "float32", "bfloat16")
+DEFAULT_PRECISION = "auto"
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX tiles), where bf16 windows are faster than float32."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def window_precision(precision: str, device: torch.device | str) -> str:
+    """The precision `precision` ("auto", "float32" or "bfloat16") means on `device`: "float16" on CUDA."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if torch.device(device).type == "cuda":
+        return "float16"
+    if precision == "auto":
+        return "bfloat16" if cpu_has_native_bfloat16() else "float32"
+    return precision
+
+
+def window_autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The autocast context the windows run under (`precision` as window_precision resolves it)."""
+    device = torch.device(device)
+    resolved = window_precision(precision, device)
+    if resolved == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if resolved == "float16" else torch.bfloat16)
+
 
 def mirror_flips(axes: Sequence[int]) -> list[tuple[int, ...]]:
     """Every combination of the mirroring axes: the flips of mirrored TTA."""
@@ -43,6 +74,8 @@ class Segmenter:
             tokens of its references flipped the same way (TaskEmbedding.mirrored).
         position_prior: False segments from the image alone, ignoring where the references hold each class.
         device: where the networks run; on CUDA the sums stay there too (CPU if they do not fit).
+        precision: how the windows compute on a CPU: "auto", "float32" or "bfloat16" (PRECISIONS); CUDA uses
+            float16 autocast whatever it says.
         progress: a progress bar over the windows.
     """
 
@@ -52,12 +85,14 @@ class Segmenter:
     mirror_axes: tuple[int, ...] = ()
     position_prior: bool = True
     device: torch.device = torch.device("cpu")
+    precision: str = DEFAULT_PRECISION
     progress: bool = False
 
     def __post_init__(self) -> None:
         if not MIN_STEP_SIZE <= self.step_size <= 1:
             raise ValueError(f"step size must be in [{MIN_STEP_SIZE}, 1], got {self.step_size}")
         self.device = torch.device(self.device)
+        window_precision(self.precision, self.device)  # refuses an unknown one here, not at the first window
 
     @property
     def flips(self) -> list[tuple[int, ...]]:
@@ -103,7 +138,7 @@ class Segmenter:
         flipped_tasks = {axes: image_task.flipped(axes) for axes in self.flips}
 
         def forward(window: torch.Tensor, where: tuple[slice, ...]) -> torch.Tensor:
-            prediction = network(window, image_task, check_model=False)
+            prediction = network(window, image_task, check_model=False).float()  # sums of flips in float32
             for axes, flipped_task in flipped_tasks.items():
                 dims = [a + 2 for a in axes]
                 prediction += torch.flip(network(torch.flip(window, dims), flipped_task, check_model=False), dims)
@@ -112,7 +147,7 @@ class Segmenter:
             return prediction.clamp_(-LOGIT_LIMIT, LOGIT_LIMIT)
 
         on_gpu = self.device.type == "cuda"
-        with torch.autocast("cuda") if on_gpu else contextlib.nullcontext():
+        with window_autocast(self.precision, self.device):
             try:
                 logits = sliding_window_logits(image, task.num_classes, self.patch_size, self.step_size, forward,
                                                self.device, self.device if on_gpu else "cpu", self.progress)
@@ -127,8 +162,9 @@ class Segmenter:
         return logits
 
 
-# the prior's term is computed in slabs of at most this many float32 values (K x slab voxels)
-POSITION_CHUNK_VALUES = 2**25
+# the prior's term is computed in slabs of at most this many float32 values (K x slab voxels): small slabs keep the
+# temporaries in cache (85 brain classes over 1.5M voxels on one thread: 2.1 s at 2**21 values, 3.4 s at 2**25)
+POSITION_CHUNK_VALUES = 2**21
 
 
 @torch.inference_mode()

@@ -57,10 +57,12 @@ class Conv3d(nn.Conv3d):
     batch-1 3D convs with C*X*Y <= 20480 fall to the im2col kernel, measured 5-10x slower at 16^3-32^3."""
 
     def forward(self, x: Tensor) -> Tensor:
-        # under torch.compile inductor picks the convolution itself (and cannot trace mkldnn_convolution)
+        # under torch.compile inductor picks the convolution itself (and cannot trace mkldnn_convolution); under
+        # autocast the stock path casts to bfloat16, which PyTorch always sends to oneDNN
         if x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 \
                 and self.padding_mode == "zeros" and torch.backends.mkldnn.is_available() \
-                and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling():
+                and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling() \
+                and not torch.is_autocast_enabled("cpu"):
             return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation,
                                             self.groups)
         return super().forward(x)
