@@ -6,8 +6,9 @@ inference_mode. The nnU-Net networks (dynamic_network_architectures) are timed t
 their Conv3d layers sent to oneDNN like Iris's (PyTorch's own choice sends small batch-1 3D convs to a slow
 kernel), so the ratio compares architectures, not conv backends.
 
-On CPU the Iris query pass is also timed under bfloat16 autocast (iris_predict --precision bfloat16, the default on
-CPUs with AMX tiles): column "bf16/fp32".
+On CPU a window as iris_predict runs it (without the position prior, which it adds once per voxel afterwards) is also
+timed in float32 and under bfloat16 autocast (iris_predict --precision bfloat16, the default on CPUs with AMX tiles):
+column "bf16/fp32".
 
 Run: python benchmarks/model_speed.py [--widths 16,32,64,128,256] [--patch 64,64,64] [--ks 1,4,16]
 The bundled model's windows: --widths 8,16,32,64,128 --patch 32,32,32 --ks 2,5,85
@@ -16,6 +17,7 @@ On a machine shared with other jobs: --threads 1 --clock cpu.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -77,8 +79,11 @@ def bench(device: torch.device, widths: tuple[int, ...], blocks: int, patch: tup
             task = iris.encode_task(ref, masks)
         fns[k, "encode"] = lambda masks=masks: iris.encode_task(ref, masks)
         fns[k, "iris"] = lambda task=task: iris(query, task)
-        if device.type == "cpu":  # the windows of iris_predict --precision bfloat16 (the default on AMX CPUs)
-            fns[k, "iris bf16"] = lambda task=task: _under(window_autocast("bfloat16", device), iris, query, task)
+        if device.type == "cpu":  # a window as iris_predict runs it (the prior added after the windows), in both
+            window_task = dataclasses.replace(task, positions=None)  # precisions (bfloat16: the default on AMX CPUs)
+            fns[k, "window"] = lambda task=window_task: iris(query, task)
+            fns[k, "window bf16"] = lambda task=window_task: _under(window_autocast("bfloat16", device), iris, query,
+                                                                     task)
         for name, net in nnunet_networks(widths, blocks, k + 1).items():
             fns[k, name + " stock"] = lambda net=net.to(device).eval(): net(query)
         if device.type == "cpu":  # separate instances: with_onednn_convs changes the modules' class
@@ -103,7 +108,7 @@ def bench(device: torch.device, widths: tuple[int, ...], blocks: int, patch: tup
     cols = ["K", "encode_task", "Iris query", "vs K=" + str(ks[0]), "PlainConvUNet", "Iris/Plain",
             "ResEncUNet", "Iris/ResEnc", "Plain stock", "ResEnc stock"]
     if device.type == "cpu":
-        cols += ["Iris bf16", "bf16/fp32"]
+        cols += ["window fp32", "window bf16", "bf16/fp32"]
     print(" | ".join(cols) + "\n" + "-" * (sum(map(len, cols)) + 3 * len(cols)))
     t1 = rows[0][1]["iris"]
     for k, b in rows:
@@ -111,8 +116,8 @@ def bench(device: torch.device, widths: tuple[int, ...], blocks: int, patch: tup
                 f"{b['PlainConvUNet']:.3f}", f"{b['iris'] / b['PlainConvUNet']:.2f}x",
                 f"{b['ResEncUNet']:.3f}", f"{b['iris'] / b['ResEncUNet']:.2f}x",
                 f"{b['PlainConvUNet stock']:.3f}", f"{b['ResEncUNet stock']:.3f}"]
-        if "iris bf16" in b:
-            vals += [f"{b['iris bf16']:.3f}", f"{b['iris bf16'] / b['iris']:.2f}x"]
+        if "window bf16" in b:
+            vals += [f"{b['window']:.3f}", f"{b['window bf16']:.3f}", f"{b['window bf16'] / b['window']:.2f}x"]
         print(" | ".join(v.rjust(len(c)) for v, c in zip(vals, cols)))
 
 
@@ -134,7 +139,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     for name, widths in (("GPU config", args.gpu_widths), ("CPU config", args.widths)):
-        kw = dict(features_per_stage=widths, blocks_per_stage=args.blocks)
+        # position_grid given: count_parameters reads plans, where an absent one means none (plans before the prior)
+        kw = dict(features_per_stage=widths, blocks_per_stage=args.blocks, position_grid=IrisNetwork(1).position_grid)
         n = sum(p.numel() for p in IrisNetwork(1, **kw).parameters())
         assert n == count_parameters(kw, 1)
         print(f"{name}: widths {widths}, {args.blocks} blocks/stage: {n:,} parameters ({n / 1e6:.2f} M)")

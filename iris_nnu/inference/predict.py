@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "means on (default: %(default)s)")
     p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                    help="how the network computes the windows on a CPU: auto = bfloat16 on a CPU with AMX tiles "
-                        "(Intel Xeon 4th generation and later: about 20%% less time per window, Dice within 0.001 of "
+                        "(Intel Xeon 4th generation and later: 13-18%% less time per window, Dice within 0.002 of "
                         "float32 on the four members; see the README's Results), float32 elsewhere. CUDA always uses "
                         "float16 autocast, as nnU-Net does (default: %(default)s)")
     p.add_argument("--postprocess", choices=("none", "largest_component"), default="none",
