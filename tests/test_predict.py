@@ -16,6 +16,7 @@ from synthetic import blob_volume, write_volume
 
 from iris_nnu.errors import IrisInputError
 from iris_nnu.inference import IrisPredictor, parse_reference, select_references, write_model_folder
+from iris_nnu.inference import segmenter
 from iris_nnu.inference.export import Winner, keep_largest_components, threshold_logits
 from iris_nnu.inference.images import find_queries, label_to_sitk
 from iris_nnu.inference.plans import inference_plans, modality_of
@@ -235,6 +236,24 @@ def test_ensemble_of_two_identical_references_equals_oneshot(world, tmp_path):
                                   read(tmp_path / "two" / "caseA.nii.gz")[0])
     np.testing.assert_array_equal(np.load(tmp_path / "one" / "caseA.npz")["probabilities"],
                                   np.load(tmp_path / "two" / "caseA.npz")["probabilities"])
+
+
+def test_precision_picks_the_windows_arithmetic_and_auto_says_which(world, tmp_path, capsys, monkeypatch):
+    """auto is bfloat16 where the CPU has AMX (here pretended, so the test runs on any CPU) and says so; the explicit
+    choices are what they say."""
+    monkeypatch.setattr(segmenter, "cpu_has_native_bfloat16", lambda: True)
+    query = str(world["queries"] / "caseA_0000.nii.gz")
+    maps = {}
+    for precision in ("auto", "bfloat16", "float32"):
+        capsys.readouterr()
+        run(world, "-i", query, "-o", str(tmp_path / precision), "-r", world["ref"][0], "--save_probabilities",
+            "--threshold", "0.5", "-step_size", "0.5", "--precision", precision)
+        said = "windows in bfloat16" in capsys.readouterr().out
+        assert said == (precision == "auto"), precision
+        maps[precision] = np.load(tmp_path / precision / "caseA.npz")["probabilities"].astype(np.float32)
+    np.testing.assert_array_equal(maps["auto"], maps["bfloat16"])
+    assert not np.array_equal(maps["bfloat16"], maps["float32"])
+    assert np.abs(maps["bfloat16"] - maps["float32"]).mean() < 0.01
 
 
 def test_no_position_prior_segments_from_the_image_alone(world, tmp_path, predictor):
@@ -785,7 +804,7 @@ def test_help_explains_every_flag(capsys):
     for flag in ("-i", "-o", "-r", "--task", "-m", "-f", "-chk", "--classes", "--strategy", "--save_task",
                  "--tta", "--disable_tta", "-step_size", "-device", "--save_probabilities", "--modality", "--tune_steps",
                  "--tune_lr", "--retrieval_top_k", "--classes_per_pass", "-num_parts", "-part_id", "-npp", "-nps",
-                 "--continue_prediction", "--overwrite", "--postprocess"):
+                 "--continue_prediction", "--overwrite", "--postprocess", "--precision"):
         assert f"  {flag} " in out or f"  {flag}\n" in out, flag
 
 

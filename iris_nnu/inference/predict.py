@@ -23,7 +23,7 @@ from iris_nnu.inference.alignment import PRIOR_ALIGNMENTS
 from iris_nnu.inference.predictor import DEFAULT_PRIOR_ALIGNMENT, IrisPredictor
 from iris_nnu.inference.references import ReferenceCase, parse_reference
 from iris_nnu.inference.runner import failure_line
-from iris_nnu.inference.segmenter import DEFAULT_PRECISION, MIN_STEP_SIZE, PRECISIONS
+from iris_nnu.inference.segmenter import DEFAULT_PRECISION, MIN_STEP_SIZE, PRECISIONS, window_precision
 from iris_nnu.inference.strategies import (AUTO_FUSION, AUTO_STEP, AUTO_THRESHOLD, DEFAULT_STEP_SIZE,
                                           DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, DENSE_STEP_SIZE, FUSION_SETTINGS,
                                           STEP_MARGIN, STRATEGIES, run_fusion, run_threshold, set_fusion,
@@ -394,6 +394,8 @@ def run_prediction(args: argparse.Namespace) -> int:
         report("warning: the model was trained without mirroring (no mirror axes in its checkpoint): --tta ignored")
     if args.modality == "other" and trained_on_ct_only(predictor.joint_plans):
         report("warning: the model was trained on CT only; pass --modality CT for CT scans")
+    if args.precision == "auto" and window_precision(args.precision, device) == "bfloat16":
+        print(f"{PROGRAM}: windows in bfloat16 (this CPU multiplies it in hardware; --precision float32 to compare)")
     queries, problems = find_queries(args.i, predictor.num_channels) if args.i else ([], [])
     queries = sorted(queries, key=lambda q: q.name)[args.part_id::args.num_parts]
     pending = queries
