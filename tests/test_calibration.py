@@ -13,8 +13,9 @@ from iris_nnu.inference import IrisPredictor, parse_reference
 from iris_nnu.inference.predict import main
 from iris_nnu.inference import segmenter, strategies
 from iris_nnu.inference.strategies import (AUTO_STEP, AUTO_THRESHOLD, CALIBRATION_THRESHOLDS, DEFAULT_STEP_SIZE,
-                                          DENSE_STEP_SIZE, STEP_MARGIN, ThresholdCalibration, best_threshold,
-                                          calibrated_threshold, calibrated_window, run_threshold, set_fusion)
+                                          DENSE_STEP_SIZE, RAISE_MARGIN, STEP_MARGIN, ThresholdCalibration,
+                                          best_threshold, calibrated_threshold, calibrated_window, run_threshold,
+                                          set_fusion)
 from iris_nnu.model import TaskEmbedding
 
 DEMO = Path(__file__).resolve().parents[1] / "iris_nnu" / "demo_data" / "Dataset001_Hippocampus"
@@ -77,6 +78,33 @@ def test_each_class_gets_its_own_threshold(monkeypatch):
     assert _dice(predictor.predict_case([QUERY], task).segmentation) > at_single + 0.01  # 0.862 against 0.840
     threshold, line = run_threshold(predictor, AUTO_THRESHOLD, task, references)
     assert threshold == calibration.threshold and "decision threshold per class" in line, line
+
+
+def test_a_threshold_above_one_half_needs_a_margin_one_below_does_not():
+    near, far = RAISE_MARGIN / 2, RAISE_MARGIN * 2
+    assert best_threshold({0.9: 0.7 + near, 0.5: 0.7, 0.3: 0.6}) == 0.5
+    assert best_threshold({0.9: 0.7 + far, 0.5: 0.7, 0.3: 0.6}) == 0.9
+    assert best_threshold({0.9: 0.6, 0.5: 0.7, 0.3: 0.7 + near / 10}) == 0.3
+    assert best_threshold({0.5: 0.7, 0.4: 0.7}) == 0.5  # a tie: the higher
+    assert best_threshold({0.9: 0.7}) == 0.9  # nothing at or below 0.5 to compare with
+
+
+def test_a_model_that_spreads_its_classes_gets_thresholds_above_one_half():
+    """The other way (abdominal kidneys: twice their volume at 0.5): the bundled model with its logits shifted up
+    (every class spread beyond its edges at 0.5); its references choose thresholds above 0.5 and the query gains."""
+    predictor = IrisPredictor()
+    predictor.initialize_from_model_folder(None)
+    with torch.no_grad():
+        predictor.network.logit_bias += 6.0
+    references = parse_reference(REFERENCE, 1)
+    task = predictor.encode_references(references).pool.mean()
+    calibration = calibrated_threshold(predictor, references, task)
+    assert max(calibration.threshold.values()) >= 0.9, calibration.threshold  # measured {1: 0.99, 2: 0.5}
+    predictor.decision_threshold = 0.5
+    at_half = _dice(predictor.predict_case([QUERY], task).segmentation)
+    predictor.decision_threshold = calibration.threshold
+    calibrated = _dice(predictor.predict_case([QUERY], task).segmentation)
+    assert calibrated > at_half + 0.03, (calibrated, at_half)  # measured 0.855 against 0.814
 
 
 def test_threshold_option(tmp_path, capsys):

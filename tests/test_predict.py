@@ -147,7 +147,7 @@ def test_classes_subset_and_probabilities(world, tmp_path, predictor):
     out = tmp_path / "out"
     query = world["queries"] / "caseA_0000.nii.gz"
     run(world, "-i", str(query), "-o", str(out), "-r", world["ref"][0], "--classes", "2035", "17",
-        "--save_probabilities")
+        "--save_probabilities", "--threshold", "0.5")
     seg, _ = read(out / "caseA.nii.gz")
     assert set(np.unique(seg).tolist()) <= {0, 17, 2035}
     npz = np.load(out / "caseA.npz")
@@ -391,7 +391,8 @@ def test_array_and_simpleitk_api_give_the_file_output(world, tmp_path, predictor
     """nnU-Net's in-memory entry points, with the task: exactly what iris_predict writes."""
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-    run(world, "-i", str(world["queries"]), "-o", str(tmp_path / "cli"), "-r", world["ref"][0])
+    # at the API's threshold (0.5; iris_predict's default calibrates one per class on the references)
+    run(world, "-i", str(world["queries"]), "-o", str(tmp_path / "cli"), "-r", world["ref"][0], "--threshold", "0.5")
     task = predictor.encode_references(parse_reference(world["ref"][0], 1)).pool
     expected, _ = read(tmp_path / "cli" / "scanB.mha")
     assert (expected > 0).sum() > 100

@@ -25,8 +25,9 @@ LOGIT_LIMIT = 16.0
 MIN_STEP_SIZE = 0.2
 
 # how the windows' networks compute: "auto" is bfloat16 on a CPU with AMX tiles (oneDNN's bf16 convolutions and
-# matmuls run natively there: -13 to -18% per window of the bundled model at 5 to 85 classes, benchmarks/model_speed.py),
-# float32 on other CPUs (emulated bf16 is slower); CUDA always uses float16 autocast, as nnU-Net does
+# matmuls run natively there: -13 to -18% per window of the bundled model at 5 to 85 classes,
+# benchmarks/model_speed.py), float32 on other CPUs (emulated bf16 is slower); CUDA always uses float16 autocast, as
+# nnU-Net does
 PRECISIONS = ("auto", "float32", "bfloat16")
 DEFAULT_PRECISION = "auto"
 
