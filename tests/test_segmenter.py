@@ -139,6 +139,7 @@ def test_precision_auto_is_bfloat16_only_where_the_cpu_multiplies_it_natively(mo
     assert window_precision("auto", "cpu") == "float32"
     assert window_precision("bfloat16", "cpu") == "bfloat16"  # asked for: used, even where emulated
     assert window_precision("float32", "cuda") == "float16"  # CUDA: nnU-Net's float16 autocast, whatever is asked
+    assert window_precision("bfloat16", "mps") == "float32"  # other devices: no autocast, as before
     with pytest.raises(ValueError, match="precision must be one of"):
         Segmenter([], PATCH, precision="half")
 

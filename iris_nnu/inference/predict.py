@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the network computes the windows on a CPU: auto = bfloat16 on a CPU with AMX tiles "
                         "(Intel Xeon 4th generation and later: 13-18%% less time per window, Dice within 0.002 of "
                         "float32 on the four members; see the README's Results), float32 elsewhere. CUDA always uses "
-                        "float16 autocast, as nnU-Net does (default: %(default)s)")
+                        "float16 autocast, as nnU-Net does, and MPS float32 (default: %(default)s)")
     p.add_argument("--postprocess", choices=("none", "largest_component"), default="none",
                    help="largest_component: keep only each class's largest connected component in the written "
                         "segmentation (the authors' later code does; --save_probabilities maps stay as predicted)")

@@ -38,11 +38,13 @@ def cpu_has_native_bfloat16() -> bool:
 
 
 def window_precision(precision: str, device: torch.device | str) -> str:
-    """The precision `precision` ("auto", "float32" or "bfloat16") means on `device`: "float16" on CUDA."""
+    """The precision `precision` ("auto", "float32" or "bfloat16") means on `device`: on a CPU as asked ("auto"
+    resolved), "float16" on CUDA, "float32" on other devices (MPS)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if torch.device(device).type == "cuda":
-        return "float16"
+    kind = torch.device(device).type
+    if kind != "cpu":
+        return "float16" if kind == "cuda" else "float32"
     if precision == "auto":
         return "bfloat16" if cpu_has_native_bfloat16() else "float32"
     return precision
