@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from iris_nnu.model import IrisNetwork, count_parameters  # noqa: E402
+from iris_nnu.model import IrisArchitecture, IrisNetwork, count_parameters  # noqa: E402
 from iris_nnu.inference.segmenter import window_autocast  # noqa: E402
 from iris_nnu.model.ops import Conv3d  # noqa: E402
 
@@ -140,7 +140,7 @@ def main() -> None:
 
     for name, widths in (("GPU config", args.gpu_widths), ("CPU config", args.widths)):
         # position_grid given: count_parameters reads plans, where an absent one means none (plans before the prior)
-        kw = dict(features_per_stage=widths, blocks_per_stage=args.blocks, position_grid=IrisNetwork(1).position_grid)
+        kw = dict(features_per_stage=widths, blocks_per_stage=args.blocks, position_grid=IrisArchitecture.position_grid)
         n = sum(p.numel() for p in IrisNetwork(1, **kw).parameters())
         assert n == count_parameters(kw, 1)
         print(f"{name}: widths {widths}, {args.blocks} blocks/stage: {n:,} parameters ({n / 1e6:.2f} M)")
