@@ -81,9 +81,12 @@ def bench(device: torch.device, widths: tuple[int, ...], blocks: int, patch: tup
         fns[k, "iris"] = lambda task=task: iris(query, task)
         if device.type == "cpu":  # a window as iris_predict runs it (the prior added after the windows), in both
             window_task = dataclasses.replace(task, positions=None)  # precisions (bfloat16: the default on AMX CPUs)
-            fns[k, "window"] = lambda task=window_task: iris(query, task)
-            fns[k, "window bf16"] = lambda task=window_task: _under(window_autocast("bfloat16", device), iris, query,
-                                                                     task)
+            with torch.inference_mode():  # the task-only first step, once per query
+                attended = iris.attended_task_tokens(window_task)
+                attended_bf16 = _under(window_autocast("bfloat16", device), iris.attended_task_tokens, window_task)
+            fns[k, "window"] = lambda task=window_task, a=attended: iris(query, task, attended_tokens=a)
+            fns[k, "window bf16"] = lambda task=window_task, a=attended_bf16: _under(
+                window_autocast("bfloat16", device), lambda: iris(query, task, attended_tokens=a))
         for name, net in nnunet_networks(widths, blocks, k + 1).items():
             fns[k, name + " stock"] = lambda net=net.to(device).eval(): net(query)
         if device.type == "cpu":  # separate instances: with_onednn_convs changes the modules' class

@@ -237,6 +237,21 @@ def test_task_batch_broadcasts_over_queries(net):
             net(query[:2], TaskEmbedding.concatenate([task] * 3))
 
 
+def test_task_tokens_attended_once_give_every_query_the_same_logits(net):
+    """A sliding window computes the task-only first step of the decoding once per query, not per window."""
+    image, masks = make_pair(3)
+    with torch.no_grad():
+        task = net.encode_task(image, masks)
+        attended = net.attended_task_tokens(task)
+        query = torch.randn(1, 1, *PATCH)
+        assert torch.equal(net(query, task, attended_tokens=attended), net(query, task))
+        queries = torch.randn(2, 1, *PATCH)
+        torch.testing.assert_close(net(queries, task, attended_tokens=attended), net(queries, task))
+        assert not torch.equal(net(query, task, attended_tokens=attended + 1), net(query, task))  # they are used
+        with pytest.raises(TaskMismatchError, match="attended"):
+            net(query, task.select([1, 2]), attended_tokens=attended)
+
+
 def test_foreground_token_is_full_resolution_masked_average():
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(2, 5, 4, 2, 8, generator=g)

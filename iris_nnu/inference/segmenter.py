@@ -139,18 +139,24 @@ class Segmenter:
         # every window and flip that holds it), so it is added once per voxel afterwards, not once per window
         image_task = dataclasses.replace(task, positions=None)
         flipped_tasks = {axes: image_task.flipped(axes) for axes in self.flips}
+        attended: dict[tuple[int, ...], torch.Tensor] = {}  # per flip (() none): computed once, not per window
 
         def forward(window: torch.Tensor, where: tuple[slice, ...]) -> torch.Tensor:
-            prediction = network(window, image_task, check_model=False).float()  # sums of flips in float32
+            prediction = network(window, image_task, check_model=False,
+                                 attended_tokens=attended[()]).float()  # sums of flips in float32
             for axes, flipped_task in flipped_tasks.items():
                 dims = [a + 2 for a in axes]
-                prediction += torch.flip(network(torch.flip(window, dims), flipped_task, check_model=False), dims)
+                prediction += torch.flip(network(torch.flip(window, dims), flipped_task, check_model=False,
+                                                 attended_tokens=attended[axes]), dims)
             if flipped_tasks:
                 prediction /= len(flipped_tasks) + 1
             return prediction.clamp_(-LOGIT_LIMIT, LOGIT_LIMIT)
 
         on_gpu = self.device.type == "cuda"
         with window_autocast(self.precision, self.device):
+            with torch.no_grad():  # in the windows' precision, so that the windows' logits do not change
+                attended.update({axes: network.attended_task_tokens(t)
+                                 for axes, t in {(): image_task, **flipped_tasks}.items()})
             try:
                 logits = sliding_window_logits(image, task.num_classes, self.patch_size, self.step_size, forward,
                                                self.device, self.device if on_gpu else "cpu", self.progress)
