@@ -12,7 +12,9 @@ from the model's training cases of each dataset, i.e. imagesTr minus the held-ou
   box alignment     reference #1's label carried over by mapping the scans' non-zero boxes onto each other
   iris oneshot no position prior   as oneshot, from the image alone (iris_predict --no_position_prior)
   iris oneshot calibrated   as oneshot, each class's decision threshold the reference's own segmentation scores
-                            best at (iris_predict's default, --threshold auto; its time is part of "encode s")
+                            best at (iris_predict's default, --threshold auto; its time is part of "encode s"), and
+                            the largest component alone of the classes it scores better (--postprocess auto)
+  iris oneshot calibrated, whole classes   as oneshot calibrated, every component kept (--postprocess none)
   iris oneshot calibrated, one threshold   as oneshot calibrated, one threshold for all classes (as before 2026-12)
   iris tune calibrated      as tune, then the threshold calibrated with the tuned task (--strategy tune)
   iris oneshot fused with registration   as oneshot, each class's probability averaged with reference #1's label
@@ -218,7 +220,9 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                                                default),
             "iris oneshot no position prior": ("oneshot-no-position", "oneshot", 1, None, False, False, False, default),
             "iris oneshot mirrored TTA": ("oneshot-tta", "oneshot", 1, None, False, True, True, default),
-            "iris oneshot calibrated": ("oneshot-calibrated", "oneshot", 1, None, False, True, False, default),
+            "iris oneshot calibrated": ("oneshot-calibrated", "oneshot", 1, None, "auto", True, False, default),
+            "iris oneshot calibrated, whole classes": ("oneshot-calibrated-whole", "oneshot", 1, None, False, True,
+                                                       False, default),
             "iris oneshot calibrated, one threshold": ("oneshot-calibrated-single", "oneshot", 1, None, False, True,
                                                        False, default),
             f"iris ensemble-{n}": ("ensemble", "ensemble", n, None, False, True, False, default),
@@ -227,7 +231,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             "iris tune": ("tune", "tune", 1, None, False, True, False, default),
             "iris tune calibrated": ("tune-calibrated", "tune", 1, None, False, True, False, default),
             "iris oneshot fused with registration": ("oneshot-fused", "oneshot", 1, None, False, True, False, default),
-            "iris oneshot, fusion auto": ("oneshot-auto", "oneshot", 1, None, False, True, False, default)}
+            "iris oneshot, fusion auto": ("oneshot-auto", "oneshot", 1, None, "auto", True, False, default)}
     for name, (option, strategy, k, per_pass, largest_component, position, tta, alignment) in iris.items():
         if option in args.methods:
             start = time.perf_counter()  # mirrors iris_predict: encode, task for the strategy, pool for retrieval
@@ -247,8 +251,13 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
                     window = calibrated_window(predictor, cases[:k], task, per_class=per_class)
                     threshold, step, steps = window.threshold, window.step, window.dice
                     calibration, own = steps[step], {s: c.own for s, c in window.calibrations.items()}
+                    components = window.calibrations[step].largest_component
                 else:
-                    threshold, calibration, own = calibrated_threshold(predictor, cases[:k], task, per_class=per_class)
+                    threshold, calibration, own, components = calibrated_threshold(predictor, cases[:k], task,
+                                                                                   per_class=per_class)
+                if largest_component == "auto":  # iris_predict --postprocess auto: as the references say
+                    largest_component = components
+            largest_component = () if largest_component == "auto" else largest_component  # not calibrated: none
             methods[name] = {"encode_s": time.perf_counter() - start, "tune_losses": losses, "lost": encoded.lost,
                              "threshold": threshold, "reference_dice_by_threshold": calibration, "step_size": step,
                              "reference_dice_by_step": steps, "reference_dice_as_calibrated": own,
@@ -391,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["oneshot", "ensemble", "retrieval", "tune", "registration",
                                                     "multi-atlas"],
                    choices=["oneshot", "oneshot-frames", "oneshot-affine", "oneshot-1-per-pass", "oneshot-8-per-pass", "oneshot-largest-component",
-                            "oneshot-no-position", "oneshot-tta", "oneshot-calibrated", "oneshot-calibrated-single", "oneshot-fused", "oneshot-auto", "ensemble", "ensemble-frames", "retrieval", "tune",
+                            "oneshot-no-position", "oneshot-tta", "oneshot-calibrated", "oneshot-calibrated-whole", "oneshot-calibrated-single", "oneshot-fused", "oneshot-auto", "ensemble", "ensemble-frames", "retrieval", "tune",
                             "tune-calibrated",
                             "registration", "ants-syn",
                             "multi-atlas", "box-alignment"],
@@ -404,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no_position_prior); oneshot-tta: oneshot with mirrored test-time augmentation (iris_predict "
                         "--tta: 8 flips of query and reference together); oneshot-calibrated: oneshot with the decision "
                         "thresholds calibrated on the reference, one per class (iris_predict --threshold auto), "
-                        "oneshot-calibrated-single: one threshold for all classes, tune-calibrated likewise after tune; oneshot-fused: oneshot averaged with reference #1's label registered onto the query (iris_predict --registration_fusion on, at 0.5); oneshot-auto: the network alone, fused or the registration alone as reference #2 segmented from #1 decides, a query registered less alike than 0.8 of #2 by the network alone (--registration_fusion auto); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
+                        "oneshot-calibrated-whole: oneshot-calibrated without the largest components the references pick (iris_predict --postprocess none); oneshot-calibrated-single: one threshold for all classes, tune-calibrated likewise after tune; oneshot-fused: oneshot averaged with reference #1's label registered onto the query (iris_predict --registration_fusion on, at 0.5); oneshot-auto: the network alone, fused or the registration alone as reference #2 segmented from #1 decides, a query registered less alike than 0.8 of #2 by the network alone (--registration_fusion auto); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
                         "box-alignment: reference #1's label carried over by aligning the scans' non-zero boxes "
                         "(what the position prior alone knows)")
     p.add_argument("--seed", type=int, default=0, help="picks the references; seeds the registration sampling")

@@ -11,7 +11,7 @@ from conftest import cli_error
 
 from iris_nnu.inference import IrisPredictor, parse_reference
 from iris_nnu.inference.predict import main
-from iris_nnu.inference import segmenter, strategies
+from iris_nnu.inference import predictor as predictor_module, segmenter, strategies
 from iris_nnu.inference.strategies import (AUTO_STEP, AUTO_THRESHOLD, CALIBRATION_THRESHOLDS, DEFAULT_STEP_SIZE,
                                           DENSE_STEP_SIZE, RAISE_MARGIN, STEP_MARGIN, ThresholdCalibration,
                                           best_threshold, calibrated_threshold, calibrated_window, run_threshold,
@@ -211,3 +211,68 @@ def test_step_size_option(tmp_path, capsys, monkeypatch):
     line = cli_error(capsys, main, "iris_predict", ["-i", str(tmp_path / "q"), "-o", str(tmp_path / "o3"), "-r",
                                                     REFERENCE, "-step_size", "dense"])
     assert "-step_size must be in" in line and "dense" in line
+
+
+def test_the_largest_component_is_kept_where_the_references_gain():
+    """nnU-Net's rule on the references: a class segmented with a stray island gains from its largest component
+    alone; one whose label comes in two pieces, segmented whole, loses; one in one piece neither gains nor loses."""
+    truth = np.zeros((20, 20, 20), dtype=np.uint8)
+    truth[2:8, 2:8, 2:8] = 1
+    truth[12:16, 2:6, 2:6] = 2  # class 2 in two pieces
+    truth[12:16, 12:16, 2:6] = 2
+    truth[2:6, 12:18, 12:18] = 3
+    values = truth.copy()
+    values[14:17, 14:17, 14:17] = 1  # a stray island of class 1
+    scores = np.full(truth.shape, 5.0, dtype=np.float32)  # every class well above the threshold
+    assert strategies.components_that_help([(values, scores, truth)], 0.5, [1, 2, 3]) == (1,)
+    scores[14:17, 14:17, 14:17] = -1.0  # the island below the threshold: nothing to remove
+    assert strategies.components_that_help([(values, scores, truth)], 0.5, [1, 2, 3]) == ()
+    # per class thresholds: class 1's at 0.2 (logit -1.39) keeps the island again
+    assert strategies.components_that_help([(values, scores, truth)], {1: 0.2, 2: 0.5, 3: 0.5}, [1, 2, 3]) == (1,)
+    # over several references their mean decides (the second neither gains nor loses)
+    whole = values.copy()
+    whole[14:17, 14:17, 14:17] = 0
+    assert strategies.components_that_help([(values, np.full_like(scores, 5.0), truth), (whole, scores, truth)], 0.5,
+                                           [1, 2, 3]) == (1,)
+
+
+def test_postprocess_auto_keeps_what_the_references_chose_and_a_task_file_records_it(tmp_path, capsys, monkeypatch):
+    """--postprocess auto (the default): the classes the calibration picks keep their largest component alone, the
+    line says so, a task file records them and a run from it keeps them; none and largest_component as given."""
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "hippocampus_026_0000.nii.gz").symlink_to(QUERY)
+    calibrated = strategies.calibrated_threshold
+    monkeypatch.setattr(strategies, "calibrated_threshold",
+                        lambda *args, **kwargs: calibrated(*args, **kwargs)._replace(largest_component=(2,)))
+    kept = []
+    keep = predictor_module.keep_largest_components
+    monkeypatch.setattr(predictor_module, "keep_largest_components",
+                        lambda segmentation, values: kept.append(list(values)) or keep(segmentation, values))
+    assert main(["-i", str(tmp_path / "q"), "-o", str(tmp_path / "out"), "-r", REFERENCE]) == 0
+    assert "the largest connected component alone of 1 of 2 classes (2): the references score better so" \
+        in capsys.readouterr().out
+    assert kept == [[2]]
+    task = tmp_path / "task.pt"
+    assert main(["-r", REFERENCE, "--save_task", str(task)]) == 0 and TaskEmbedding.load(task).largest_component == (2,)
+    capsys.readouterr()
+    assert main(["-i", str(tmp_path / "q"), "-o", str(tmp_path / "o1"), "--task", str(task)]) == 0
+    assert "(2): as the task file records" in capsys.readouterr().out and kept[-1] == [2]
+    assert main(["-i", str(tmp_path / "q"), "-o", str(tmp_path / "o2"), "--task", str(task),
+                 "--postprocess", "none"]) == 0
+    assert len(kept) == 2  # none: nothing kept
+    assert main(["-i", str(tmp_path / "q"), "-o", str(tmp_path / "o3"), "-r", REFERENCE,
+                 "--postprocess", "largest_component"]) == 0
+    assert kept[-1] == [1, 2]
+    # a threshold and a step given: the references are segmented once more to decide
+    assert main(["-i", str(tmp_path / "q"), "-o", str(tmp_path / "o4"), "-r", REFERENCE, "--threshold", "0.4",
+                 "-step_size", "0.5"]) == 0
+    assert kept[-1] == [2] and "the references score better so" in capsys.readouterr().out
+    # fused per class: only the network's classes, whose references showed it, keep their largest component alone
+    predictor = IrisPredictor()
+    predictor.initialize_from_model_folder(None)
+    references = parse_reference(REFERENCE, 1)
+    task = predictor.encode_references(references).pool.mean()
+    for fusion, expected in (({1: "on", 2: "off"}, (2,)), ({1: "off", 2: "on"}, ()), ("on", ())):
+        set_fusion(predictor, fusion)
+        run_threshold(predictor, AUTO_THRESHOLD, task, references, AUTO_STEP, strategies.AUTO_POSTPROCESS)
+        assert predictor.largest_component == expected, fusion

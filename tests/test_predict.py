@@ -147,7 +147,7 @@ def test_classes_subset_and_probabilities(world, tmp_path, predictor):
     out = tmp_path / "out"
     query = world["queries"] / "caseA_0000.nii.gz"
     run(world, "-i", str(query), "-o", str(out), "-r", world["ref"][0], "--classes", "2035", "17",
-        "--save_probabilities", "--threshold", "0.5")
+        "--save_probabilities", "--threshold", "0.5", "--postprocess", "none")  # the labels as the maps say
     seg, _ = read(out / "caseA.nii.gz")
     assert set(np.unique(seg).tolist()) <= {0, 17, 2035}
     npz = np.load(out / "caseA.npz")
@@ -391,8 +391,10 @@ def test_array_and_simpleitk_api_give_the_file_output(world, tmp_path, predictor
     """nnU-Net's in-memory entry points, with the task: exactly what iris_predict writes."""
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-    # at the API's threshold (0.5; iris_predict's default calibrates one per class on the references)
-    run(world, "-i", str(world["queries"]), "-o", str(tmp_path / "cli"), "-r", world["ref"][0], "--threshold", "0.5")
+    # at the API's threshold (0.5; iris_predict's default calibrates one per class on the references) and every
+    # component kept (the API's default; iris_predict's keeps the largest of the classes whose references gain)
+    run(world, "-i", str(world["queries"]), "-o", str(tmp_path / "cli"), "-r", world["ref"][0], "--threshold", "0.5",
+        "--postprocess", "none")
     task = predictor.encode_references(parse_reference(world["ref"][0], 1)).pool
     expected, _ = read(tmp_path / "cli" / "scanB.mha")
     assert (expected > 0).sum() > 100
@@ -430,7 +432,7 @@ def test_keep_largest_components_per_class():
 
 def test_postprocess_largest_component_end_to_end(world, tmp_path):
     plain, kept = tmp_path / "plain", tmp_path / "kept"
-    for out, extra in ((plain, []), (kept, ["--postprocess", "largest_component"])):
+    for out, extra in ((plain, ["--postprocess", "none"]), (kept, ["--postprocess", "largest_component"])):
         run(world, "-i", str(world["queries"]), "-o", str(out), "-r", world["ref"][0], *extra)
     removed = 0
     for name in ("caseA.nii.gz", "scanB.mha"):
@@ -693,7 +695,8 @@ def test_fold_ensemble_is_the_mean_of_the_folds_probabilities(world, tmp_path, c
     for folds in (["0"], ["1"], ["0", "1"], ["all"]):
         out = tmp_path / "_".join(folds)
         main(["-m", str(model), "-i", str(query), "-o", str(out), "-r", *world["ref"][:2], "--disable_tta",
-              "-f", *folds, "--save_probabilities", "--threshold", "0.5"])  # the labels checked at 0.5 below
+              "-f", *folds, "--save_probabilities", "--threshold", "0.5",  # the labels checked at 0.5 below
+              "--postprocess", "none"])
         maps[" ".join(folds)] = np.load(out / "one.npz")["probabilities"].astype(np.float32), read(out / "one.nii.gz")[0]
     assert "by each of 2 folds" in capsys.readouterr().out
     (p0, s0), (p1, s1), (both, seg) = maps["0"], maps["1"], maps["0 1"]

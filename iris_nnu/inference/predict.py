@@ -26,8 +26,9 @@ from iris_nnu.inference.runner import failure_line
 from iris_nnu.inference.segmenter import DEFAULT_PRECISION, MIN_STEP_SIZE, PRECISIONS, window_precision
 from iris_nnu.inference.strategies import (AUTO_FUSION, AUTO_STEP, AUTO_THRESHOLD, DEFAULT_STEP_SIZE,
                                           DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, DENSE_STEP_SIZE, FUSION_SETTINGS,
-                                          STEP_MARGIN, STRATEGIES, run_fusion, run_threshold, set_fusion,
-                                          task_file_threshold, with_calibration)
+                                          POSTPROCESS_SETTINGS, STEP_MARGIN, STRATEGIES, AUTO_POSTPROCESS,
+                                          run_fusion, run_threshold, set_fusion, task_file_threshold,
+                                          with_calibration)
 from iris_nnu.io.model_folder import DEFAULT_CHECKPOINT, DEFAULT_MODEL_FOLDER, model_folder_folds
 from iris_nnu.model.task import FORMAT_VERSION as TASK_FORMAT
 
@@ -196,9 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Intel Xeon 4th generation and later: 13-18%% less time per window, Dice within 0.002 of "
                         "float32 on the four members; see the README's Results), float32 elsewhere. CUDA always uses "
                         "float16 autocast, as nnU-Net does, and MPS float32 (default: %(default)s)")
-    p.add_argument("--postprocess", choices=("none", "largest_component"), default="none",
-                   help="largest_component: keep only each class's largest connected component in the written "
-                        "segmentation (the authors' later code does; --save_probabilities maps stay as predicted)")
+    p.add_argument("--postprocess", choices=POSTPROCESS_SETTINGS, default=AUTO_POSTPROCESS,
+                   help="auto: keep only the largest connected component of the classes whose references, segmented "
+                        "as the queries are, score better so (nnU-Net's rule, decided there on cross-validation; the "
+                        "abdominal kidneys gain, a structure in pieces does not; a task file records the choice; none "
+                        "for the classes a run fuses with registration); largest_component: of every class (the "
+                        "authors' later code does); none: keep every component. --save_probabilities maps stay as "
+                        "predicted (default: %(default)s)")
     return p
 
 
@@ -444,7 +449,8 @@ def run_prediction(args: argparse.Namespace) -> int:
     if losses:
         print(f"{PROGRAM}: tuned the task embedding for {args.tune_steps} steps: reference loss "
               f"{losses[0]:.4f} -> {losses[-1]:.4f}")
-    predictor.decision_threshold, line = run_threshold(predictor, args.threshold, task, cases, args.step_size)
+    predictor.decision_threshold, line = run_threshold(predictor, args.threshold, task, cases, args.step_size,
+                                                       args.postprocess)
     if line:
         print(f"{PROGRAM}: {line}")
     names = structure_names(args, pool)
@@ -452,7 +458,8 @@ def run_prediction(args: argparse.Namespace) -> int:
         threshold, line = task_file_threshold(predictor, args.threshold, task, cases)
         if line:
             print(f"{PROGRAM}: {line}")
-        saved = with_calibration(task if args.strategy == "tune" else pool, threshold, predictor.tile_step_size)
+        saved = with_calibration(task if args.strategy == "tune" else pool, threshold, predictor.tile_step_size,
+                                 predictor.largest_component)
         dataclasses.replace(saved, names=names or None).save(args.save_task)
         print(f"{PROGRAM}: task written to {args.save_task}")
     if args.i is None:

@@ -22,7 +22,7 @@ import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -226,7 +226,9 @@ class IrisPredictor:
         modality: "CT" or "other": how queries are checked (input_warnings) when the plans do not say.
         classes_per_pass: classes decoded in one pass (None: as many as `map_memory_gb` allows).
         map_memory_gb: memory for the class maps of one pass and the export chunks.
-        largest_component: keep each class's largest connected component in the output.
+        largest_component: keep each class's largest connected component in the output (True), or only these class
+            values' (strategies.run_threshold picks the run's with --postprocess auto: those whose largest component
+            alone segments the references better).
         decision_threshold: a voxel gets its most probable class where that probability exceeds this, else
             background: one probability, or one per class value (strategies.run_threshold picks the run's: calibrated
             per class on the references by default).
@@ -254,7 +256,7 @@ class IrisPredictor:
 
     def __init__(self, tile_step_size: float = 0.5, use_mirroring: bool = False,
                  device: torch.device | str = "cpu", modality: str = "other", classes_per_pass: int | None = None,
-                 map_memory_gb: float = DEFAULT_MAP_MEMORY_GB, largest_component: bool = False,
+                 map_memory_gb: float = DEFAULT_MAP_MEMORY_GB, largest_component: bool | Collection[int] = False,
                  position_prior: bool = True, verbose: bool = False, allow_tqdm: bool = False,
                  decision_threshold: DecisionThreshold = DEFAULT_THRESHOLD,
                  prior_alignment: str = DEFAULT_PRIOR_ALIGNMENT,
@@ -714,8 +716,10 @@ class IrisPredictor:
                                            atlas=atlas)
         warnings = query.warnings + fusion_warnings + field_of_view_warnings(self.per_fold(task)[0], properties)
         segmentation = indices_to_values(result.labels, classes)
-        if self.largest_component:  # the probabilities stay as the network gave them
-            segmentation = keep_largest_components(segmentation, classes)
+        kept = classes if self.largest_component is True else \
+            [c for c in classes if c in (self.largest_component or ())]
+        if kept:  # the probabilities stay as the network gave them
+            segmentation = keep_largest_components(segmentation, kept)
         # back to the query's own voxel order and header
         return CaseResult(to_storage(segmentation, properties), stored_properties(properties), query.reader_writer,
                           classes, to_storage(result.probabilities, properties), warnings, retrieved)

@@ -17,7 +17,8 @@ import torch
 
 from iris_nnu.errors import IrisInputError
 from iris_nnu.inference.evaluate import dice_per_class
-from iris_nnu.inference.export import DecisionThreshold, describe_threshold, indices_to_values, threshold_logit
+from iris_nnu.inference.export import (DecisionThreshold, describe_threshold, indices_to_values,
+                                       keep_largest_components, threshold_logit, threshold_logits)
 from iris_nnu.inference.images import read_label, reader_writer_for
 from iris_nnu.inference.references import Crop, ReferenceCase
 from iris_nnu.model import IrisNetwork, TaskEmbedding
@@ -44,6 +45,10 @@ DEFAULT_STEP_SIZE = 0.5  # nnU-Net's tile_step_size
 # queries' 0.314 -> 0.336; brains +0.003 and the abdomen -0.004 on their references, so both stay at 0.5)
 DENSE_STEP_SIZE = 0.33
 STEP_MARGIN = 0.02
+# iris_predict --postprocess: "auto" keeps the largest component of the classes whose references gain from it
+AUTO_POSTPROCESS = "auto"
+POSTPROCESS_SETTINGS = (AUTO_POSTPROCESS, "none", "largest_component")
+LISTED_CLASSES = 12  # class values a line names before "..."
 AUTO_FUSION = "auto"
 # --registration_fusion on: the network's probability and the registered references' label in equal shares (benchmarks/
 # registration_fusion.py, abdominal MR never trained on, 11 queries: 0.727; 0.3 : 0.7 gave 0.717, 0.7 : 0.3 0.700)
@@ -153,11 +158,13 @@ def reference_scans(predictor: IrisPredictor, references: Sequence[ReferenceCase
 
 class ThresholdCalibration(NamedTuple):
     """calibrated_threshold's result: the threshold chosen (one per class value, or one for all), the references'
-    mean Dice at each single threshold, and their mean Dice under the threshold chosen."""
+    mean Dice at each single threshold, their mean Dice under the threshold chosen, and the class values whose
+    largest connected component alone segments the references better under it."""
 
     threshold: DecisionThreshold
     dice: dict[float, float]
     own: float
+    largest_component: tuple[int, ...] = ()
 
     @property
     def single(self) -> float:
@@ -183,6 +190,7 @@ def calibrated_threshold(predictor: IrisPredictor, references: Sequence[Referenc
     floors = {t: threshold_logit(t) for t in thresholds}
     # per reference: Dice per held class at each threshold
     tables: list[dict[float, dict[int, float]]] = []
+    segmented: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per reference: values, scores, truth
     for prepared, frame, truth in scans:
         result = predictor.segment_preprocessed(prepared.data, prepared.properties, task, scores=True,
                                                 threshold=min(thresholds), frame=frame)
@@ -191,16 +199,40 @@ def calibrated_threshold(predictor: IrisPredictor, references: Sequence[Referenc
         held = [c for c in classes if (truth == c).any()]
         tables.append({t: dice_per_class(truth, np.where(scores > floor, values, 0), held)
                        for t, floor in floors.items()})
+        segmented.append((values, scores, truth))
     dice = {t: float(np.mean([np.mean(list(table[t].values())) for table in tables])) for t in thresholds}
     single = best_threshold(dice)
     if not per_class or len(thresholds) == 1:
-        return ThresholdCalibration(single, dice, dice[single])
-    chosen = {}
-    for c in classes:
-        scored = {t: [table[t][c] for table in tables if c in table[t]] for t in thresholds}
-        chosen[c] = best_threshold({t: float(np.mean(d)) for t, d in scored.items()}) if scored[single] else single
-    own = float(np.mean([np.mean([table[chosen[c]][c] for c in table[single]]) for table in tables]))
-    return ThresholdCalibration(chosen, dice, own)
+        chosen, own = single, dice[single]
+    else:
+        chosen = {}
+        for c in classes:
+            scored = {t: [table[t][c] for table in tables if c in table[t]] for t in thresholds}
+            chosen[c] = best_threshold({t: float(np.mean(d)) for t, d in scored.items()}) if scored[single] \
+                else single
+        own = float(np.mean([np.mean([table[chosen[c]][c] for c in table[single]]) for table in tables]))
+    return ThresholdCalibration(chosen, dice, own, components_that_help(segmented, chosen, classes))
+
+
+def components_that_help(segmented: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], threshold: DecisionThreshold,
+                         classes: Sequence[int]) -> tuple[int, ...]:
+    """The class values whose largest connected component alone scores the references better (mean Dice over the
+    references that hold the class, strictly higher: nnU-Net's rule for its postprocessing, decided there on
+    cross-validation) than the whole class, each segmented under `threshold`; `segmented`: per reference its most
+    probable class values, their logits and its label. A class the network spreads in islands (abdominal kidneys)
+    gains; one whose references come in pieces does not."""
+    lut = np.zeros(max(classes) + 1, dtype=np.float32)
+    lut[list(classes)] = threshold_logits(threshold, classes)
+    whole: dict[int, list[float]] = {}
+    largest: dict[int, list[float]] = {}
+    for values, scores, truth in segmented:
+        held = [c for c in classes if (truth == c).any()]
+        segmentation = np.where(scores > lut[values], values, 0).astype(values.dtype)
+        for c, d in dice_per_class(truth, segmentation, held).items():
+            whole.setdefault(c, []).append(d)
+        for c, d in dice_per_class(truth, keep_largest_components(segmentation, held), held).items():
+            largest.setdefault(c, []).append(d)
+    return tuple(c for c in classes if c in whole and np.mean(largest[c]) > np.mean(whole[c]))
 
 
 # a threshold above 0.5 must beat the best at or below it by this much on the references: thinning a structure to its
@@ -281,9 +313,40 @@ def calibrated_window(predictor: IrisPredictor, references: Sequence[ReferenceCa
 
 def run_threshold(predictor: IrisPredictor, setting: float | str, task: Tasks,
                   references: Sequence[ReferenceCase] | None, step: float | str | None = None,
-                  ) -> tuple[DecisionThreshold, str | None]:
+                  postprocess: str | None = None) -> tuple[DecisionThreshold, str | None]:
     """The decision threshold a run segments `task` at, and a line saying where it came from (None: nothing to say);
-    with `step`, the run's window step is set on the predictor too (None: left as it is).
+    with `step`, the run's window step is set on the predictor too (None: left as it is); with `postprocess`
+    AUTO_POSTPROCESS, the classes whose largest connected component alone it keeps (predictor.largest_component): those
+    whose references score better so under the run's threshold (components_that_help, from the segmentations the
+    calibration made; with a threshold and a step given, one segmentation per reference), else the ones a task file
+    records; none in a run fused with registration for every class, nor for the classes fused in a run that fuses some
+    (a reference registered onto itself is its own label)."""
+    threshold, line, calibration = _threshold_and_step(predictor, setting, task, references, step)
+    if postprocess != AUTO_POSTPROCESS:
+        return threshold, line
+    fused = predictor.registration_fusion and predictor.class_network_shares is None
+    if references and not fused:
+        if calibration is None:  # a threshold and a step given: the references are not segmented yet
+            calibration = calibrated_threshold(predictor, references, task, (float(threshold),))
+        shares = predictor.class_network_shares if predictor.registration_fusion else None
+        # a class fused per class (run_fusion) is decided on the fused map, which its reference cannot test
+        kept = tuple(c for c in calibration.largest_component if shares is None or shares.get(c, 1.0) == 1.0)
+    else:
+        kept = () if references else (_recorded(predictor, task, "largest_component") or ())
+    predictor.largest_component = kept
+    if kept:
+        listed = " ".join(map(str, kept[:LISTED_CLASSES])) + (" ..." if len(kept) > LISTED_CLASSES else "")
+        source = "the references score better so" if references else "as the task file records"
+        count = len(predictor.per_fold(task)[0].classes)
+        line = "; ".join(filter(None, [line, f"the largest connected component alone of {len(kept)} of {count} "
+                                             f"classes ({listed}): {source}"]))
+    return threshold, line
+
+
+def _threshold_and_step(predictor: IrisPredictor, setting: float | str, task: Tasks,
+                        references: Sequence[ReferenceCase] | None, step: float | str | None,
+                        ) -> tuple[DecisionThreshold, str | None, ThresholdCalibration | None]:
+    """run_threshold's threshold, line and the calibration that chose them (None: none ran).
 
     A probability is used as given. AUTO_THRESHOLD: with reference scans, one per class under which the task segments
     them best (calibrated_threshold: one segmentation per reference); without (a task file), the one the file was
@@ -306,22 +369,23 @@ def run_threshold(predictor: IrisPredictor, setting: float | str, task: Tasks,
         window = calibrated_window(predictor, references, task,
                                    CALIBRATION_THRESHOLDS if calibrated else (float(setting),))
         predictor.tile_step_size = window.step
-        return window.threshold, window.line(calibrated)
+        return window.threshold, window.line(calibrated), window.calibrations[window.step]
     if setting != AUTO_THRESHOLD:
-        return float(setting), step_line
+        return float(setting), step_line, None
     if fused:
         return DEFAULT_THRESHOLD, (f"decision threshold {DEFAULT_THRESHOLD}: with --registration_fusion a reference "
-                                   f"registered onto itself returns its own label, so it cannot calibrate the run")
+                                   f"registered onto itself returns its own label, so it cannot calibrate the "
+                                   f"run"), None
     if references:
         calibration = calibrated_threshold(predictor, references, task)
         return calibration.threshold, (f"decision threshold {describe_threshold(calibration.threshold)} from the "
                                        f"references ({threshold_source(calibration)}; at 0.5: "
-                                       f"{calibration.dice[0.5]:.3f})")
+                                       f"{calibration.dice[0.5]:.3f})"), calibration
     stored = _recorded(predictor, task, "decision_threshold")
     if stored is not None:
         return stored, "; ".join(filter(None, [step_line, f"decision threshold {describe_threshold(stored)}, as the "
-                                                          f"task file was calibrated"]))
-    return DEFAULT_THRESHOLD, step_line
+                                                          f"task file was calibrated"])), None
+    return DEFAULT_THRESHOLD, step_line, None
 
 
 def _recorded(predictor: IrisPredictor, task: Tasks, field: str):
@@ -346,12 +410,15 @@ def task_file_threshold(predictor: IrisPredictor, setting: float | str, task: Ta
                        f"alone: a task file segments without registration")
 
 
-def with_calibration(task: Tasks, threshold: DecisionThreshold, step: float) -> Tasks:
-    """`task` (one, or one per fold) recording the decision threshold and window step it segments at, for a task
-    file."""
-    if isinstance(task, TaskEmbedding):
-        return dataclasses.replace(task, decision_threshold=threshold, window_step=step)
-    return [dataclasses.replace(t, decision_threshold=threshold, window_step=step) for t in task]
+def with_calibration(task: Tasks, threshold: DecisionThreshold, step: float,
+                     largest_component: bool | Sequence[int] = ()) -> Tasks:
+    """`task` (one, or one per fold) recording the decision threshold and window step it segments at, and the classes
+    whose largest component alone it keeps (True: all; as IrisPredictor.largest_component), for a task file."""
+    def recorded(t: TaskEmbedding) -> TaskEmbedding:
+        kept = t.classes if largest_component is True else [c for c in t.classes if c in (largest_component or ())]
+        return dataclasses.replace(t, decision_threshold=threshold, window_step=step, largest_component=kept)
+
+    return recorded(task) if isinstance(task, TaskEmbedding) else [recorded(t) for t in task]
 
 
 def set_fusion(predictor: IrisPredictor, setting: str | Mapping[int, str], similarity_floor: float | None = None,

@@ -59,6 +59,9 @@ class TaskEmbedding:
     # the sliding window's step the task segments at (chosen on its references: iris_predict -step_size auto);
     # None: not recorded (0.5)
     window_step: float | None = None
+    # the class values whose largest connected component alone it keeps (chosen on its references: iris_predict
+    # --postprocess auto); None: not recorded (none)
+    largest_component: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.tokens = list(self.tokens)
@@ -76,6 +79,8 @@ class TaskEmbedding:
             if not 0 < self.window_step <= 1:
                 raise ValueError(f"window_step must be in (0, 1], got {self.window_step}")
         self.names = None if self.names is None else {int(v): str(n) for v, n in self.names.items()}
+        if self.largest_component is not None:
+            self.largest_component = tuple(sorted(int(v) for v in self.largest_component))
         if not self.tokens or any(t.dim() != 4 for t in self.tokens):
             raise ValueError("tokens must be a non-empty list of (B, K, m+1, C) tensors")
         b, k = self.tokens[0].shape[:2]
@@ -189,7 +194,9 @@ class TaskEmbedding:
             # a threshold calibrated on some of the tasks' references holds for the union only where they agree
             decision_threshold=first.decision_threshold
             if all(t.decision_threshold == first.decision_threshold for t in tasks[1:]) else None,
-            window_step=first.window_step if all(t.window_step == first.window_step for t in tasks[1:]) else None)
+            window_step=first.window_step if all(t.window_step == first.window_step for t in tasks[1:]) else None,
+            largest_component=first.largest_component
+            if all(t.largest_component == first.largest_component for t in tasks[1:]) else None)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TaskEmbedding:
         tokens, mirrored = self._map_tokens(lambda ts: [t.to(device=device, dtype=dtype) for t in ts])
@@ -205,7 +212,8 @@ class TaskEmbedding:
                  [[list(axes), [t.detach().cpu() for t in ts]] for axes, ts in self.mirrored.items()],
                  "spacing": self.spacing, "names": self.names, "orientation": self.orientation,
                  "extent": None if self.extent is None else list(self.extent),
-                 "decision_threshold": self.decision_threshold, "window_step": self.window_step}
+                 "decision_threshold": self.decision_threshold, "window_step": self.window_step,
+                 "largest_component": None if self.largest_component is None else list(self.largest_component)}
         write_atomic(path, lambda tmp: torch.save(state, tmp))
 
     @classmethod
@@ -227,7 +235,8 @@ class TaskEmbedding:
                    orientation=state.get("orientation"),  # ... and before one voxel order per run
                    extent=state.get("extent"),
                    decision_threshold=state.get("decision_threshold"),  # absent before calibrated thresholds
-                   window_step=state.get("window_step"))  # ... and before the step chosen on the references
+                   window_step=state.get("window_step"),  # ... and before the step chosen on the references
+                   largest_component=state.get("largest_component"))  # ... and before components chosen on them
         if model is not None and model.model_id() != task.model_id:
             raise TaskMismatchError(
                 f"task file {path} was encoded by model {task.model_id}, not by this model {model.model_id()}")

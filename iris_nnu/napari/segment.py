@@ -39,7 +39,8 @@ from iris_nnu.inference.predict import is_task_file, resolve_folds
 from iris_nnu.inference.plans import modality_of
 from iris_nnu.inference.predictor import IrisPredictor
 from iris_nnu.inference.references import ReferenceCase
-from iris_nnu.inference.strategies import AUTO_STEP, AUTO_THRESHOLD, run_threshold, with_calibration
+from iris_nnu.inference.strategies import (AUTO_POSTPROCESS, AUTO_STEP, AUTO_THRESHOLD, run_threshold,
+                                          with_calibration)
 from iris_nnu.napari.reader import GEOMETRY_KEY, NAMES_KEY, SOURCE_KEY, names_features
 
 log = logging.getLogger(__name__)
@@ -304,11 +305,14 @@ def segment(settings: Settings, references: Sequence[tuple[Volume, Volume]], que
         task, _ = predictor.task_for_strategy(pool, settings.strategy, encoded)
         if cases:
             yield Progress(1, total, "calibrating the window step and decision threshold on the references")
-        # as iris_predict's defaults (-step_size auto, --threshold auto); a saved task records both
-        predictor.decision_threshold, line = run_threshold(predictor, AUTO_THRESHOLD, task, cases, AUTO_STEP)
+        # as iris_predict's defaults (-step_size auto, --threshold auto, --postprocess auto); a saved task records
+        # all three
+        predictor.decision_threshold, line = run_threshold(predictor, AUTO_THRESHOLD, task, cases, AUTO_STEP,
+                                                           AUTO_POSTPROCESS)
         if line:
             yield Note(line)
-        pool = with_calibration(pool, predictor.decision_threshold, predictor.tile_step_size)
+        pool = with_calibration(pool, predictor.decision_threshold, predictor.tile_step_size,
+                                predictor.largest_component)
         classes = [int(c) for c in predictor.per_fold(task)[0].classes]
         yield TaskEncoded(pool, names, classes, description)
         segmented = 0
