@@ -24,9 +24,9 @@ from iris_nnu.inference.predictor import DEFAULT_PRIOR_ALIGNMENT, IrisPredictor
 from iris_nnu.inference.references import ReferenceCase, parse_reference
 from iris_nnu.inference.runner import failure_line
 from iris_nnu.inference.segmenter import DEFAULT_PRECISION, MIN_STEP_SIZE, PRECISIONS, window_precision
-from iris_nnu.inference.strategies import (AUTO_FUSION, AUTO_STEP, AUTO_THRESHOLD, DEFAULT_STEP_SIZE,
-                                          DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, DENSE_STEP_SIZE, FUSION_SETTINGS,
-                                          POSTPROCESS_SETTINGS, STEP_MARGIN, STRATEGIES, AUTO_POSTPROCESS,
+from iris_nnu.inference.strategies import (AUTO_FUSION, AUTO_POSTPROCESS, AUTO_STEP, AUTO_THRESHOLD,
+                                          DEFAULT_STEP_SIZE, DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, DENSE_STEP_SIZE,
+                                          FUSION_SETTINGS, POSTPROCESS_SETTINGS, STEP_MARGIN, STRATEGIES,
                                           run_fusion, run_threshold, set_fusion, task_file_threshold,
                                           with_calibration)
 from iris_nnu.io.model_folder import DEFAULT_CHECKPOINT, DEFAULT_MODEL_FOLDER, model_folder_folds

@@ -324,8 +324,7 @@ def run_threshold(predictor: IrisPredictor, setting: float | str, task: Tasks,
     threshold, line, calibration = _threshold_and_step(predictor, setting, task, references, step)
     if postprocess != AUTO_POSTPROCESS:
         return threshold, line
-    fused = predictor.registration_fusion and predictor.class_network_shares is None
-    if references and not fused:
+    if references and not _fused_for_every_class(predictor):
         if calibration is None:  # a threshold and a step given: the references are not segmented yet
             calibration = calibrated_threshold(predictor, references, task, (float(threshold),))
         shares = predictor.class_network_shares if predictor.registration_fusion else None
@@ -363,7 +362,7 @@ def _threshold_and_step(predictor: IrisPredictor, setting: float | str, task: Ta
     # fused for every class: measured 0.5 above the Iris-alone calibration (abdomen 0.727 vs 0.714); fused per class
     # (run_fusion's choices): the fused classes are decided at 0.5 (IrisPredictor.fusion_shares), the network's, and a
     # query that falls back to the network (registration_floor), at the calibrated threshold
-    fused = predictor.registration_fusion and predictor.class_network_shares is None
+    fused = _fused_for_every_class(predictor)
     if step == AUTO_STEP and references and not fused:
         calibrated = setting == AUTO_THRESHOLD
         window = calibrated_window(predictor, references, task,
@@ -386,6 +385,11 @@ def _threshold_and_step(predictor: IrisPredictor, setting: float | str, task: Ta
         return stored, "; ".join(filter(None, [step_line, f"decision threshold {describe_threshold(stored)}, as the "
                                                           f"task file was calibrated"])), None
     return DEFAULT_THRESHOLD, step_line, None
+
+
+def _fused_for_every_class(predictor: IrisPredictor) -> bool:
+    """Whether the run fuses every class with registration (its references cannot calibrate it)."""
+    return predictor.registration_fusion and predictor.class_network_shares is None
 
 
 def _recorded(predictor: IrisPredictor, task: Tasks, field: str):
