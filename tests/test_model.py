@@ -349,6 +349,27 @@ def test_position_prior_marks_where_the_class_lies():
     assert not position_prior(torch.zeros(1, 1, 8, 8, 8), grid=4).any()  # an empty mask places nothing
 
 
+def test_prior_sampled_on_the_cpu_equals_grid_sample():
+    """The CPU's sparse-matrix trilinear sampling is grid_sample's (zeros off the grid, align_corners=False), also
+    for points on the grid's edge, beyond it, infinite, and for one prior shared by a batch."""
+    from iris_nnu.model.position import sample_prior
+
+    torch.manual_seed(0)
+    prior = torch.rand(2, 5, 6, 7, 8)
+    coordinates = torch.rand(2, 3, 9, 10, 11) * 3 - 1.5
+    coordinates[0, :, 0, 0, 0] = torch.tensor([1 + 2 / 6, 1 + 1 / 7, 1 + 2 / 8])  # one cell beyond the last centres
+    coordinates[0, :, 1, 0, 0] = torch.tensor([-1 - 1 / 6, -1 + 1 / 7, 1 - 1 / 8])  # on the edges
+    coordinates[1, 0, 2, 0, 0], coordinates[1, 1, 3, 0, 0] = float("inf"), -float("inf")
+    grid = coordinates.flip(1).permute(0, 2, 3, 4, 1)
+    for priors in (prior, prior[:1]):
+        expected = F.grid_sample(priors.expand(2, -1, -1, -1, -1), grid, mode="bilinear", padding_mode="zeros",
+                                 align_corners=False)
+        sampled = sample_prior(priors, coordinates)
+        assert sampled.shape == expected.shape
+        torch.testing.assert_close(sampled, expected, rtol=0, atol=1e-6)
+    assert 0 < sampled[0, :, 1, 0, 0].min() and not sampled[0, :, 0, 0, 0].any()
+
+
 def test_scan_frames_give_the_same_place_the_same_coordinates():
     """Two bodies of different size, position and tilt in their scans: a structure at the same place of each body
     gets the same frame coordinates (so one reference's prior lands on the other's structure)."""

@@ -464,6 +464,23 @@ def test_winner_over_class_chunks_is_the_best_class_above_its_threshold():
     expected = np.where(logits.max(0) > floors[best], best + 1, 0)
     assert 0 < (expected != np.where(logits.max(0) > 0, best + 1, 0)).mean() < 0.5  # the thresholds matter here
     np.testing.assert_array_equal(winner.index, expected)
+    # chunks laid out class-last (as the export resamples them) and fp16 tensors (as the windows sum them) alike
+    class_last = np.moveaxis(np.ascontiguousarray(np.moveaxis(logits, 0, -1)), -1, 0)
+    halves = torch.from_numpy(logits).half()
+    rounded = halves.float().numpy()
+    for chunks, values in (((class_last[:4], class_last[4:]), logits), ((halves[:4], halves[4:]), rounded)):
+        winner = Winner(logits.shape[1:], floors)
+        winner.update(chunks[0], 0)
+        winner.update(chunks[1], 4)
+        best = values.argmax(0)
+        np.testing.assert_array_equal(winner.index, np.where(values.max(0) > floors[best], best + 1, 0))
+    # equal logits: the first class keeps the voxel, within a chunk and across chunks
+    winner = Winner((2, 2, 2))
+    winner.update(np.ones((1, 2, 2, 2), np.float32), 0)
+    winner.update(np.ones((3, 2, 2, 2), np.float32), 1)
+    assert (winner.index == 1).all()
+    winner.update(np.full((2, 2, 2, 2), 2, np.float32), 4)
+    assert (winner.index == 5).all()
 
 
 def test_export_resampling_equals_nnunets():

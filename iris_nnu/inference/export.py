@@ -69,13 +69,14 @@ class Winner:
         self._index = np.zeros(shape, dtype=np.uint16)
 
     def update(self, logits: np.ndarray | torch.Tensor, first_index: int) -> None:
-        """logits (k, *shape) of classes first_index+1 .. first_index+k."""
-        for j in range(logits.shape[0]):
-            channel = logits[j]
-            channel = channel.float().numpy() if isinstance(channel, torch.Tensor) else channel
-            better = channel > self.logit
-            self._index[better] = first_index + j + 1
-            np.maximum(self.logit, channel, out=self.logit)
+        """logits (k, *shape) of classes first_index+1 .. first_index+k, in any memory layout."""
+        # the chunk's best class first (the first of equals, as a class-by-class loop with `>` keeps): one pass over a
+        # chunk laid out class-last (resample_to_cropped_shape's) instead of k strided ones
+        best, which = torch.max(torch.as_tensor(logits), 0)
+        best, which = best.float().numpy(), which.numpy()
+        better = best > self.logit
+        self._index[better] = which[better] + (first_index + 1)
+        np.maximum(self.logit, best, out=self.logit)
 
     @property
     def index(self) -> np.ndarray:
@@ -107,8 +108,10 @@ def resample_to_cropped_shape(logits: torch.Tensor | np.ndarray, plans_manager: 
         return np.asarray(logits.float().cpu() if isinstance(logits, torch.Tensor) else logits, dtype=np.float32)
     if _is_plain_trilinear(configuration_manager, configuration_manager.spacing, spacing_transposed):
         # nnU-Net's order-1 skimage resize (float64, channel by channel) equals trilinear interpolation with
-        # align_corners=False to ~1e-5; torch's is ~10x faster, which matters with many classes on large volumes
-        tensor = torch.as_tensor(logits).float()[None]
+        # align_corners=False to ~1e-5; torch's is ~10x faster, which matters with many classes on large volumes, and
+        # 3x faster again with the classes as the innermost axis (vectorised across them): the result keeps that
+        # layout, a (k, *shape) array whose class axis has stride 1
+        tensor = torch.as_tensor(logits)[None].to(torch.float32, memory_format=torch.channels_last_3d)
         return F.interpolate(tensor, size=target_shape, mode="trilinear", align_corners=False)[0].numpy()
     if isinstance(logits, torch.Tensor):
         logits = logits.float().cpu().numpy()

@@ -11,7 +11,6 @@ import copy
 
 import numpy as np
 from acvl_utils.cropping_and_padding.bounding_boxes import get_bbox_from_mask
-from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask
 from nnunetv2.utilities.plans_handling.plans_handler import (
     ConfigurationManager,
     PlansManager,
@@ -119,7 +118,9 @@ class RunPreprocessing:
         (inside the brain mean 1.17, std 0.57 instead of 0, 1; OASIS one-shot Dice 0.26 instead of 0.51)."""
         if self.configuration_manager.normalization_schemes != [OTHER_SCHEME] * len(data):
             return self.configuration_manager
-        box = get_bbox_from_mask(create_nonzero_mask(data))
+        # the box of nnU-Net's non-zero mask (create_nonzero_mask) without its hole filling, which cannot widen a box
+        # and took 0.4 s of a brain query (the crop computes the mask again)
+        box = get_bbox_from_mask(np.any(data != 0, axis=0))
         kept = float(np.prod([hi - lo for lo, hi in box])) / float(np.prod(data.shape[1:]))
         return self._masked_configuration if kept < NONZERO_MASK_FRACTION else self.configuration_manager
 

@@ -17,6 +17,7 @@ reached 0.02.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -186,8 +187,51 @@ def position_prior_from_labels(labels: Tensor, values: Sequence[int], grid: int,
 def sample_prior(prior: Tensor, coordinates: Tensor) -> Tensor:
     """prior (B or 1, K, G, G, G), grid coordinates (B, 3, X, Y, Z) -> (B, K, X, Y, Z), trilinear; 0 off the grid."""
     b = coordinates.shape[0]
+    if prior.device.type == "cpu":
+        return torch.stack([_trilinear_on_cpu(prior[i if prior.shape[0] > 1 else 0], coordinates[i])
+                            for i in range(b)])
     # grid_sample's last axis indexes (W, H, D) = the grid's (axis 2, 1, 0); align_corners=False: cell j's centre
     # is at (2j + 1) / G - 1, as _occupancy bins it
     grid = coordinates.flip(1).permute(0, 2, 3, 4, 1).to(prior.dtype)
     return F.grid_sample(prior.expand(b, -1, -1, -1, -1), grid, mode="bilinear", padding_mode="zeros",
                          align_corners=False)
+
+
+# points per sparse interpolation matrix (its indices and weights: 96 bytes a point)
+SPARSE_SAMPLE_POINTS = 2**18
+
+
+@torch.no_grad()
+def _trilinear_on_cpu(prior: Tensor, coordinates: Tensor) -> Tensor:
+    """sample_prior of one scan on the CPU: prior (K, G, G, G), coordinates (3, X, Y, Z) -> (K, X, Y, Z).
+
+    grid_sample's 3-D kernel is a scalar loop on the CPU (85 brain classes over a 1.5 mm brain: 2.3 s). Here each
+    point's 8 corner weights form a row of a sparse matrix that multiplies the prior laid out as (cells, K): equal to
+    grid_sample (bilinear, zeros, align_corners=False) to float rounding (3e-7), 2.4x faster at 85 classes."""
+    k, *grid = prior.shape
+    size = torch.tensor(grid, dtype=torch.float32).view(3, 1)
+    padded = F.pad(prior.float(), (1, 1, 1, 1, 1, 1))  # zeros one cell around: corners off the grid read them
+    table = padded.reshape(k, -1).T.contiguous()  # (cells, K): a point's corners read contiguous rows
+    strides = torch.tensor([(grid[1] + 2) * (grid[2] + 2), grid[2] + 2, 1])
+    offsets = torch.tensor([dz * strides[0] + dy * strides[1] + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])
+    points = coordinates.reshape(3, -1).float()
+    out = torch.empty(points.shape[1], k)
+    with torch.autocast("cpu", enabled=False):
+        for lo in range(0, points.shape[1], SPARSE_SAMPLE_POINTS):
+            # a cell's centre is at (2j + 1) / G - 1 (align_corners=False); farther than one cell off the grid a point
+            # reads zeros only, so it is clamped there
+            u = torch.minimum((points[:, lo:lo + SPARSE_SAMPLE_POINTS] + 1) * size / 2 - 0.5, size).clamp_min_(-1)
+            u = u.nan_to_num_(-1)  # indices are not checked: every corner must lie in the padded grid
+            below = torch.minimum(u.floor(), size - 1)
+            fraction = u - below
+            first = ((below.long() + 1) * strides.view(3, 1)).sum(0)
+            w = torch.stack([1 - fraction, fraction], 1)  # (3, 2, n)
+            weights = (w[0][:, None, None] * w[1][None, :, None] * w[2][None, None]).reshape(8, -1).T.reshape(-1)
+            n = first.shape[0]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                matrix = torch.sparse_csr_tensor(torch.arange(0, 8 * n + 1, 8),
+                                                 (first[:, None] + offsets).reshape(-1), weights,
+                                                 (n, table.shape[0]), check_invariants=False)
+            out[lo:lo + n] = matrix @ table
+    return out.T.reshape(k, *coordinates.shape[1:])
