@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-device", choices=("cpu", "cuda"), default="cpu", help="device of Iris (registration: CPU)")
     p.add_argument("-step_size", default="0.5", metavar="S|auto",
                    help="sliding-window step of Iris; auto: chosen with the threshold of the calibrated methods, as "
-                        "iris_predict's default -step_size auto (the other methods: 0.5)")
+                        f"iris_predict's default -step_size auto (the other methods: {DEFAULT_STEP_SIZE})")
     p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                    help="as iris_predict --precision (Iris's windows on a CPU)")
     p.add_argument("--output", default="accuracy_results.json", help="JSON of all figures")

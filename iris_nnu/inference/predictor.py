@@ -65,6 +65,7 @@ from iris_nnu.inference.runner import run_queries, write_result
 from iris_nnu.inference.segmenter import (DEFAULT_PRECISION, LOGIT_LIMIT, MIN_STEP_SIZE, Segmenter, mirror_flips,
                                          window_precision)
 from iris_nnu.inference.strategies import (
+    DEFAULT_STEP_SIZE,
     DEFAULT_THRESHOLD,
     DEFAULT_TUNE_LR,
     DEFAULT_TUNE_STEPS,
@@ -220,7 +221,8 @@ class IrisPredictor:
     preprocessing and fold networks; segmentation itself is a `Segmenter` (segmenter.py) built per call.
 
     Args:
-        tile_step_size: window step as a fraction of the patch (nnU-Net's; 0.5).
+        tile_step_size: window step as a fraction of the patch (nnU-Net's, whose default is 0.5; here
+            strategies.DEFAULT_STEP_SIZE, iris_predict's where the references do not ask for denser windows).
         use_mirroring: mirrored TTA (every flip of the model's mirroring axes, query and references together).
         device: where the networks run.
         modality: "CT" or "other": how queries are checked (input_warnings) when the plans do not say.
@@ -254,7 +256,7 @@ class IrisPredictor:
         allow_tqdm: progress bars over the queries of predict_from_files.
     """
 
-    def __init__(self, tile_step_size: float = 0.5, use_mirroring: bool = False,
+    def __init__(self, tile_step_size: float = DEFAULT_STEP_SIZE, use_mirroring: bool = False,
                  device: torch.device | str = "cpu", modality: str = "other", classes_per_pass: int | None = None,
                  map_memory_gb: float = DEFAULT_MAP_MEMORY_GB, largest_component: bool | Collection[int] = False,
                  position_prior: bool = True, verbose: bool = False, allow_tqdm: bool = False,
