@@ -357,8 +357,8 @@ def test_prior_sampled_on_the_cpu_equals_grid_sample():
     torch.manual_seed(0)
     prior = torch.rand(2, 5, 6, 7, 8)
     coordinates = torch.rand(2, 3, 9, 10, 11) * 3 - 1.5
-    coordinates[0, :, 0, 0, 0] = torch.tensor([1 + 2 / 6, 1 + 1 / 7, 1 + 2 / 8])  # one cell beyond the last centres
-    coordinates[0, :, 1, 0, 0] = torch.tensor([-1 - 1 / 6, -1 + 1 / 7, 1 - 1 / 8])  # on the edges
+    coordinates[0, :, 0, 0, 0] = torch.tensor([1 + 2 / 6, 1 + 1 / 7, 1 + 2 / 8])  # 1-1.5 cells past the last centres
+    coordinates[0, :, 1, 0, 0] = torch.tensor([-1 + 1 / 6, -1 + 1 / 7, 1 - 1 / 8])  # on the first / last centres
     coordinates[1, 0, 2, 0, 0], coordinates[1, 1, 3, 0, 0] = float("inf"), -float("inf")
     grid = coordinates.flip(1).permute(0, 2, 3, 4, 1)
     for priors in (prior, prior[:1]):
