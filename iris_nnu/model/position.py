@@ -210,8 +210,11 @@ def _trilinear_on_cpu(prior: Tensor, coordinates: Tensor) -> Tensor:
     grid_sample (bilinear, zeros, align_corners=False) to float rounding (3e-7), 2.4x faster at 85 classes."""
     k, *grid = prior.shape
     size = torch.tensor(grid, dtype=torch.float32).view(3, 1)
-    padded = F.pad(prior.float(), (1, 1, 1, 1, 1, 1))  # zeros one cell around: corners off the grid read them
-    table = padded.reshape(k, -1).T.contiguous()  # (cells, K): a point's corners read contiguous rows
+    # (cells, K), zeros one cell around the grid (corners off it read them): a point's corners read contiguous rows.
+    # Laid out in one copy: it is made again for every slab of add_position_logits
+    table = prior.new_zeros(grid[0] + 2, grid[1] + 2, grid[2] + 2, k, dtype=torch.float32)
+    table[1:-1, 1:-1, 1:-1] = prior.permute(1, 2, 3, 0)
+    table = table.view(-1, k)
     strides = torch.tensor([(grid[1] + 2) * (grid[2] + 2), grid[2] + 2, 1])
     offsets = torch.tensor([dz * strides[0] + dy * strides[1] + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])
     points = coordinates.reshape(3, -1).float()
