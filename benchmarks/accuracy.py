@@ -171,14 +171,23 @@ def find_dataset(data: Path, key: str) -> Path:
 
 
 def pick_cases(folder: Path, held_out: list[str], queries: int, references: int, seed: int,
-               ) -> tuple[list[str], list[str]]:
+               chosen: list[str] | None = None) -> tuple[list[str], list[str]]:
     """The first `queries` held-out cases, and `references` training cases picked with `seed` among those whose label
     holds every class of the dataset (if there are enough; a reference without an organ cannot show it to any method:
-    32 of the 60 head-and-neck CTs hold all 5 organs, one holds none), else among those with a non-empty label."""
+    32 of the 60 head-and-neck CTs hold all 5 organs, one holds none), else among those with a non-empty label;
+    `chosen` (--references) names them instead."""
     training = training_cases(str(folder), held_out)
     missing = [c for c in held_out if not (folder / "labelsTr" / f"{c}.nii.gz").is_file()]
     if missing:
         raise IrisInputError(f"held-out case(s) {', '.join(missing[:5])} not in {folder}/labelsTr")
+    if chosen:
+        unknown = [c for c in chosen if c not in training]
+        if unknown:
+            raise IrisInputError(f"--references {' '.join(unknown)}: not training cases of {folder.name} (a held-out "
+                                 f"case or no such case)")
+        if len(chosen) < references:
+            raise IrisInputError(f"--references names {len(chosen)} case(s), --n_references asks {references}")
+        return held_out[:queries], list(chosen)
     classes = set(dataset_json_names(str(folder)))
     held = {c: set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(label_file(folder, c)))).tolist()) - {0}
             for c in training}
@@ -201,7 +210,7 @@ def label_file(folder: Path, case: str) -> str:
 # ------------------------------------------------------------------------------------------- the run
 def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path, held_out: list[str]) -> dict:
     """Every method on every query of one dataset: Dice per class and seconds per query."""
-    queries, refs = pick_cases(folder, held_out, args.queries, args.n_references, args.seed)
+    queries, refs = pick_cases(folder, held_out, args.queries, args.n_references, args.seed, args.references)
     names = dataset_json_names(str(folder))
     classes = sorted(names)
     n = args.n_references
@@ -417,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "box-alignment: reference #1's label carried over by aligning the scans' non-zero boxes "
                         "(what the position prior alone knows)")
     p.add_argument("--seed", type=int, default=0, help="picks the references; seeds the registration sampling")
+    p.add_argument("--references", nargs="+", metavar="CASE",
+                   help="these training cases as references #1, #2, ... instead of those --seed picks (one dataset)")
     p.add_argument("--modality", choices=MODALITIES, default="other", help="as iris_predict --modality")
     p.add_argument("--registration_spacing", type=float, default=2.0, metavar="MM",
                    help="grid of the registration optimisation (the label is warped at the query's full resolution)")
@@ -445,6 +456,8 @@ def main() -> int:
     if not data.is_dir():
         raise IrisInputError(f"{data}: data folder not found (give --data or set $IRIS_DATA)")
     folders = [find_dataset(data, key) for key in args.datasets]
+    if args.references and len(folders) > 1:
+        raise IrisInputError("--references names cases of one dataset: give one --datasets")
     if "ants-syn" in args.methods:
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)  # read by ANTs when it loads
         try:

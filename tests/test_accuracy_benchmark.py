@@ -111,3 +111,26 @@ def test_structures_held_out_of_training_are_reported_apart(tmp_path: Path, monk
         m = result["methods"][method]
         assert m["mean_dice_never_trained"] == m["dice_per_class"]["2"] > 0.3
         assert m["mean_dice_trained"] == m["dice_per_class"]["1"] > 0.3
+
+
+def test_references_named_instead_of_picked(tmp_path):
+    """--references: the named training cases become references #1, #2 in that order; a held-out or unknown case,
+    or fewer cases than --n_references, is an error naming the problem."""
+    import json
+
+    import pytest
+
+    from iris_nnu.errors import IrisInputError
+
+    (tmp_path / "labelsTr").mkdir()
+    label = np.zeros((4, 4, 4), np.uint8)
+    label[1:3, 1:3, 1:3] = 1
+    for case in ("c1", "c2", "c3", "c4"):
+        sitk.WriteImage(sitk.GetImageFromArray(label), str(tmp_path / "labelsTr" / f"{case}.nii.gz"))
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "organ": 1}}))
+    queries, refs = accuracy.pick_cases(tmp_path, ["c4"], 1, 2, 0, ["c3", "c1"])
+    assert (queries, refs) == (["c4"], ["c3", "c1"])
+    with pytest.raises(IrisInputError, match="c4"):  # held out
+        accuracy.pick_cases(tmp_path, ["c4"], 1, 1, 0, ["c4"])
+    with pytest.raises(IrisInputError, match="n_references"):
+        accuracy.pick_cases(tmp_path, ["c4"], 1, 2, 0, ["c1"])
