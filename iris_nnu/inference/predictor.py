@@ -558,14 +558,11 @@ class IrisPredictor:
         per_voxel = 2 if self.num_folds == 1 else 10  # fp16 logits; an ensemble adds its fp32 sum and a sigmoid
         return max(1, int(self.map_memory_bytes // (per_voxel * voxels)))
 
-    def fusion_shares(self, classes: Sequence[int], floors: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """The network's share of each class's fused probability (K,), and with class_network_shares the logit added
-        to each fused class so that it is decided at 0.5 where the run's thresholds have the logits `floors` (K,)
-        (None: no offsets)."""
+    def fusion_shares(self, classes: Sequence[int]) -> np.ndarray:
+        """The network's share of each class's fused probability (K,): 1 for a class the network segments alone."""
         if self.class_network_shares is None:
-            return np.full(len(classes), self.network_share, np.float32), None
-        shares = np.array([self.class_network_shares.get(int(c), 1.0) for c in classes], np.float32)
-        return shares, np.where(shares < 1, floors, np.float32(0)).astype(np.float32)
+            return np.full(len(classes), self.network_share, np.float32)
+        return np.array([self.class_network_shares.get(int(c), 1.0) for c in classes], np.float32)
 
     def segment_preprocessed(self, data: np.ndarray, properties: dict, task: Tasks, *, export: bool = True,
                              probabilities: bool = False, preprocessed_labels: bool = False,
@@ -588,14 +585,17 @@ class IrisPredictor:
         cropped_shape = tuple(properties["shape_after_cropping_and_before_resampling"])
         per_export = max(1, int(self.map_memory_bytes // (8 * np.prod(data.shape[1:]) + 4 * np.prod(cropped_shape))))
         floors = threshold_logits(threshold or self.decision_threshold, classes)  # 0 for 0.5
-        original = Winner(cropped_shape, floors) if export or scores else None
+        shares = self.fusion_shares(classes)
+        # a fused class is decided at 0.5 on its fused map (the thresholds calibrated for the network alone are not
+        # its), and competes with the other classes by that map's own logit
+        exported = floors if atlas is None else np.where(shares < 1, np.float32(0), floors).astype(np.float32)
+        original = Winner(cropped_shape, exported) if export or scores else None
         preprocessed = Winner(data.shape[1:], floors) if preprocessed_labels else None
         probs = np.zeros((k_total, *cropped_shape), dtype=np.float16) if probabilities else None
         image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
         if frame is None and self.position_grid and self.position_prior:
             frame = scan_frame(properties)
         segmenter = self.segmenter()
-        shares, offsets = self.fusion_shares(classes, floors)
         # the registration alone (network_share 0) needs no network output in the original geometry
         registration_only = atlas is not None and not shares.any() and preprocessed is None
         for start in range(0, k_total, per_pass):
@@ -615,8 +615,6 @@ class IrisPredictor:
                         resampled = fuse_with_atlas(resampled, atlas[span], shares[span])
                     if probs is not None:
                         probs[span] = 1 / (1 + np.exp(-resampled))
-                    if atlas is not None and offsets is not None:  # fused classes decided at 0.5 (fusion_shares)
-                        resampled += offsets[span].reshape(-1, *[1] * (resampled.ndim - 1))
                     original.update(resampled, start + sub)
                     del resampled
             del logits

@@ -363,8 +363,8 @@ def _threshold_and_step(predictor: IrisPredictor, setting: float | str, task: Ta
             predictor.tile_step_size = stored_step
             step_line = f"window step {stored_step}, as the task file was calibrated"
     # fused for every class: measured 0.5 above the Iris-alone calibration (abdomen 0.727 vs 0.714); fused per class
-    # (run_fusion's choices): the fused classes are decided at 0.5 (IrisPredictor.fusion_shares), the network's, and a
-    # query that falls back to the network (registration_floor), at the calibrated threshold
+    # (run_fusion's choices): the fused classes are decided at 0.5 (IrisPredictor.segment_preprocessed), the
+    # network's, and a query that falls back to the network (registration_floor), at the calibrated threshold
     fused = _fused_for_every_class(predictor)
     if step == AUTO_STEP and references and not fused:
         calibrated = setting == AUTO_THRESHOLD
