@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
+
+from iris_nnu.errors import IrisInputError
 
 spec = importlib.util.spec_from_file_location(
     "accuracy_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py")
@@ -116,12 +120,6 @@ def test_structures_held_out_of_training_are_reported_apart(tmp_path: Path, monk
 def test_references_named_instead_of_picked(tmp_path):
     """--references: the named training cases become references #1, #2 in that order; a held-out or unknown case,
     or fewer cases than --n_references, is an error naming the problem."""
-    import json
-
-    import pytest
-
-    from iris_nnu.errors import IrisInputError
-
     (tmp_path / "labelsTr").mkdir()
     label = np.zeros((4, 4, 4), np.uint8)
     label[1:3, 1:3, 1:3] = 1

@@ -588,7 +588,7 @@ class IrisPredictor:
         shares = self.fusion_shares(classes)
         # a fused class is decided at 0.5 on its fused map (the thresholds calibrated for the network alone are not
         # its), and competes with the other classes by that map's own logit
-        exported = floors if atlas is None else np.where(shares < 1, np.float32(0), floors).astype(np.float32)
+        exported = floors if atlas is None else np.where(shares < 1, 0, floors)  # Winner makes it float32
         original = Winner(cropped_shape, exported) if export or scores else None
         preprocessed = Winner(data.shape[1:], floors) if preprocessed_labels else None
         probs = np.zeros((k_total, *cropped_shape), dtype=np.float16) if probabilities else None
