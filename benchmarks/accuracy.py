@@ -17,7 +17,7 @@ from the model's training cases of each dataset, i.e. imagesTr minus the held-ou
   iris oneshot calibrated, whole classes   as oneshot calibrated, every component kept (--postprocess none)
   iris oneshot calibrated, one threshold   as oneshot calibrated, one threshold for all classes (as before 2026-12)
   iris tune calibrated      as tune, then the threshold calibrated with the tuned task (--strategy tune)
-  iris oneshot fused with registration   as oneshot, each class's probability averaged with reference #1's label
+  iris oneshot fused with registration   as oneshot calibrated, each class's logit moved by reference #1's label
                             carried onto the query by the registration above (--registration_fusion on)
   iris oneshot, fusion auto as oneshot: the network alone, fused, or the registration alone, as reference #2
                             segmented from #1 says, a query that registers badly by the network alone (iris_predict's
@@ -239,7 +239,7 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             f"iris retrieval-{n}": ("retrieval", "retrieval", n, None, False, True, False, default),
             "iris tune": ("tune", "tune", 1, None, False, True, False, default),
             "iris tune calibrated": ("tune-calibrated", "tune", 1, None, False, True, False, default),
-            "iris oneshot fused with registration": ("oneshot-fused", "oneshot", 1, None, False, True, False, default),
+            "iris oneshot fused with registration": ("oneshot-fused", "oneshot", 1, None, "auto", True, False, default),
             "iris oneshot, fusion auto": ("oneshot-auto", "oneshot", 1, None, "auto", True, False, default)}
     for name, (option, strategy, k, per_pass, largest_component, position, tta, alignment) in iris.items():
         if option in args.methods:
@@ -253,8 +253,9 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
             encoded = predictor.encode_references(cases[:k])
             task, losses = predictor.task_for_strategy(encoded.pool, strategy, encoded, args.tune_steps, args.tune_lr)
             threshold, calibration, step, steps, own = 0.5, None, base_step, None, None
-            # --threshold auto: calibrated unless every class is fused (run_threshold), with -step_size auto the step too
-            if "-calibrated" in option or (option == "oneshot-auto" and fusion not in ("on", "registration")):
+            # --threshold auto: calibrated unless every class is by the registration alone (run_threshold), with
+            # -step_size auto the step too
+            if "-calibrated" in option or (option in ("oneshot-fused", "oneshot-auto") and fusion != "registration"):
                 per_class = not option.endswith("-single")
                 if args.step_size == AUTO_STEP:
                     window = calibrated_window(predictor, cases[:k], task, per_class=per_class)
@@ -422,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no_position_prior); oneshot-tta: oneshot with mirrored test-time augmentation (iris_predict "
                         "--tta: 8 flips of query and reference together); oneshot-calibrated: oneshot with the decision "
                         "thresholds calibrated on the reference, one per class (iris_predict --threshold auto), "
-                        "oneshot-calibrated-whole: oneshot-calibrated without the largest components the references pick (iris_predict --postprocess none); oneshot-calibrated-single: one threshold for all classes, tune-calibrated likewise after tune; oneshot-fused: oneshot averaged with reference #1's label registered onto the query (iris_predict --registration_fusion on, at 0.5); oneshot-auto: the network alone, fused or the registration alone as reference #2 segmented from #1 decides, a query registered less alike than 0.8 of #2 by the network alone (--registration_fusion auto); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
+                        "oneshot-calibrated-whole: oneshot-calibrated without the largest components the references pick (iris_predict --postprocess none); oneshot-calibrated-single: one threshold for all classes, tune-calibrated likewise after tune; oneshot-fused: oneshot-calibrated with reference #1's label registered onto the query adding its evidence to each class's logit (iris_predict --registration_fusion on); oneshot-auto: the network alone, fused or the registration alone as reference #2 segmented from #1 decides, a query registered less alike than 0.8 of #2 by the network alone (--registration_fusion auto); ants-syn: ANTs SyN from reference #1 (needs pip install antspyx); "
                         "box-alignment: reference #1's label carried over by aligning the scans' non-zero boxes "
                         "(what the position prior alone knows)")
     p.add_argument("--seed", type=int, default=0, help="picks the references; seeds the registration sampling")

@@ -25,7 +25,8 @@ from iris_nnu.inference.images import Query
 from iris_nnu.inference.names import dataset_json_names
 from iris_nnu.inference.predictor import IrisPredictor
 from iris_nnu.inference.references import ReferenceCase
-from iris_nnu.inference.strategies import AUTO_POSTPROCESS, AUTO_STEP, AUTO_THRESHOLD, run_threshold
+from iris_nnu.inference.strategies import (AUTO_FUSION, AUTO_POSTPROCESS, AUTO_STEP, AUTO_THRESHOLD, run_fusion,
+                                          run_threshold, set_fusion)
 from iris_nnu.io.model_folder import read_held_out
 from iris_nnu.model import TaskEmbedding
 from iris_nnu.preprocessing.raw_dataset import raw_case_files, training_cases
@@ -83,8 +84,10 @@ def describe(dice: dict[int, float], names: dict[int, str], show: int = 3, unlab
 
 
 def oneshot_task(predictor: IrisPredictor, reference: ReferenceCase) -> TaskEmbedding:
-    """The one-shot task of `reference`, the predictor set to its calibrated window step, decision threshold and
-    largest components (as iris_predict's defaults, -step_size auto, --threshold auto and --postprocess auto)."""
+    """The one-shot task of `reference`, the predictor set to fuse with its registration, and to its calibrated window
+    step, decision threshold and largest components (as iris_predict's defaults with one reference:
+    --registration_fusion auto, -step_size auto, --threshold auto and --postprocess auto)."""
+    set_fusion(predictor, run_fusion(predictor, AUTO_FUSION, [reference]).setting)
     references = predictor.encode_references([reference])
     task, _ = predictor.task_for_strategy(references.pool, "oneshot", references)
     predictor.decision_threshold, _ = run_threshold(predictor, AUTO_THRESHOLD, task, [reference], AUTO_STEP,
@@ -127,7 +130,8 @@ def run_dataset(predictor: IrisPredictor, raw_folder: str, held_out: list[str], 
     print(f"{PROGRAM}: {name}: reference {reference} ({len(task.classes)} structures, modality {predictor.modality}, "
           f"window step {predictor.tile_step_size}, decision threshold "
           f"{describe_threshold(predictor.decision_threshold)}, largest component alone for "
-          f"{len(predictor.largest_component)}), {counted} ({kind})")
+          f"{len(predictor.largest_component)}, {'fused with' if predictor.registration_fusion else 'without'} its "
+          f"registration), {counted} ({kind})")
     failures = predictor.predict_queries(queries, out, task, progress=False)
     if failures:
         raise IrisInputError("; ".join(failures))

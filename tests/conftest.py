@@ -6,8 +6,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def repeatable_registrations():
+    """ITK on one thread: its multithreaded metric sums move a registration by a few voxels from run to run, and
+    iris_predict fuses with a registration by default, so tests that compare two runs voxel for voxel need this."""
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    yield
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """The position prior read through an affine registration of query to reference (inference/alignment.py)."""
 from __future__ import annotations
 
+import math
+
 import re
 from pathlib import Path
 
@@ -141,9 +143,11 @@ def test_a_task_file_reads_the_prior_through_the_frames(tmp_path: Path, cut_quer
     query.mkdir()
     (query / f"{name}_0000.nii.gz").symlink_to(cut_queries[name][0])
     task = tmp_path / "task.pt"
+    # by the network alone, as a task file segments: the prior's alignment is what differs
     assert predict_main(["-i", str(query), "-o", str(tmp_path / "frames"), "-r", REFERENCE,
-                         "--prior_alignment", "frames", "--save_task", str(task)]) == 0
-    assert predict_main(["-i", str(query), "-o", str(tmp_path / "affine"), "-r", REFERENCE]) == 0
+                         "--prior_alignment", "frames", "--save_task", str(task), "--registration_fusion", "off"]) == 0
+    assert predict_main(["-i", str(query), "-o", str(tmp_path / "affine"), "-r", REFERENCE,
+                         "--registration_fusion", "off"]) == 0
     capsys.readouterr()
     assert predict_main(["-i", str(query), "-o", str(tmp_path / "task"), "--task", str(task)]) == 0
     assert "read through the scans' frames" in capsys.readouterr().out
@@ -264,18 +268,20 @@ def test_warp_masks_matches_one_resample_per_mask():
 
 
 def test_registration_fusion_segments_and_needs_the_references(tmp_path: Path, capsys):
-    """iris_predict --registration_fusion: segments a held-out hippocampus at 0.5 (said in one line) differently from
-    the network alone and still well; refused with a task file (no reference image to register)."""
+    """iris_predict --registration_fusion: segments a held-out hippocampus at the threshold calibrated for the network
+    (said in one line) differently from the network alone and still well; refused with a task file (no reference
+    image to register)."""
     query = tmp_path / "in"
     query.mkdir()
     (query / "hippocampus_026_0000.nii.gz").symlink_to(f"{DEMO}/imagesTr/hippocampus_026_0000.nii.gz")
     task = tmp_path / "task.pt"
     assert predict_main(["-i", str(query), "-o", str(tmp_path / "alone"), "-r", REFERENCE,
-                         "--save_task", str(task)]) == 0
+                         "--save_task", str(task), "--registration_fusion", "off"]) == 0
     capsys.readouterr()
     assert predict_main(["-i", str(query), "-o", str(tmp_path / "fused"), "-r", REFERENCE,
                          "--registration_fusion"]) == 0
-    assert "decision threshold 0.5: with --registration_fusion" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "decision threshold" in out and "from the references" in out, out
     truth = sitk.GetArrayFromImage(sitk.ReadImage(f"{DEMO}/labelsTr/hippocampus_026.nii.gz"))
     outputs = {f: sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f / "hippocampus_026.nii.gz")))
                for f in ("alone", "fused")}
@@ -304,21 +310,13 @@ def test_registration_fusion_auto_is_measured_on_the_references(tmp_path: Path, 
     """--registration_fusion auto (the default): with two references, the second is segmented from the first with
     and without fusion and the better kept, said in a line, and the run is then the one that setting gives. On the
     hippocampus the bundled model trained on, the network alone wins (measured on 20 queries: 0.829 against 0.761
-    fused). With one reference it stays off, said once. A comparison that favours fusion turns it on."""
+    fused). With one reference nothing measures it and every class is fused, said once. A comparison that favours
+    fusion turns it on."""
+    import iris_nnu.inference.predictor as predictor_module
     import iris_nnu.inference.strategies as strategies
 
-    # ITK's multithreaded metric sums move a registration by a few voxels from run to run, and the registration alone
-    # shows them undamped (45 voxels measured with 2 threads): one thread makes the runs compared below repeatable
-    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    try:
-        _fusion_auto_runs(tmp_path, capsys, monkeypatch, strategies)
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-
-
-def _fusion_auto_runs(tmp_path: Path, capsys, monkeypatch, strategies) -> None:
-    import iris_nnu.inference.predictor as predictor_module
+    # the runs compared below are repeatable: conftest runs ITK on one thread (the registration alone showed 45
+    # voxels of difference between two runs with 2 threads)
 
     second = f"{DEMO}/imagesTr/hippocampus_040_0000.nii.gz:{DEMO}/labelsTr/hippocampus_040.nii.gz"
     prepared = []
@@ -334,8 +332,11 @@ def _fusion_auto_runs(tmp_path: Path, capsys, monkeypatch, strategies) -> None:
     assert 0.5 < alone and fused < alone and registered < alone, line
     off, _ = _fusion_run(tmp_path, capsys, "off", [REFERENCE, second], "--registration_fusion", "off")
     np.testing.assert_array_equal(auto, off)
-    _, out = _fusion_run(tmp_path, capsys, "one", [REFERENCE])
-    assert "registration fusion off: with one reference nothing measures whether it helps" in out
+    one, out = _fusion_run(tmp_path, capsys, "one", [REFERENCE])
+    assert "registration fusion on: with one reference the network's decision is moved by its label" in out, out
+    one_on, _ = _fusion_run(tmp_path, capsys, "one_on", [REFERENCE], "--registration_fusion", "on")
+    one_off, _ = _fusion_run(tmp_path, capsys, "one_off", [REFERENCE], "--registration_fusion", "off")
+    assert int((one != one_on).sum()) <= 20 and int((one != one_off).sum()) > 0
     outputs = {}
     for setting in ("on", "registration"):
         means = {"off": 0.4, "on": 0.5, "registration": 0.3} if setting == "on" else \
@@ -355,7 +356,7 @@ def _fusion_auto_runs(tmp_path: Path, capsys, monkeypatch, strategies) -> None:
         assert jitter <= 20 and changed > 100, (setting, jitter, changed)
         outputs[setting] = forced
     assert int((outputs["on"] != outputs["registration"]).sum()) > 100
-    # classes that disagree: anterior (1) by the network alone at the calibrated threshold, posterior (2) fused at 0.5
+    # classes that disagree: anterior (1) by the network alone, posterior (2) fused, both at the calibrated threshold
     scores = {"off": {1: 0.6, 2: 0.4}, "on": {1: 0.5, 2: 0.5}, "registration": {1: 0.3, 2: 0.3}}
     monkeypatch.setattr(strategies, "fusion_comparison", lambda *args: strategies.FusionComparison(scores, 0.5))
     mixed, out = _fusion_run(tmp_path, capsys, "per_class", [REFERENCE, second])
@@ -367,7 +368,7 @@ def _fusion_auto_runs(tmp_path: Path, capsys, monkeypatch, strategies) -> None:
     assert int((mixed != off).sum()) > 50 and int((mixed != outputs["on"]).sum()) > 50
     # references that registered onto each other far better than any query can (correlation above 1): the query's
     # registration is doubted, said in its warning, and it is segmented as the network alone segments it, at the
-    # threshold calibrated on the references although every class was to be fused
+    # threshold calibrated on the references although every class was to be segmented by the registration
     registered = {"off": {1: 0.3, 2: 0.3}, "on": {1: 0.4, 2: 0.4}, "registration": {1: 0.6, 2: 0.6}}
     monkeypatch.setattr(strategies, "fusion_comparison", lambda *args: strategies.FusionComparison(registered, 2.0))
     doubted, out = _fusion_run(tmp_path, capsys, "doubted", [REFERENCE, second])
@@ -432,11 +433,11 @@ def test_a_failed_registration_leaves_the_network_alone(monkeypatch):
 
 
 def test_the_registration_alone_does_not_run_the_network(monkeypatch):
-    """network_share 0 (--registration_fusion registration): the query is segmented by the references' registered
+    """registration_weight inf (--registration_fusion registration): the query is segmented by the references' registered
     labels alone, without one forward pass of the network on it, and still matches the truth."""
     from iris_nnu.inference.segmenter import Segmenter
 
-    predictor = IrisPredictor(registration_fusion=True, network_share=0.0)
+    predictor = IrisPredictor(registration_fusion=True, registration_weight=math.inf)
     predictor.initialize_from_model_folder(None)
     encoded = predictor.encode_references(parse_reference(REFERENCE, 1))
     task, _ = predictor.task_for_strategy(encoded.pool, "oneshot")
@@ -447,19 +448,24 @@ def test_the_registration_alone_does_not_run_the_network(monkeypatch):
     result = predictor.predict_case([f"{DEMO}/imagesTr/hippocampus_026_0000.nii.gz"], task)
     truth = sitk.GetArrayFromImage(sitk.ReadImage(f"{DEMO}/labelsTr/hippocampus_026.nii.gz"))
     assert float(np.mean(list(dice_per_class(truth, result.segmentation, [1, 2]).values()))) > 0.5
-    with pytest.raises(ValueError, match="network_share"):
-        IrisPredictor(registration_fusion=True, network_share=1.5)
+    with pytest.raises(ValueError, match="registration_weight"):
+        IrisPredictor(registration_fusion=True, registration_weight=-1.0)
 
 
 def test_a_task_saved_from_a_fused_run_records_the_networks_threshold(tmp_path: Path, capsys, monkeypatch):
-    """A fused run segments at 0.5, but its --save_task file is segmented later by the network alone: it records
-    the threshold calibrated for the network alone (here forced to 0.25), and the line says so."""
+    """A run by the registration alone segments at 0.5, but its --save_task file is segmented later by the network
+    alone: it records the threshold calibrated for the network alone (here forced to 0.25), and the line says so. A
+    fused run is decided at the network's threshold, and its task file records that one."""
     import iris_nnu.inference.strategies as strategies
     monkeypatch.setattr(strategies, "calibrated_threshold",
                         lambda *args, **kwargs: strategies.ThresholdCalibration(0.25, {0.25: 0.9, 0.5: 0.8}, 0.9))
     task = tmp_path / "task.pt"
-    _, out = _fusion_run(tmp_path, capsys, "fused", [REFERENCE], "--registration_fusion", "on",
+    _, out = _fusion_run(tmp_path, capsys, "registered", [REFERENCE], "--registration_fusion", "registration",
                          "--save_task", str(task))
-    assert "decision threshold 0.5: with --registration_fusion" in out
+    assert "decision threshold 0.5: with --registration_fusion registration" in out
     assert "the task file records decision threshold 0.25, the network's alone" in out
+    assert TaskEmbedding.load(task).decision_threshold == 0.25
+    _, out = _fusion_run(tmp_path, capsys, "fused", [REFERENCE], "--registration_fusion", "on",
+                         "--save_task", str(task), "--overwrite")
+    assert "decision threshold 0.25 from the references" in out and "the task file records" not in out, out
     assert TaskEmbedding.load(task).decision_threshold == 0.25

@@ -133,7 +133,7 @@ def test_threshold_option(tmp_path, capsys):
     assert main(["-i", str(tmp_path / "q"), "-o", str(tmp_path / "o3"), "--task", str(task)]) == 0
     assert "decision threshold 0.05, as the task file was calibrated" in capsys.readouterr().out
     assert main(["-i", str(tmp_path / "q"), "-o", str(tmp_path / "o4"), "-r", REFERENCE, "--threshold", "0.05",
-                 "--prior_alignment", "frames"]) == 0  # a task file holds no image to register to
+                 "--prior_alignment", "frames", "--registration_fusion", "off"]) == 0  # a task file holds no image
     assert main(["-i", str(tmp_path / "q"), "-o", str(tmp_path / "o5"), "--task", str(task), "--threshold",
                  "0.5"]) == 0
     out = {name: sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / "hippocampus_026.nii.gz")))
@@ -152,7 +152,7 @@ def _calibration_by_step(gains: dict[float, float]):
 
 def test_the_window_step_is_chosen_on_the_references(monkeypatch):
     """The denser step where the references gain at least STEP_MARGIN under it, else 0.5; the predictor's step is
-    left as it was, and run_threshold sets the chosen one (none without references, or fused for every class)."""
+    left as it was, and run_threshold sets the chosen one (none without references, or by the registration alone)."""
     predictor = IrisPredictor()
     predictor.initialize_from_model_folder(None)
     references = parse_reference(REFERENCE, 1)
@@ -180,9 +180,11 @@ def test_the_window_step_is_chosen_on_the_references(monkeypatch):
     assert run_threshold(predictor, AUTO_THRESHOLD, task, None, AUTO_STEP)[1] is None  # a task file
     assert predictor.tile_step_size == DEFAULT_STEP_SIZE
     predictor.tile_step_size = 0.7
-    set_fusion(predictor, "on")  # a reference registered onto itself says nothing
+    set_fusion(predictor, "registration")  # a reference registered onto itself says nothing
     assert run_threshold(predictor, AUTO_THRESHOLD, task, references, AUTO_STEP)[0] == 0.5
     assert predictor.tile_step_size == DEFAULT_STEP_SIZE
+    set_fusion(predictor, "on")  # fused: decided at the network's threshold, calibrated as the network alone
+    assert run_threshold(predictor, AUTO_THRESHOLD, task, references, AUTO_STEP)[0] == 0.2
 
 
 def test_step_size_option(tmp_path, capsys, monkeypatch):
@@ -267,12 +269,15 @@ def test_postprocess_auto_keeps_what_the_references_chose_and_a_task_file_record
     assert main(["-i", str(tmp_path / "q"), "-o", str(tmp_path / "o4"), "-r", REFERENCE, "--threshold", "0.4",
                  "-step_size", "0.5"]) == 0
     assert kept[-1] == [2] and "the references score better so" in capsys.readouterr().out
-    # fused per class: only the network's classes, whose references showed it, keep their largest component alone
+    # the network's classes and the fused ones (decided at the network's threshold) keep their largest component
+    # alone as the references showed; a class by the registration alone is its registered label, which they cannot test
     predictor = IrisPredictor()
     predictor.initialize_from_model_folder(None)
     references = parse_reference(REFERENCE, 1)
     task = predictor.encode_references(references).pool.mean()
-    for fusion, expected in (({1: "on", 2: "off"}, (2,)), ({1: "off", 2: "on"}, ()), ("on", ())):
+    for fusion, expected in (({1: "on", 2: "off"}, (2,)), ({1: "off", 2: "on"}, (2,)), ("on", (2,)),
+                             ({1: "off", 2: "registration"}, ()), ({1: "registration", 2: "off"}, (2,)),
+                             ("registration", ())):
         set_fusion(predictor, fusion)
         run_threshold(predictor, AUTO_THRESHOLD, task, references, AUTO_STEP, strategies.AUTO_POSTPROCESS)
         assert predictor.largest_component == expected, fusion

@@ -216,8 +216,9 @@ def test_widget_segments_as_iris_predict(viewer, qtbot, tmp_path):
     assert widget.segmentation_combo.currentText() == result.name  # the newest result, ready to save
 
     out = tmp_path / "cli"
+    # the widget segments by the network alone (no registration fusion there): as iris_predict without fusion
     assert iris_predict.main(["-i", image_path(QUERY), "-o", str(out), "-r",
-                              f"{image_path(REFERENCE)}:{label_path(REFERENCE)}"]) == 0
+                              f"{image_path(REFERENCE)}:{label_path(REFERENCE)}", "--registration_fusion", "off"]) == 0
     cli = sitk.ReadImage(str(out / f"{QUERY}.nii.gz"))
     expected = sitk.GetArrayFromImage(cli)
     assert set(np.unique(expected)) == {0, 1, 2}

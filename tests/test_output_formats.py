@@ -46,7 +46,10 @@ def dicom_world(tmp_path_factory) -> dict:
 
 
 def run(world: dict, *argv: str) -> None:
-    main(["-m", world["model"], "--disable_tta", *argv])
+    """iris_predict with the random-weight model, by the network alone unless --registration_fusion is given: the
+    outputs' formats are tested here, fusion in test_alignment.py."""
+    fusion = [] if "--registration_fusion" in argv else ["--registration_fusion", "off"]
+    main(["-m", world["model"], "--disable_tta", *fusion, *argv])
 
 
 def source_datasets(series: Path) -> list[pydicom.Dataset]:

@@ -107,7 +107,11 @@ def predictor(world) -> IrisPredictor:
 
 
 def run(world, *argv: str) -> None:
-    main(["-m", world["model"], "--disable_tta", *argv])
+    """iris_predict with the synthetic model, by the network alone unless --registration_fusion is given: these tests
+    compare -r runs with task files, folds, flips and the API, which segment without a registration (fusion is
+    test_alignment.py's)."""
+    fusion = [] if "--registration_fusion" in argv else ["--registration_fusion", "off"]
+    main(["-m", world["model"], "--disable_tta", *fusion, *argv])
 
 
 def read(path) -> tuple[np.ndarray, sitk.Image]:
@@ -227,9 +231,10 @@ def test_dicom_series_query_and_raw_folder_reference(world, tmp_path):
 # ------------------------------------------------------------------------------------- strategies
 def test_ensemble_of_two_identical_references_equals_oneshot(world, tmp_path):
     query = str(world["queries"] / "caseA_0000.nii.gz")
+    # fusion off: with one reference auto fuses; with two it would register the second copy onto the first, find it
+    # perfect and fuse
     run(world, "-i", query, "-o", str(tmp_path / "one"), "-r", world["ref"][0], "--strategy", "oneshot",
-        "--save_probabilities")
-    # fusion off: auto would register the second copy onto the first, find it perfect and fuse
+        "--save_probabilities", "--registration_fusion", "off")
     run(world, "-i", query, "-o", str(tmp_path / "two"), "-r", world["ref"][0], world["ref"][0],
         "--save_probabilities", "--registration_fusion", "off")
     np.testing.assert_array_equal(read(tmp_path / "one" / "caseA.nii.gz")[0],
@@ -356,7 +361,8 @@ def test_tune_changes_the_embedding_and_lowers_the_reference_loss(world, tmp_pat
     # CLI: the tuned task is what --save_task writes; reusing it gives the same output
     query = str(world["queries"] / "caseA_0000.nii.gz")
     run(world, "-i", query, "-o", str(tmp_path / "t"), "-r", world["ref"][0], "--strategy", "tune",
-        "--tune_steps", "1", "--tune_lr", "0.05", "--save_task", str(tmp_path / "tuned.pt"))
+        "--tune_steps", "1", "--tune_lr", "0.05", "--save_task", str(tmp_path / "tuned.pt"),
+        "--registration_fusion", "off")  # a task file segments by the network alone
     run(world, "-i", query, "-o", str(tmp_path / "u"), "--task", str(tmp_path / "tuned.pt"))
     np.testing.assert_array_equal(read(tmp_path / "t" / "caseA.nii.gz")[0], read(tmp_path / "u" / "caseA.nii.gz")[0])
 
@@ -713,7 +719,7 @@ def test_fold_ensemble_is_the_mean_of_the_folds_probabilities(world, tmp_path, c
         out = tmp_path / "_".join(folds)
         main(["-m", str(model), "-i", str(query), "-o", str(out), "-r", *world["ref"][:2], "--disable_tta",
               "-f", *folds, "--save_probabilities", "--threshold", "0.5",  # the labels checked at 0.5 below
-              "--postprocess", "none"])
+              "--postprocess", "none", "--registration_fusion", "off"])
         maps[" ".join(folds)] = np.load(out / "one.npz")["probabilities"].astype(np.float32), read(out / "one.nii.gz")[0]
     assert "by each of 2 folds" in capsys.readouterr().out
     (p0, s0), (p1, s1), (both, seg) = maps["0"], maps["1"], maps["0 1"]
@@ -728,7 +734,7 @@ def test_fold_ensemble_is_the_mean_of_the_folds_probabilities(world, tmp_path, c
     for strategy in ("retrieval", "tune"):  # each fold picks / tunes with its own embeddings
         out = tmp_path / strategy
         main(["-m", str(model), "-i", str(query), "-o", str(out), "-r", *world["ref"][:2], "--disable_tta",
-              "-f", "0", "1", "--strategy", strategy, "--tune_steps", "2"])
+              "-f", "0", "1", "--strategy", strategy, "--tune_steps", "2", "--registration_fusion", "off"])
         assert (read(out / "one.nii.gz")[0] > 0).sum() > 100
     for extra in (["--save_task", str(tmp_path / "t.pt")], ["--task", str(tmp_path / "t.pt")]):
         args = ["-m", str(model), "--disable_tta", "-f", "0", "1", "-i", str(query), "-o", str(tmp_path / "o")]
@@ -788,7 +794,8 @@ def test_mirrored_tta_makes_the_segmentation_follow_a_mirrored_scan(world, tmp_p
         for query, ref in ((world["queries"] / "caseA_0000.nii.gz", world["ref"][0]),
                            (tmp_path / "q", f"{tmp_path}/ref0.nii.gz:{tmp_path}/ref0_seg.nii.gz")):
             out = tmp_path / f"out{len(segmentations)}{''.join(extra)}"
-            main(["-m", world["model"], "-i", str(query), "-o", str(out), "-r", ref, *extra])
+            main(["-m", world["model"], "-i", str(query), "-o", str(out), "-r", ref, *extra,
+                  "--registration_fusion", "off"])
             segmentations.append(read(out / "caseA.nii.gz")[0])
         a, b = segmentations[0], np.flip(segmentations[1], 2)
         agreement[" ".join(extra)] = [2 * ((a == v) & (b == v)).sum() / max(1, (a == v).sum() + (b == v).sum())
@@ -801,7 +808,7 @@ def test_tta_task_files_and_problems(world, tmp_path, capsys):
     """--save_task with --tta keeps the flipped references' tokens: the task file segments as the references do."""
     query = world["queries"] / "caseA_0000.nii.gz"
     main(["-m", world["model"], "-i", str(query), "-o", str(tmp_path / "r"), "-r", world["ref"][0], "--tta",
-          "--save_task", str(tmp_path / "tta.pt")])
+          "--save_task", str(tmp_path / "tta.pt"), "--registration_fusion", "off"])
     main(["-m", world["model"], "-i", str(query), "-o", str(tmp_path / "t"), "--task", str(tmp_path / "tta.pt"),
           "--tta"])
     np.testing.assert_array_equal(read(tmp_path / "r" / "caseA.nii.gz")[0], read(tmp_path / "t" / "caseA.nii.gz")[0])

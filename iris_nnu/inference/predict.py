@@ -26,8 +26,8 @@ from iris_nnu.inference.runner import failure_line
 from iris_nnu.inference.segmenter import DEFAULT_PRECISION, MIN_STEP_SIZE, PRECISIONS, window_precision
 from iris_nnu.inference.strategies import (AUTO_FUSION, AUTO_POSTPROCESS, AUTO_STEP, AUTO_THRESHOLD,
                                           DEFAULT_STEP_SIZE, DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, DENSE_STEP_SIZE,
-                                          FUSION_SETTINGS, POSTPROCESS_SETTINGS, STEP_MARGIN, STRATEGIES,
-                                          run_fusion, run_threshold, set_fusion, task_file_threshold,
+                                          FUSION_SETTINGS, POSTPROCESS_SETTINGS, REGISTRATION_WEIGHT, STEP_MARGIN,
+                                          STRATEGIES, run_fusion, run_threshold, set_fusion, task_file_threshold,
                                           with_calibration)
 from iris_nnu.io.model_folder import DEFAULT_CHECKPOINT, DEFAULT_MODEL_FOLDER, model_folder_folds
 from iris_nnu.model.task import FORMAT_VERSION as TASK_FORMAT
@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "segmenting each once (measured: whole brains 0.543 with one P for all, 0.564 with one per "
                         "class; the abdomen 0.744 with Ps above 0.5, 0.615 without; no member lower; see the "
                         "README); with --task, the P(s) the task file was calibrated at (0.5 if none). --save_task "
-                        "records the run's P(s) in the task file (with registration fusion, the ones calibrated for "
-                        "the network alone, as a task file segments)")
+                        "records the run's P(s) in the task file (with --registration_fusion registration, the ones "
+                        "calibrated for the network alone, as a task file segments)")
     p.add_argument("-step_size", default=AUTO_STEP, metavar="S|auto",
                    help=f"sliding-window step as a fraction of the patch ({MIN_STEP_SIZE} to 1; nnU-Net's 0.5). auto: "
                         f"with -r, {DENSE_STEP_SIZE} where the task segments its own references better under it than "
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"segmenting each reference once more (measured on head-and-neck CT: 0.336 against 0.314 at "
                         f"0.5, chosen; brains and abdomen stay at {DEFAULT_STEP_SIZE}, as good as 0.5 with 14%% and 34%% "
                         f"fewer windows; see the README); with --task, the step the task file records "
-                        f"({DEFAULT_STEP_SIZE} if none); with every class fused with registration, {DEFAULT_STEP_SIZE}. "
+                        f"({DEFAULT_STEP_SIZE} if none); with --registration_fusion registration, {DEFAULT_STEP_SIZE}. "
                         f"--save_task records the run's step")
     add_device_argument(p)
     p.add_argument("--save_probabilities", action="store_true",
@@ -176,23 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "so it always uses frames (measured: affine is better on every member; see the README's "
                         "Results) (default: %(default)s)")
     p.add_argument("--registration_fusion", choices=FUSION_SETTINGS, nargs="?", const="on", default=AUTO_FUSION,
-                   help="on: average each class's probability, in equal shares, with the -r references' labels "
-                        "carried onto the query by a deformable registration (SimpleITK: affine and B-spline by "
-                        "mutual information, then demons; about 25 s per abdominal or head-and-neck query and "
-                        "reference on one thread), and segment at --threshold 0.5 unless one is given (a reference "
-                        "registered onto itself returns its own label, so the references cannot calibrate it). It "
-                        "helps where the network does not know the scans (one-shot, measured on abdominal MR left "
-                        "out of training: 0.795 against 0.665; ANTs SyN 0.721) and costs where it does (the "
-                        "hippocampus the model trained on: see the README's Results). registration: the registered "
-                        "labels alone, the network not run on the queries (head-and-neck CT left out of training: "
-                        "0.470, fused 0.421, the network 0.133, ANTs SyN 0.440). auto: with two or more -r references, "
-                        "the second is segmented from the first each way (off, on, registration) before the run and "
-                        "the best kept for each class (a line says which; costs about three queries' time, once; "
-                        "classes the network keeps are decided at the calibrated --threshold, fused ones at 0.5; a "
-                        "query whose registration correlates with it below 0.8 of the second reference's is "
-                        "segmented by the network alone, with a warning); with one reference, off. off: the "
-                        "network alone. A --task file holds no image: fusion needs -r. A bare --registration_fusion "
-                        "means on (default: %(default)s)")
+                   help="on: carry the -r references' labels onto the query by a deformable registration (SimpleITK: "
+                        "affine and B-spline by mutual information, then demons; about 25-40 s per abdominal, brain or "
+                        "head-and-neck query and reference on one thread) and add their evidence to each class's "
+                        f"logit ({REGISTRATION_WEIGHT:g} where the registered label covers a voxel, minus as much "
+                        "where it does not), decided at the network's --threshold: a confident network outvotes a "
+                        "registration gone astray. Measured one-shot from one reference on held-out queries, against "
+                        "the network alone: gains on the abdomen, the head-and-neck CT and the brains' deep "
+                        "structures, the hippocampus unchanged (see the README's Results). registration: the "
+                        "registered labels alone, decided at 0.5, the network not run on the queries. auto: with one "
+                        "-r reference, on; with two or more, the second is segmented from "
+                        "the first each way (off, on, registration) before the run and the best kept for each class "
+                        "(a line says which; costs about three queries' time, once; a query whose registration "
+                        "correlates with it below 0.8 of the second reference's is segmented by the network alone, "
+                        "with a warning). off: the network alone (faster by the registration). A --task file holds no "
+                        "image: fusion needs -r (auto is off). A bare --registration_fusion means on (default: "
+                        "%(default)s)")
     p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                    help="how the network computes the windows on a CPU: auto = bfloat16 on a CPU with AMX tiles "
                         "(Intel Xeon 4th generation and later: 13-18%% less time per window, Dice within 0.002 of "

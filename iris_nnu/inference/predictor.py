@@ -69,7 +69,7 @@ from iris_nnu.inference.strategies import (
     DEFAULT_THRESHOLD,
     DEFAULT_TUNE_LR,
     DEFAULT_TUNE_STEPS,
-    FUSION_WEIGHT,
+    REGISTRATION_WEIGHT,
     STRATEGIES,
     select_references,
     tune_task,
@@ -92,13 +92,21 @@ DEFAULT_MAP_MEMORY_GB = 1.0
 DEFAULT_PRIOR_ALIGNMENT = "affine"
 
 
-def fuse_with_atlas(logits: np.ndarray, atlas: np.ndarray, network_share: float | np.ndarray = FUSION_WEIGHT,
+def fuse_with_atlas(logits: np.ndarray, atlas: np.ndarray, weight: float | np.ndarray = REGISTRATION_WEIGHT,
                     ) -> np.ndarray:
-    """The logits of network_share * sigmoid(logits) + (1 - network_share) * atlas (both (K, ...), float32;
-    network_share one for all classes or one per class, (K,))."""
-    share = torch.as_tensor(np.asarray(network_share, dtype=np.float32)).reshape(-1, *[1] * (logits.ndim - 1))
-    probability = torch.sigmoid(torch.from_numpy(logits)).mul_(share).add_(torch.from_numpy(atlas) * (1 - share))
-    return torch.logit(probability).clamp_(-LOGIT_LIMIT, LOGIT_LIMIT).numpy()
+    """The network's logits with the registration's evidence added, logits + weight * (2 * atlas - 1) (both (K, ...),
+    float32; `weight` one for all classes or one per class, (K,)): a voxel the registered label covers gains `weight`,
+    one it leaves out loses it, and the network's decision threshold still decides, so a confident network outvotes a
+    registration that went astray. A class of weight inf is the registered label alone (its logit)."""
+    weights = np.broadcast_to(np.asarray(weight, dtype=np.float32), (logits.shape[0],))
+    fused = np.empty_like(logits, dtype=np.float32)
+    for k, w in enumerate(weights):
+        a = torch.from_numpy(np.asarray(atlas[k], dtype=np.float32))
+        if np.isinf(w):
+            fused[k] = torch.logit(a).clamp_(-LOGIT_LIMIT, LOGIT_LIMIT).numpy()
+        else:
+            fused[k] = logits[k] + float(w) * (2 * a.numpy() - 1)
+    return fused
 
 
 # A task of a run: one TaskEmbedding, or for a fold ensemble one per fold network (in the predictor's fold order)
@@ -240,13 +248,14 @@ class IrisPredictor:
             first reference encoded by `encode_references` (inference/alignment.py; the other references' priors are
             carried onto the first's grid at encoding), "frames" puts the two bodies' frames onto each other (also
             what a task file, which holds no image, gets).
-        registration_fusion: average each class's probability with the references' labels carried onto the query
+        registration_fusion: add to each class's logit the evidence of the references' labels carried onto the query
             by a registration (registration.registered_label_maps; references encoded by `encode_references`, not a
-            task file), the network's share `network_share` (FUSION_WEIGHT: equal shares; 0: the registration alone,
-            and the network is not run on the queries). `class_network_shares` (attribute, None by default) sets the
-            share per class value instead (strategies.set_fusion, --registration_fusion auto decided per class): a
-            class absent from it, or at share 1, is the network's alone at the run's decision threshold; the others
-            are decided at 0.5, as a run fused for all classes is. `registration_floor` (attribute, None by
+            task file): `registration_weight` logits where the registered label covers a voxel, minus as much where
+            it does not (fuse_with_atlas; REGISTRATION_WEIGHT by default), decided at the run's decision threshold;
+            inf: the registered label alone, decided at 0.5, and the network is not run on the queries.
+            `class_registration_weights` (attribute, None by default) sets the weight per class value instead
+            (strategies.set_fusion, --registration_fusion auto decided per class): a class absent from it, or at
+            weight 0, is the network's alone. `registration_floor` (attribute, None by
             default): a query whose registration looks less like it than this (registration_similarity) is segmented
             by the network alone, at the run's decision threshold (set_fusion; --registration_fusion auto sets it
             from the references).
@@ -262,7 +271,7 @@ class IrisPredictor:
                  position_prior: bool = True, verbose: bool = False, allow_tqdm: bool = False,
                  decision_threshold: DecisionThreshold = DEFAULT_THRESHOLD,
                  prior_alignment: str = DEFAULT_PRIOR_ALIGNMENT,
-                 registration_fusion: bool = False, network_share: float = FUSION_WEIGHT,
+                 registration_fusion: bool = False, registration_weight: float = REGISTRATION_WEIGHT,
                  precision: str = DEFAULT_PRECISION):
         if not MIN_STEP_SIZE <= tile_step_size <= 1:
             raise ValueError(f"step size must be in [{MIN_STEP_SIZE}, 1], got {tile_step_size}")
@@ -280,12 +289,13 @@ class IrisPredictor:
             raise ValueError(f"prior_alignment must be one of {PRIOR_ALIGNMENTS}, got {prior_alignment!r}")
         self.prior_alignment = prior_alignment
         self.registration_fusion = registration_fusion
-        if not 0 <= network_share <= 1:
-            raise ValueError(f"network_share must be in [0, 1], got {network_share}")
-        self.network_share = network_share
+        if not registration_weight >= 0:
+            raise ValueError(f"registration_weight must be 0 or more (inf: the registration alone), got "
+                             f"{registration_weight}")
+        self.registration_weight = registration_weight
         window_precision(precision, device)  # refuses an unknown one
         self.precision = precision
-        self.class_network_shares: dict[int, float] | None = None
+        self.class_registration_weights: dict[int, float] | None = None
         self.registration_floor: float | None = None
         # the references queries are registered to (encode_references sets them; a loaded task has none)
         self.alignment_anchors: list[AlignmentAnchor] = []
@@ -558,11 +568,12 @@ class IrisPredictor:
         per_voxel = 2 if self.num_folds == 1 else 10  # fp16 logits; an ensemble adds its fp32 sum and a sigmoid
         return max(1, int(self.map_memory_bytes // (per_voxel * voxels)))
 
-    def fusion_shares(self, classes: Sequence[int]) -> np.ndarray:
-        """The network's share of each class's fused probability (K,): 1 for a class the network segments alone."""
-        if self.class_network_shares is None:
-            return np.full(len(classes), self.network_share, np.float32)
-        return np.array([self.class_network_shares.get(int(c), 1.0) for c in classes], np.float32)
+    def fusion_weights(self, classes: Sequence[int]) -> np.ndarray:
+        """Each class's registration weight (K,): 0 for a class the network segments alone, inf for one the
+        registration segments alone."""
+        if self.class_registration_weights is None:
+            return np.full(len(classes), self.registration_weight, np.float32)
+        return np.array([self.class_registration_weights.get(int(c), 0.0) for c in classes], np.float32)
 
     def segment_preprocessed(self, data: np.ndarray, properties: dict, task: Tasks, *, export: bool = True,
                              probabilities: bool = False, preprocessed_labels: bool = False,
@@ -585,10 +596,10 @@ class IrisPredictor:
         cropped_shape = tuple(properties["shape_after_cropping_and_before_resampling"])
         per_export = max(1, int(self.map_memory_bytes // (8 * np.prod(data.shape[1:]) + 4 * np.prod(cropped_shape))))
         floors = threshold_logits(threshold or self.decision_threshold, classes)  # 0 for 0.5
-        shares = self.fusion_shares(classes)
-        # a fused class is decided at 0.5 on its fused map (the thresholds calibrated for the network alone are not
-        # its), and competes with the other classes by that map's own logit
-        exported = floors if atlas is None else np.where(shares < 1, 0, floors)  # Winner makes it float32
+        weights = self.fusion_weights(classes)
+        # a fused class is the network's logit moved by the registration's evidence: decided at the network's
+        # threshold; a class by the registration alone is its registered label, decided at 0.5
+        exported = floors if atlas is None else np.where(np.isinf(weights), 0, floors)  # Winner makes it float32
         original = Winner(cropped_shape, exported) if export or scores else None
         preprocessed = Winner(data.shape[1:], floors) if preprocessed_labels else None
         probs = np.zeros((k_total, *cropped_shape), dtype=np.float16) if probabilities else None
@@ -596,8 +607,8 @@ class IrisPredictor:
         if frame is None and self.position_grid and self.position_prior:
             frame = scan_frame(properties)
         segmenter = self.segmenter()
-        # the registration alone (network_share 0) needs no network output in the original geometry
-        registration_only = atlas is not None and not shares.any() and preprocessed is None
+        # the registration alone (weight inf) needs no network output in the original geometry
+        registration_only = atlas is not None and np.isinf(weights).all() and preprocessed is None
         for start in range(0, k_total, per_pass):
             stop = min(start + per_pass, k_total)
             logits = None if registration_only else segmenter.logits(image, tasks, frame, classes[start:stop])
@@ -612,7 +623,7 @@ class IrisPredictor:
                                                               self.configuration_manager, properties)
                     span = slice(start + sub, start + sub + resampled.shape[0])
                     if atlas is not None:
-                        resampled = fuse_with_atlas(resampled, atlas[span], shares[span])
+                        resampled = fuse_with_atlas(resampled, atlas[span], weights[span])
                     if probs is not None:
                         probs[span] = 1 / (1 + np.exp(-resampled))
                     original.update(resampled, start + sub)

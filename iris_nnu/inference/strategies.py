@@ -10,6 +10,7 @@ whether a run fuses Iris with registration, measured on its references by defaul
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -53,12 +54,17 @@ AUTO_POSTPROCESS = "auto"
 POSTPROCESS_SETTINGS = (AUTO_POSTPROCESS, "none", "largest_component")
 LISTED_CLASSES = 12  # class values a line names before "..."
 AUTO_FUSION = "auto"
-# --registration_fusion on: the network's probability and the registered references' label in equal shares (benchmarks/
-# registration_fusion.py, abdominal MR never trained on, 11 queries: 0.727; 0.3 : 0.7 gave 0.717, 0.7 : 0.3 0.700)
-FUSION_WEIGHT = 0.5
-# a run's registration fusion -> the network's share of each class's probability (None: no registration)
-NETWORK_SHARES: dict[str, float | None] = {"off": None, "on": FUSION_WEIGHT, "registration": 0.0}
-FUSION_SETTINGS = (AUTO_FUSION, *NETWORK_SHARES)  # iris_predict --registration_fusion
+# --registration_fusion on: REGISTRATION_WEIGHT logits added to a class's logit where the registered references' label
+# covers a voxel, and taken away where it does not, decided at the network's calibrated threshold (fuse_with_atlas).
+# Measured offline (stage 20; one reference; the network alone / its probability averaged with the label in equal
+# shares, as before 2026-12-07 / this rule at weights 1, 2, 3, 4): abdomen, 6 references x 3 queries, 0.647 / 0.647 /
+# 0.679, 0.693, 0.695, 0.685; hippocampus, 20 queries, 0.815 / 0.775 / 0.816, 0.815, 0.813, 0.809. Equal shares at 0.5
+# made the registered label decide alone (any voxel it covers passes, any other fails) wherever the registration went
+# astray; this rule lets a confident network outvote it.
+REGISTRATION_WEIGHT = 2.0
+# a run's registration fusion -> each class's registration weight (None: no registration; inf: the registration alone)
+REGISTRATION_WEIGHTS: dict[str, float | None] = {"off": None, "on": REGISTRATION_WEIGHT, "registration": math.inf}
+FUSION_SETTINGS = (AUTO_FUSION, *REGISTRATION_WEIGHTS)  # iris_predict --registration_fusion
 # --registration_fusion auto: a query whose registration looks less like it than this share of the references' (the
 # correlation, registration_similarity) is segmented by the network alone. Head-and-neck CT, six queries onto one
 # reference (0.83 onto the other): the three at 0.75 and below lost their organs (registration Dice 0.00-0.13),
@@ -322,17 +328,18 @@ def run_threshold(predictor: IrisPredictor, setting: float | str, task: Tasks,
     AUTO_POSTPROCESS, the classes whose largest connected component alone it keeps (predictor.largest_component): those
     whose references score better so under the run's threshold (components_that_help, from the segmentations the
     calibration made; with a threshold and a step given, one segmentation per reference), else the ones a task file
-    records; none in a run fused with registration for every class, nor for the classes fused in a run that fuses some
-    (a reference registered onto itself is its own label)."""
+    records; none in a run segmented by the registration alone, nor for such classes in a run that fuses per class (a
+    reference registered onto itself is its own label)."""
     threshold, line, calibration = _threshold_and_step(predictor, setting, task, references, step)
     if postprocess != AUTO_POSTPROCESS:
         return threshold, line
-    if references and not _fused_for_every_class(predictor):
+    if references and not _registration_for_every_class(predictor):
         if calibration is None:  # a threshold and a step given: the references are not segmented yet
             calibration = calibrated_threshold(predictor, references, task, (float(threshold),))
-        shares = predictor.class_network_shares if predictor.registration_fusion else None
-        # a class fused per class (run_fusion) is decided on the fused map, which its reference cannot test
-        kept = tuple(c for c in calibration.largest_component if shares is None or shares.get(c, 1.0) == 1.0)
+        weights = predictor.class_registration_weights if predictor.registration_fusion else None
+        # a class by the registration alone (run_fusion) is its registered label, which its reference cannot test
+        kept = tuple(c for c in calibration.largest_component
+                     if weights is None or not math.isinf(weights.get(c, 0.0)))
     else:
         kept = () if references else (_recorded(predictor, task, "largest_component") or ())
     predictor.largest_component = kept
@@ -362,11 +369,11 @@ def _threshold_and_step(predictor: IrisPredictor, setting: float | str, task: Ta
         if step == AUTO_STEP and not references and stored_step is not None:
             predictor.tile_step_size = stored_step
             step_line = f"window step {stored_step}, as the task file was calibrated"
-    # fused for every class: measured 0.5 above the Iris-alone calibration (abdomen 0.727 vs 0.714); fused per class
-    # (run_fusion's choices): the fused classes are decided at 0.5 (IrisPredictor.segment_preprocessed), the
-    # network's, and a query that falls back to the network (registration_floor), at the calibrated threshold
-    fused = _fused_for_every_class(predictor)
-    if step == AUTO_STEP and references and not fused:
+    # a fused class is decided at the network's calibrated threshold (fuse_with_atlas adds the registration's evidence
+    # to its logit), so the references calibrate a fused run as they do the network alone; only the registration alone
+    # (every class) has nothing to calibrate (IrisPredictor.segment_preprocessed decides it at 0.5)
+    registration_alone = _registration_for_every_class(predictor)
+    if step == AUTO_STEP and references and not registration_alone:
         calibrated = setting == AUTO_THRESHOLD
         window = calibrated_window(predictor, references, task,
                                    CALIBRATION_THRESHOLDS if calibrated else (float(setting),))
@@ -374,10 +381,10 @@ def _threshold_and_step(predictor: IrisPredictor, setting: float | str, task: Ta
         return window.threshold, window.line(calibrated), window.calibrations[window.step]
     if setting != AUTO_THRESHOLD:
         return float(setting), step_line, None
-    if fused:
-        return DEFAULT_THRESHOLD, (f"decision threshold {DEFAULT_THRESHOLD}: with --registration_fusion a reference "
-                                   f"registered onto itself returns its own label, so it cannot calibrate the "
-                                   f"run"), None
+    if registration_alone:
+        return DEFAULT_THRESHOLD, (f"decision threshold {DEFAULT_THRESHOLD}: with --registration_fusion registration a "
+                                   f"reference registered onto itself returns its own label, so it cannot calibrate "
+                                   f"the run"), None
     if references:
         calibration = calibrated_threshold(predictor, references, task)
         return calibration.threshold, (f"decision threshold {describe_threshold(calibration.threshold)} from the "
@@ -390,9 +397,10 @@ def _threshold_and_step(predictor: IrisPredictor, setting: float | str, task: Ta
     return DEFAULT_THRESHOLD, step_line, None
 
 
-def _fused_for_every_class(predictor: IrisPredictor) -> bool:
-    """Whether the run fuses every class with registration (its references cannot calibrate it)."""
-    return predictor.registration_fusion and predictor.class_network_shares is None
+def _registration_for_every_class(predictor: IrisPredictor) -> bool:
+    """Whether the run segments every class by the registration alone (its references cannot calibrate it)."""
+    return (predictor.registration_fusion and predictor.class_registration_weights is None
+            and math.isinf(predictor.registration_weight))
 
 
 def _recorded(predictor: IrisPredictor, task: Tasks, field: str):
@@ -403,10 +411,11 @@ def _recorded(predictor: IrisPredictor, task: Tasks, field: str):
 
 def task_file_threshold(predictor: IrisPredictor, setting: float | str, task: Tasks,
                         references: Sequence[ReferenceCase] | None) -> tuple[DecisionThreshold, str | None]:
-    """The decision threshold a --save_task file records, and a line when it is not the run's: the run's, except in a
-    run fused with registration, where it is the one run_threshold gives the network alone (a task file segments by
-    the network alone: it holds no reference image to register)."""
-    if not predictor.registration_fusion:
+    """The decision threshold a --save_task file records, and a line when it is not the run's: the run's (a fused run
+    is decided at the network's), except in a run segmented by the registration alone, where it is the one
+    run_threshold gives the network alone (a task file segments by the network alone: it holds no reference image to
+    register)."""
+    if not _registration_for_every_class(predictor):
         return predictor.decision_threshold, None
     predictor.registration_fusion = False
     try:
@@ -435,15 +444,14 @@ def set_fusion(predictor: IrisPredictor, setting: str | Mapping[int, str], simil
     segmented by the network alone (IrisPredictor.registration_floor)."""
     predictor.registration_floor = similarity_floor
     if isinstance(setting, str):
-        share = NETWORK_SHARES[setting]
-        predictor.registration_fusion = share is not None
-        predictor.class_network_shares = None
-        if share is not None:
-            predictor.network_share = share
+        weight = REGISTRATION_WEIGHTS[setting]
+        predictor.registration_fusion = weight is not None
+        predictor.class_registration_weights = None
+        if weight is not None:
+            predictor.registration_weight = weight
         return
-    predictor.registration_fusion = True  # the network alone: share 1
-    predictor.class_network_shares = {int(c): 1.0 if NETWORK_SHARES[s] is None else NETWORK_SHARES[s]
-                                      for c, s in setting.items()}
+    predictor.registration_fusion = True  # the network alone: weight 0
+    predictor.class_registration_weights = {int(c): REGISTRATION_WEIGHTS[s] or 0.0 for c, s in setting.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,7 +467,8 @@ def fusion_comparison(predictor: IrisPredictor, first: ReferenceCase, second: Re
                       classes: Sequence[int] | None = None) -> FusionComparison:
     """Dice per class of `second` segmented one-shot from `first` (the classes both hold), per fusion setting: "off"
     (the network alone at the threshold calibrated on `first`, a run's default), "on" (fused with `first`'s label
-    registered onto it, at 0.5) and "registration" (that label alone, at 0.5); empty where they share no class.
+    registered onto it, at that threshold) and "registration" (that label alone, at 0.5); empty where they share no
+    class.
     Leaves the predictor's references, threshold and fusion setting changed: encode the run's references after it."""
     set_fusion(predictor, "on")  # `first` keeps its atlas; queries keep their original grid
     encoded = predictor.encode_references([first], classes)
@@ -467,20 +476,21 @@ def fusion_comparison(predictor: IrisPredictor, first: ReferenceCase, second: Re
     truth = read_label(second.label, reader_writer_for(second.label, predictor.reader_writer_class))[0]
     held = [c for c in predictor.per_fold(task)[0].classes if (truth == c).any()]
     if not held:
-        return FusionComparison({setting: {} for setting in NETWORK_SHARES}, None)
+        return FusionComparison({setting: {} for setting in REGISTRATION_WEIGHTS}, None)
     predictor.follow(task)
     query = predictor.query_preparation(second.images)  # read and preprocessed once, its original grid kept
     registered, _ = predictor.registered_atlas(query, list(predictor.per_fold(task)[0].classes))  # registered once
     segmentations = {}
+    calibrated = calibrated_threshold(predictor, [first], task).threshold  # the network alone on `first`
     for setting in ("on", "registration") if registered is not None else ():  # failed: the network alone
         set_fusion(predictor, setting)
-        predictor.decision_threshold = DEFAULT_THRESHOLD
+        predictor.decision_threshold = calibrated
         segmentations[setting] = predictor.predict_prepared(query, task, atlas=registered.maps).segmentation
     set_fusion(predictor, "off")
-    predictor.decision_threshold = calibrated_threshold(predictor, [first], task).threshold
+    predictor.decision_threshold = calibrated
     segmentations["off"] = predictor.predict_prepared(query, task).segmentation
     return FusionComparison({setting: dice_per_class(truth, segmentations[setting], held)
-                             if setting in segmentations else {} for setting in NETWORK_SHARES},
+                             if setting in segmentations else {} for setting in REGISTRATION_WEIGHTS},
                             None if registered is None else registered.similarity)
 
 
@@ -497,21 +507,22 @@ def run_fusion(predictor: IrisPredictor, setting: str, references: Sequence[Refe
                classes: Sequence[int] | None = None) -> FusionChoice:
     """The fusion a run segments with (set_fusion applies it). A setting other than AUTO_FUSION as given.
     AUTO_FUSION: with two or more references, the second segmented from the first each way (fusion_comparison) and
-    the best kept for each class, the network alone on a tie (a class the second lacks: the network alone): fusion
-    helps where the network does not know the scans (abdominal MR never trained on: +0.13), the registration alone
-    where the network adds nothing (head-and-neck CT never trained on), and both cost where the network knows the
-    scans (the hippocampus: -0.07); on whole brains deep structures gain from fusion and cortical parcels lose
-    (README Results), hence per class. Where some class is fused, the choice is per class (the network's classes then
-    calibrated, run_threshold), and a query whose registration looks less alike than SIMILARITY_SHARE of the
+    the best kept for each class, the network alone on a tie (a class the second lacks: the network alone): the
+    registration alone wins where the network adds nothing (head-and-neck CT never trained on), the network alone or
+    the fusion where it knows the scans, and on whole brains the deep structures and the cortical parcels differ
+    (README Results), hence per class. Where some class is chosen otherwise than the rest, the choice is per class,
+    and a query whose registration looks less alike than SIMILARITY_SHARE of the
     second reference's is segmented by the network alone: one pair of references that register well says little of
-    a query cut differently. With one reference or a task file, nothing measures it, and it stays off. Call it before
-    encoding the run's references."""
+    a query cut differently. With one reference nothing measures it, and every class is fused ("on"): the network's
+    calibrated decision moved by the registration's evidence cost no member and gained on three (REGISTRATION_WEIGHT;
+    README Results). A task file holds no image: off. Call it before encoding the run's references."""
     if setting != AUTO_FUSION:
         return FusionChoice(setting, None, None)
     if not references or len(references) < 2:
         if references:
-            return FusionChoice("off", None, "registration fusion off: with one reference nothing measures whether "
-                                             "it helps (--registration_fusion on forces it)")
+            return FusionChoice("on", None, "registration fusion on: with one reference the network's decision is "
+                                            "moved by its label registered onto each query (--registration_fusion off: "
+                                            "the network alone)")
         return FusionChoice("off", None, None)
     try:
         comparison = fusion_comparison(predictor, references[0], references[1], classes)
@@ -520,20 +531,20 @@ def run_fusion(predictor: IrisPredictor, setting: str, references: Sequence[Refe
     dice = comparison.dice
     means = {s: float(np.mean(list(d.values()))) if d else float("nan") for s, d in dice.items()}
     held = sorted(set().union(*dice.values()))
-    # max keeps the first of equals in NETWORK_SHARES' order (the network alone first); unscored loses
-    choice = {c: max(NETWORK_SHARES, key=lambda s: dice[s].get(c, -1.0)) for c in held}
+    # max keeps the first of equals in REGISTRATION_WEIGHTS' order (the network alone first); unscored loses
+    choice = {c: max(REGISTRATION_WEIGHTS, key=lambda s: dice[s].get(c, -1.0)) for c in held}
     described = {"off": "by the network alone", "on": "fused", "registration": "by the registration alone"}
     measured = f"{references[1].name} segmented from {references[0].name}"
     if len(set(choice.values())) > 1:
         mixed = float(np.mean([dice[choice[c]][c] for c in held]))
         counts = ", ".join(f"{described[s].removeprefix('by ')} for {sum(v == s for v in choice.values())}"
-                           for s in NETWORK_SHARES if s in choice.values())
-        scores = ", ".join(f"{means[s]:.3f} {described[s]}" for s in NETWORK_SHARES)
+                           for s in REGISTRATION_WEIGHTS if s in choice.values())
+        scores = ", ".join(f"{means[s]:.3f} {described[s]}" for s in REGISTRATION_WEIGHTS)
         line = (f"registration fusion per class: {measured} scores {mixed:.3f} with {counts} of its {len(held)} "
                 f"classes (for all: {scores})")
     else:
         best = next(iter(choice.values()), "off")
-        scores = ", ".join(f"{means[s]:.3f} {described[s]}" for s in sorted(NETWORK_SHARES, key=lambda s: s != best))
+        scores = ", ".join(f"{means[s]:.3f} {described[s]}" for s in sorted(REGISTRATION_WEIGHTS, key=lambda s: s != best))
         line = f"registration fusion {best}: {measured} scores {scores}"
         if best == "off":
             return FusionChoice("off", None, line)
