@@ -23,6 +23,7 @@ from iris_nnu.inference.alignment import (
 )
 from iris_nnu.inference.evaluate import dice_per_class
 from iris_nnu.inference.predict import main as predict_main
+from iris_nnu.inference.predictor import fuse_with_atlas
 from iris_nnu.inference.registration import RegistrationAtlas, registered_label_maps, warp_masks
 from iris_nnu.model import TaskEmbedding
 from iris_nnu.model.position import ScanFrame, position_prior_from_labels
@@ -291,6 +292,20 @@ def test_registration_fusion_segments_and_needs_the_references(tmp_path: Path, c
                                                              "--task", str(task), "--registration_fusion"])
     assert "give them with -r" in line
     assert not (tmp_path / "task").exists()
+
+
+def test_a_confident_network_outvotes_the_registration_and_an_unsure_one_follows_it():
+    """fuse_with_atlas adds +-weight to the network's logit where the registered label covers a voxel or not: a
+    confident network keeps its call against the registration, an unsure one (near its threshold, logit 0 here) takes
+    the registration's; a class of weight inf is its registered label alone, 0 the network alone."""
+    logits = np.array([[4.0, -4.0, 0.5, -0.5], [4.0, -4.0, 0.5, -0.5]], dtype=np.float32)
+    atlas = np.array([[0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 1.0]], dtype=np.float32)
+    fused = fuse_with_atlas(logits, atlas, 2.0)
+    np.testing.assert_allclose(fused[0], [2.0, -2.0, -1.5, 1.5])
+    assert ((fused > 0) == [[True, False, False, True]] * 2).all()
+    mixed = fuse_with_atlas(logits, atlas, np.array([0.0, np.inf], dtype=np.float32))
+    np.testing.assert_array_equal(mixed[0], logits[0])
+    assert ((mixed[1] > 0) == atlas[1].astype(bool)).all()
 
 
 def _fusion_run(tmp_path: Path, capsys, name: str, references: list[str], *options: str) -> tuple[np.ndarray, str]:

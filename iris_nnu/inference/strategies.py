@@ -58,7 +58,9 @@ AUTO_FUSION = "auto"
 # covers a voxel, and taken away where it does not, decided at the network's calibrated threshold (fuse_with_atlas).
 # Measured offline (stage 20; one reference; the network alone / its probability averaged with the label in equal
 # shares, as before 2026-12-07 / this rule at weights 1, 2, 3, 4): abdomen, 6 references x 3 queries, 0.647 / 0.647 /
-# 0.679, 0.693, 0.695, 0.685; hippocampus, 20 queries, 0.815 / 0.775 / 0.816, 0.815, 0.813, 0.809. Equal shares at 0.5
+# 0.679, 0.693, 0.695, 0.685; hippocampus, 20 queries, 0.815 / 0.775 / 0.816, 0.815, 0.813, 0.809; head-and-neck CT,
+# 6 queries, 0.339 / 0.568 / 0.380, 0.441, 0.493, 0.515 (its network is weaker than its registration: with two
+# references `auto` can pick the registration alone per class). Equal shares at 0.5
 # made the registered label decide alone (any voxel it covers passes, any other fails) wherever the registration went
 # astray; this rule lets a confident network outvote it.
 REGISTRATION_WEIGHT = 2.0
