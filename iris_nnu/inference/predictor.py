@@ -99,13 +99,12 @@ def fuse_with_atlas(logits: np.ndarray, atlas: np.ndarray, weight: float | np.nd
     one it leaves out loses it, and the network's decision threshold still decides, so a confident network outvotes a
     registration that went astray. A class of weight inf is the registered label alone (its logit)."""
     weights = np.broadcast_to(np.asarray(weight, dtype=np.float32), (logits.shape[0],))
-    fused = np.empty_like(logits, dtype=np.float32)
+    fused = np.empty(logits.shape, dtype=np.float32)
     for k, w in enumerate(weights):
-        a = torch.from_numpy(np.asarray(atlas[k], dtype=np.float32))
-        if np.isinf(w):
-            fused[k] = torch.logit(a).clamp_(-LOGIT_LIMIT, LOGIT_LIMIT).numpy()
+        if np.isinf(w):  # the registered label's own logit
+            fused[k] = torch.logit(torch.from_numpy(atlas[k].astype(np.float32))).clamp_(-LOGIT_LIMIT, LOGIT_LIMIT)
         else:
-            fused[k] = logits[k] + float(w) * (2 * a.numpy() - 1)
+            fused[k] = logits[k] + w * (2 * atlas[k] - 1)
     return fused
 
 
