@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "Results) (default: %(default)s)")
     p.add_argument("--registration_fusion", choices=FUSION_SETTINGS, nargs="?", const="on", default=AUTO_FUSION,
                    help="on: carry the -r references' labels onto the query by a deformable registration (SimpleITK: "
-                        "affine and B-spline by mutual information, then demons; about 25-40 s per abdominal, brain or "
-                        "head-and-neck query and reference on one thread) and add their evidence to each class's "
+                        "affine and B-spline by mutual information, then demons; about 20-30 s per abdominal, brain or "
+                        "head-and-neck query and reference on one thread, under a second for hippocampus crops) and add their evidence to each class's "
                         f"logit ({REGISTRATION_WEIGHT:g} where the registered label covers a voxel, minus as much "
                         "where it does not), decided at the network's --threshold: a confident network outvotes a "
                         "registration gone astray. Measured one-shot from one reference on held-out queries, against "
