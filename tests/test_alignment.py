@@ -205,6 +205,15 @@ def test_registered_label_maps_follow_a_deformed_query():
         assert again > 0.98, (k, again)
 
 
+def _moved_and_bent_pair() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A reference (48 x 48 x 40 voxels of 2 mm: a grid too short for the B-spline) with one labelled box, and a
+    query moved and bent from it with its true labels."""
+    reference = _textured_body((48, 48, 40), seed=3)
+    labels = np.zeros(reference.shape, np.int16)
+    labels[12:22, 14:26, 10:20] = 1
+    return reference, labels, _deformed(reference, 1), _deformed(labels, 0)
+
+
 def test_a_b_spline_that_fails_leaves_the_affine_and_demons(monkeypatch):
     """L-BFGS-B can step the B-spline off the moving scan (SimpleITK raises): the registration keeps its affine and
     demons instead of failing, and still carries the labels onto a moved and bent query."""
@@ -224,10 +233,7 @@ def test_a_b_spline_that_fails_leaves_the_affine_and_demons(monkeypatch):
     monkeypatch.setattr(registration, "_method", lambda grid, stage, *args: (
         FailingMethod() if stage == "bspline" else real_method(grid, stage, *args)))
     monkeypatch.setattr(registration, "MIN_BSPLINE_GRID_VOXELS", 0)  # this small grid would skip the B-spline
-    reference = _textured_body((48, 48, 40), seed=3)
-    labels = np.zeros(reference.shape, np.int16)
-    labels[12:22, 14:26, 10:20] = 1
-    query, truth = _deformed(reference, 1), _deformed(labels, 0)
+    reference, labels, query, truth = _moved_and_bent_pair()
     maps = registered_label_maps(query, (2.0, 2.0, 2.0), [RegistrationAtlas(reference, labels, (1,), (2.0,) * 3)],
                                  [1]).maps
     assert len(failures) == 1
@@ -244,10 +250,7 @@ def test_a_grid_shorter_than_the_b_splines_minimum_skips_it(monkeypatch):
     stages = []
     monkeypatch.setattr(registration, "_method", lambda grid, stage, *args: (
         stages.append(stage) or real_method(grid, stage, *args)))
-    reference = _textured_body((48, 48, 40), seed=3)
-    labels = np.zeros(reference.shape, np.int16)
-    labels[12:22, 14:26, 10:20] = 1
-    query, truth = _deformed(reference, 1), _deformed(labels, 0)
+    reference, labels, query, truth = _moved_and_bent_pair()
     atlas = RegistrationAtlas(reference, labels, (1,), (2.0,) * 3)
     maps = registered_label_maps(query, (2.0, 2.0, 2.0), [atlas], [1]).maps
     assert stages == ["affine"]
@@ -369,8 +372,8 @@ def test_registration_fusion_auto_is_measured_on_the_references(tmp_path: Path, 
     measured = re.search(r"registration fusion (off|on|registration): hippocampus_040 segmented from hippocampus_004 "
                          r"scores (.*?)(;|$)", out, re.MULTILINE)
     assert measured, out
-    described = {"off": "by the network alone", "on": "fused", "registration": "by the registration alone"}
-    scores = {s: float(re.search(rf"(\d\.\d{{3}}) {d}", measured[2])[1]) for s, d in described.items()}
+    scores = {s: float(re.search(rf"(\d\.\d{{3}}) {d}", measured[2])[1])
+              for s, d in strategies.FUSION_DESCRIPTIONS.items()}
     chosen = measured[1]
     assert scores[chosen] == max(scores.values()) and scores["off"] > 0.5, measured[0]
     off, _ = _fusion_run(tmp_path, capsys, "off", [REFERENCE, second], "--registration_fusion", "off")

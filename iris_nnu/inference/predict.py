@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registration_fusion", choices=FUSION_SETTINGS, nargs="?", const="on", default=AUTO_FUSION,
                    help="on: carry the -r references' labels onto the query by a deformable registration (SimpleITK: "
                         "affine and B-spline by mutual information, then demons; about 20-30 s per abdominal, brain or "
-                        "head-and-neck query and reference on one thread, under a second for hippocampus crops) and add their evidence to each class's "
+                        "head-and-neck query and reference on one thread, under a second for hippocampus crops) and "
+                        "add their evidence to each class's "
                         f"logit ({REGISTRATION_WEIGHT:g} where the registered label covers a voxel, minus as much "
                         "where it does not), decided at the network's --threshold: a confident network outvotes a "
                         "registration gone astray. Measured one-shot from one reference on held-out queries, against "

@@ -67,6 +67,8 @@ REGISTRATION_WEIGHT = 2.0
 # a run's registration fusion -> each class's registration weight (None: no registration; inf: the registration alone)
 REGISTRATION_WEIGHTS: dict[str, float | None] = {"off": None, "on": REGISTRATION_WEIGHT, "registration": math.inf}
 FUSION_SETTINGS = (AUTO_FUSION, *REGISTRATION_WEIGHTS)  # iris_predict --registration_fusion
+# how run_fusion's line names each way a reference was segmented
+FUSION_DESCRIPTIONS = {"off": "by the network alone", "on": "fused", "registration": "by the registration alone"}
 # --registration_fusion auto: a query whose registration looks less like it than this share of the references' (the
 # correlation, registration_similarity) is segmented by the network alone. Head-and-neck CT, six queries onto one
 # reference (0.83 onto the other): the three at 0.75 and below lost their organs (registration Dice 0.00-0.13),
@@ -535,7 +537,7 @@ def run_fusion(predictor: IrisPredictor, setting: str, references: Sequence[Refe
     held = sorted(set().union(*dice.values()))
     # max keeps the first of equals in REGISTRATION_WEIGHTS' order (the network alone first); unscored loses
     choice = {c: max(REGISTRATION_WEIGHTS, key=lambda s: dice[s].get(c, -1.0)) for c in held}
-    described = {"off": "by the network alone", "on": "fused", "registration": "by the registration alone"}
+    described = FUSION_DESCRIPTIONS
     measured = f"{references[1].name} segmented from {references[0].name}"
     if len(set(choice.values())) > 1:
         mixed = float(np.mean([dice[choice[c]][c] for c in held]))
