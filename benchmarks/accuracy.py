@@ -71,7 +71,7 @@ from iris_nnu.inference.registration import (  # noqa: E402
     SAMPLING,
     register_label,
 )
-from iris_nnu.inference.plans import MODALITIES  # noqa: E402
+from iris_nnu.inference.plans import AUTO_MODALITY, MODALITIES  # noqa: E402
 from iris_nnu.inference.segmenter import DEFAULT_PRECISION, PRECISIONS  # noqa: E402
 from iris_nnu.inference.strategies import (  # noqa: E402
     AUTO_FUSION,
@@ -215,6 +215,10 @@ def run_dataset(args: argparse.Namespace, predictor: IrisPredictor, folder: Path
     classes = sorted(names)
     n = args.n_references
     cases = [case for r in refs for case in parse_reference(f"{image_file(folder, r)}:{label_file(folder, r)}", 1)]
+    if args.modality == AUTO_MODALITY:  # as iris_predict: from the first reference
+        modality, line = predictor.detect_modality([image_file(folder, refs[0])])
+        predictor.use_modality(modality)
+        print(f"[{folder.name}] {line}", file=sys.stderr)
     methods: dict[str, dict] = {}
     base_step = DEFAULT_STEP_SIZE if args.step_size == AUTO_STEP else args.step_size
     # method name -> (--methods option, strategy, references, classes per pass, largest component only,
@@ -429,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="picks the references; seeds the registration sampling")
     p.add_argument("--references", nargs="+", metavar="CASE",
                    help="these training cases as references #1, #2, ... instead of those --seed picks (one dataset)")
-    p.add_argument("--modality", choices=MODALITIES, default="other", help="as iris_predict --modality")
+    p.add_argument("--modality", choices=(AUTO_MODALITY, *MODALITIES), default=AUTO_MODALITY,
+                   help="as iris_predict --modality (auto: per dataset, from its first reference)")
     p.add_argument("--registration_spacing", type=float, default=2.0, metavar="MM",
                    help="grid of the registration optimisation (the label is warped at the query's full resolution)")
     p.add_argument("--demons_iterations", type=int, default=registration.DEMONS_ITERATIONS,
@@ -473,7 +478,8 @@ def main() -> int:
         args.step_size = float(args.step_size)
     # mirroring and the window step are set per method
     predictor = IrisPredictor(tile_step_size=DEFAULT_STEP_SIZE if args.step_size == AUTO_STEP else args.step_size,
-                              device=args.device, modality=args.modality, precision=args.precision)
+                              device=args.device, modality="other" if args.modality == AUTO_MODALITY else args.modality,
+                              precision=args.precision)
     predictor.initialize_from_model_folder(args.m, args.f, args.chk)
     held_out_file = args.held_out or os.path.join(model_folder, HELD_OUT_FILE)
     held_out = read_held_out(model_folder, args.held_out)

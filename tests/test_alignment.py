@@ -261,6 +261,30 @@ def test_a_grid_shorter_than_the_b_splines_minimum_skips_it(monkeypatch):
     assert stages == ["affine", "affine", "bspline"]
 
 
+def test_a_query_registers_over_its_body_box_alone(monkeypatch):
+    """A CT registers by its body's box (plans.ORIGINAL_BODY_BOX_KEY): the registration's grid holds the box alone,
+    the labels land inside it as on the scan without the air around, and nothing lands outside it."""
+    import iris_nnu.inference.registration as registration
+
+    real_transform = registration.grid_transform
+    grids = []
+    monkeypatch.setattr(registration, "grid_transform", lambda fixed, *args: (
+        grids.append(fixed.GetSize()) or real_transform(fixed, *args)))
+    reference, labels, query, truth = _moved_and_bent_pair()
+    padding = ((6, 10), (12, 4), (8, 8))
+    air = np.pad(query, padding)
+    body = [[before, before + n] for (before, _), n in zip(padding, query.shape)]
+    atlas = RegistrationAtlas(reference, labels, (1,), (2.0,) * 3)
+    maps = registered_label_maps(air, (2.0, 2.0, 2.0), [atlas], [1], body=body).maps
+    assert grids == [query.shape[::-1]]  # SimpleITK's (x, y, z)
+    region = tuple(slice(lo, hi) for lo, hi in body)
+    outside = np.ones(air.shape, bool)
+    outside[region] = False
+    assert maps.shape == (1, *air.shape) and not maps[0][outside].any()
+    moved = dice_per_class((truth == 1).astype(int), (maps[0][region] > 0.5).astype(int), [1])[1]
+    assert moved > 0.8, moved
+
+
 def test_warp_masks_matches_one_resample_per_mask():
     """warp_masks (the transform evaluated once, each mask interpolated near its box) gives what one sitk.Resample
     per mask gives, for grids with their own origins, spacings and rotated axes, a B-spline on top of an affine, a

@@ -179,6 +179,15 @@ def test_the_window_step_is_chosen_on_the_references(monkeypatch):
     predictor.tile_step_size = 0.7
     assert run_threshold(predictor, AUTO_THRESHOLD, task, None, AUTO_STEP)[1] is None  # a task file
     assert predictor.tile_step_size == DEFAULT_STEP_SIZE
+    predictor.use_modality("CT")  # the windows over a CT's body: dense, the references segmented at that step alone
+    steps = []
+    monkeypatch.setattr(strategies, "calibrated_threshold", lambda predictor, *args, **kwargs: (
+        steps.append(predictor.tile_step_size) or _calibration_by_step({})(predictor, *args, **kwargs)))
+    threshold, line = run_threshold(predictor, AUTO_THRESHOLD, task, references, AUTO_STEP)
+    assert (threshold, predictor.tile_step_size, steps) == (0.2, DENSE_STEP_SIZE, [DENSE_STEP_SIZE])
+    assert line.startswith(f"window step {DENSE_STEP_SIZE} (CT: the windows over the body, dense) and decision "
+                           f"threshold 0.2 from the references ("), line
+    predictor.use_modality("other")
     predictor.tile_step_size = 0.7
     set_fusion(predictor, "registration")  # a reference registered onto itself says nothing
     assert run_threshold(predictor, AUTO_THRESHOLD, task, references, AUTO_STEP)[0] == 0.5

@@ -11,6 +11,7 @@ import pytest
 import scipy.ndimage
 import SimpleITK as sitk
 import torch
+from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from conftest import cli_error
 from synthetic import blob_volume, write_volume
 
@@ -19,8 +20,9 @@ from iris_nnu.inference import IrisPredictor, parse_reference, select_references
 from iris_nnu.inference import segmenter
 from iris_nnu.inference.export import Winner, keep_largest_components, threshold_logits
 from iris_nnu.inference.images import find_queries, label_to_sitk
-from iris_nnu.inference.plans import inference_plans, modality_of
+from iris_nnu.inference.plans import BODY_BOX_KEY, RunPreprocessing, inference_plans, modality_of
 from iris_nnu.inference.predict import main
+from iris_nnu.inference.references import prepare_reference
 from iris_nnu.model import TaskEmbedding, TaskMismatchError, build_network
 from iris_nnu.model.position import ScanFrame
 from iris_nnu.preprocessing.planner import MemberSummary, plan_collection
@@ -517,6 +519,43 @@ def test_ct_modality_uses_the_ct_member_or_the_fixed_window():
     assert (fixed["percentile_00_5"], fixed["percentile_99_5"]) == (-990.0, 500.0)
     other = inference_plans(plans, "other", 1)["configurations"]["3d_fullres"]
     assert other["normalization_schemes"] == ["PercentileZScoreNormalization"]
+
+
+def test_a_ct_records_the_box_of_its_body_and_an_mr_none(tmp_path):
+    """RunPreprocessing of a CT gives the box where its windows run: the body (the largest region above air, the
+    couch apart from it left out) in the preprocessed grid, a few voxels wider. A CT reference's registration atlas
+    holds that box and every labelled voxel, even one drawn into the air."""
+    plans, _ = tiny_plans("CT")
+    ct = np.full((40, 60, 50), -1000.0, np.float32)  # (Z, Y, X)
+    ct[5:30, 10:40, 8:30] = 40.0
+    ct[:, 52:58, :] = 200.0  # the couch
+    ct += np.random.default_rng(0).normal(0, 10, ct.shape).astype(np.float32)
+    marked = np.zeros((1, *ct.shape), np.int16)  # where the body and the couch land after preprocessing
+    marked[0, 5:30, 10:40, 8:30] = 1
+    marked[0, :, 52:58, :] = 2
+    properties = {"spacing": [2.0, 1.0, 1.0]}  # 2 mm slices, resampled to the plan's 1 mm
+    _, seg, properties = RunPreprocessing(inference_plans(plans, "CT", 1))(ct[None], marked, properties)
+    box = properties[BODY_BOX_KEY]
+    body = [(int(np.flatnonzero(np.any(seg == 1, axis=tuple(a for a in range(3) if a != axis))).min()),
+             int(np.flatnonzero(np.any(seg == 1, axis=tuple(a for a in range(3) if a != axis))).max()) + 1)
+            for axis in range(3)]
+    # around the body: the 2-voxel margin, and the 2-voxel stride of the search (2 mm slices: 4 voxels)
+    for (lo, hi), (body_lo, body_hi) in zip(box, body):
+        assert body_lo - 6 <= lo <= body_lo and body_hi <= hi <= body_hi + 6
+    assert not (seg[tuple(slice(lo, hi) for lo, hi in box)] == 2).any()  # the couch is left out
+    assert np.prod([hi - lo for lo, hi in box]) < 0.5 * seg.size
+    mr, _ = blob_volume((26, 30, 30), np.random.default_rng(1), "MR", 2)
+    _, _, properties = RunPreprocessing(inference_plans(plans, "other", 1))(mr[None], None, {"spacing": [1.0] * 3})
+    assert BODY_BOX_KEY not in properties
+    label = (marked[0] == 1).astype(np.uint8)
+    label[12:16, 40:46, 12:20] = 1  # drawn 6 voxels into the air
+    write_volume(ct, (1.0, 1.0, 2.0), str(tmp_path / "ct.nii.gz"))
+    write_volume(label, (1.0, 1.0, 2.0), str(tmp_path / "ct_seg.nii.gz"))
+    case = parse_reference(f"{tmp_path / 'ct.nii.gz'}:{tmp_path / 'ct_seg.nii.gz'}", 1)[0]
+    atlas = prepare_reference(case, RunPreprocessing(inference_plans(plans, "CT", 1)), SimpleITKIO, (32,) * 3,
+                              keep_atlas=True).atlas
+    assert atlas.labels.sum() == label.sum()
+    assert atlas.image.size < 0.5 * ct.size and atlas.image.shape == atlas.labels.shape
 
 
 def test_modality_of_tells_a_ct_by_its_air():

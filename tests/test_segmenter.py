@@ -116,6 +116,35 @@ def test_the_window_forward_gets_the_task_and_the_prior_the_frame(network_and_ta
         Segmenter([network], PATCH).logits(torch.randn(1, *shape), [task], None)
 
 
+def test_windows_over_a_box_run_there_alone_and_leave_the_rest_background(network_and_task):
+    """A CT's body box (plans.BODY_BOX_KEY): the windows cover the box widened to the patch, the prior reads the
+    scan's own coordinates there, and every class is -LOGIT_LIMIT outside."""
+    network, task = network_and_task
+    shape = (70, 40, 56)
+    torch.manual_seed(2)
+    image = torch.randn(1, *shape)
+    axes = ((0.05, 0.0, 0.0), (0.0, 0.08, 0.0), (0.0, 0.0, 0.06))
+    frame = ScanFrame(centre=(30.0, 20.0, 25.0), axes=axes)
+    segmenter = Segmenter([network], PATCH, precision="float32")
+    box = [[10, 50], [12, 20], [-3, 60]]
+    # y: 8 voxels widened to the patch about their centre, stopped by the scan's edge; z: clipped to the scan
+    region = segmenter.window_region(shape, box)
+    assert region == (slice(10, 50), slice(0, 32), slice(0, 56))
+    assert segmenter.window_region(shape, [[64, 70], [30, 40], [20, 21]]) == (slice(38, 70), slice(8, 40),
+                                                                              slice(5, 37))
+    assert segmenter.window_region(shape, None) == tuple(slice(0, n) for n in shape)
+    got = segmenter.logits(image, [task], frame, box=box)
+    assert got.shape == (3, *shape)
+    # the region alone, its frame moved by the region's corner: the same windows and the same prior
+    moved = ScanFrame(centre=(30.0 - 10, 20.0, 25.0), axes=axes)
+    assert torch.equal(got[(slice(None), *region)], segmenter.logits(image[(slice(None), *region)], [task], moved))
+    outside = torch.ones(shape, dtype=torch.bool)
+    outside[region] = False
+    assert (got[:, outside] == -LOGIT_LIMIT).all()
+    whole = segmenter.logits(image, [task], frame)
+    assert not torch.equal(got, whole) and (whole[:, outside] > -LOGIT_LIMIT).any()
+
+
 def test_a_task_checked_once_per_query_not_per_window(network_and_task, monkeypatch):
     network, task = network_and_task
     calls = []

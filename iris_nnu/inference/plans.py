@@ -8,9 +8,11 @@ fixed [-990, 500] HU window.
 from __future__ import annotations
 
 import copy
+from typing import Sequence
 
 import numpy as np
 from acvl_utils.cropping_and_padding.bounding_boxes import get_bbox_from_mask
+from acvl_utils.morphology.morphology_helper import remove_all_but_largest_component
 from nnunetv2.utilities.plans_handling.plans_handler import (
     ConfigurationManager,
     PlansManager,
@@ -36,6 +38,14 @@ CT_RANGE_OVERLAP_WARNING = 0.25
 # nnU-Net's rule for normalising within the non-zero mask (a dataset's median crop keeps under 3/4 of the image),
 # applied to each image at inference, where the image's own member is unknown
 NONZERO_MASK_FRACTION = 0.75
+# CT queries and references: the windows and the registration run over the body's box (BODY_BOX_KEY in the
+# properties), not over the air around it, which filled 65-89% of a head-and-neck CT's windows. The body is the
+# largest connected region above CT_AIR_HU (the couch and the air left out), found on every BODY_STRIDE-th voxel;
+# BODY_MARGIN_VOXELS more on each side (on each grid) keeps the skin inside.
+BODY_BOX_KEY = "iris_body_box"
+ORIGINAL_BODY_BOX_KEY = "iris_body_box_original"  # the same on the cropped original grid (registration fusion)
+BODY_STRIDE = 2
+BODY_MARGIN_VOXELS = 2
 # Label map handed to nnU-Net's preprocessor: it only needs a valid background entry (class_locations are skipped).
 PREPROCESSOR_DATASET_JSON = {"labels": {"background": 0}}
 
@@ -90,6 +100,35 @@ def trained_on_ct_only(joint_plans: dict) -> bool:
     return bool(members) and all(set(m["normalization_schemes"]) == {CT_SCHEME} for m in members.values())
 
 
+def ct_body_box(image: np.ndarray) -> list[list[int]] | None:
+    """[lo, hi) per axis of a CT image's (Z, Y, X) body: its largest connected region above CT_AIR_HU; None when
+    nothing lies above it."""
+    strided = np.asarray(image)[::BODY_STRIDE, ::BODY_STRIDE, ::BODY_STRIDE] > CT_AIR_HU
+    if not strided.any():
+        return None
+    body = remove_all_but_largest_component(strided)
+    return [[lo * BODY_STRIDE, min(n, hi * BODY_STRIDE)] for (lo, hi), n in zip(get_bbox_from_mask(body), image.shape)]
+
+
+def box_on_cropped_grid(box: Sequence[Sequence[int]], properties: dict, transpose: Sequence[int],
+                        margin: int = BODY_MARGIN_VOXELS) -> list[list[int]]:
+    """A box of the image as read ([lo, hi) per axis) on its cropped original grid (transposed and cropped as nnU-Net's
+    preprocessing did: its `properties`; RunPreprocessing.cropped_original), widened by `margin` voxels."""
+    crop = properties["bbox_used_for_cropping"]
+    shape = properties["shape_after_cropping_and_before_resampling"]
+    return [[max(0, box[transpose[axis]][0] - crop[axis][0] - margin),
+             min(n, box[transpose[axis]][1] - crop[axis][0] + margin)] for axis, n in enumerate(shape)]
+
+
+def box_after_resampling(box: Sequence[Sequence[int]], properties: dict, shape: Sequence[int],
+                         margin: int = BODY_MARGIN_VOXELS) -> list[list[int]]:
+    """A box of the cropped original grid in the preprocessed grid of `shape` (resampled from it), widened by
+    `margin` voxels."""
+    cropped = properties["shape_after_cropping_and_before_resampling"]
+    return [[max(0, int(np.floor(lo * n / c)) - margin), min(n, int(np.ceil(hi * n / c)) + margin)]
+            for (lo, hi), n, c in zip(box, shape, cropped)]
+
+
 class InferencePreprocessor(IrisPreprocessor):
     """Iris's preprocessor without the foreground sampling (a training-only cost: 10k locations per class)."""
 
@@ -110,6 +149,7 @@ class RunPreprocessing:
         configuration["use_mask_for_norm"] = [True] * len(configuration["normalization_schemes"])
         self._masked_configuration = PlansManager(masked).get_configuration(CONFIGURATION)
         self._preprocessor = InferencePreprocessor(verbose=False)
+        self.is_ct = CT_SCHEME in self.configuration_manager.normalization_schemes
 
     def configuration_for(self, data: np.ndarray) -> ConfigurationManager:
         """The run's configuration, normalising within the non-zero mask where the image is mostly zero around it
@@ -127,10 +167,17 @@ class RunPreprocessing:
     def __call__(self, data: np.ndarray, seg: np.ndarray | None, properties: dict,
                  ) -> tuple[np.ndarray, np.ndarray | None, dict]:
         """(C,Z,Y,X) image [+ (1,Z,Y,X) label] -> preprocessed image, label with -1 (outside the crop) mapped to 0;
-        properties also get SCAN_FRAME_KEY: where the scan's body lies in it (the position prior's frame)."""
+        properties also get SCAN_FRAME_KEY: where the scan's body lies in it (the position prior's frame), and for a
+        CT BODY_BOX_KEY: the body's box in it, where the windows run (and ORIGINAL_BODY_BOX_KEY: on the cropped
+        original grid, where the registration runs)."""
+        body = ct_body_box(data[0]) if self.is_ct else None
         out, out_seg, properties = self._preprocessor.run_case_npy(
             data, seg, properties, self.plans_manager, self.configuration_for(data), PREPROCESSOR_DATASET_JSON)
         properties[SCAN_FRAME_KEY] = body_frame(out_seg).to_dict()
+        if body is not None:
+            cropped = box_on_cropped_grid(body, properties, self.plans_manager.transpose_forward)
+            properties[ORIGINAL_BODY_BOX_KEY] = cropped
+            properties[BODY_BOX_KEY] = box_after_resampling(cropped, properties, out.shape[1:])
         if seg is None:
             return out, None, properties
         out_seg = out_seg[0]

@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"under {DEFAULT_STEP_SIZE} (by {STEP_MARGIN} Dice), else {DEFAULT_STEP_SIZE}, at the cost of "
                         f"segmenting each reference once more (measured on head-and-neck CT: 0.336 against 0.314 at "
                         f"0.5, chosen; brains and abdomen stay at {DEFAULT_STEP_SIZE}, as good as 0.5 with 14%% and 34%% "
-                        f"fewer windows; see the README); with --task, the step the task file records "
+                        f"fewer windows; see the README); a CT run takes {DENSE_STEP_SIZE} without asking them (its "
+                        f"windows cover the body's box alone, the air around it left as background); with --task, "
+                        f"the step the task file records "
                         f"({DEFAULT_STEP_SIZE} if none); with --registration_fusion registration, {DEFAULT_STEP_SIZE}. "
                         f"--save_task records the run's step")
     add_device_argument(p)
@@ -135,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model's CT statistics (else the [-990, 500] HU window); other = per-image 2nd/98th "
                         "percentile clip and z-score (MR, PET, ...); auto = CT when the first reference (with "
                         "--task: the first query) holds air in Hounsfield units (at least 0.5%% of its voxels below "
-                        "-500), else other (one line says which)")
+                        "-500), else other (one line says which). A CT's windows and registration cover the box of "
+                        "its body (its largest region above -500 HU) alone")
     p.add_argument("--tune_steps", type=int, default=DEFAULT_TUNE_STEPS, help="optimisation steps of --strategy tune")
     p.add_argument("--tune_lr", type=float, default=DEFAULT_TUNE_LR, help="Adam learning rate of --strategy tune")
     p.add_argument("--retrieval_top_k", type=int, default=1,
@@ -184,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "where it does not), decided at the network's --threshold: a confident network outvotes a "
                         "registration gone astray. Measured one-shot from one reference on held-out queries, against "
                         "the network alone: the abdomen 0.703 against 0.669 over six references, the brains' deep "
-                        "structures 0.715 against 0.632, head-and-neck CT 0.594 against 0.526 from one reference and "
-                        "0.418 against 0.436 from another, the hippocampus 0.807 against 0.817 (see the README's "
+                        "structures 0.715 against 0.632, head-and-neck CT 0.612 against 0.560 from one reference and "
+                        "0.445 against 0.464 from another, the hippocampus 0.806 against 0.817 (see the README's "
                         "Results). registration: the "
                         "registered labels alone, decided at 0.5, the network not run on the queries. auto: with one "
                         "-r reference, on; with two or more, the second is segmented from "

@@ -50,7 +50,8 @@ from iris_nnu.inference.images import (
     sitk_to_array,
     strip_ending,
 )
-from iris_nnu.inference.plans import AIR_PERCENTILE, RunPreprocessing, air_level, inference_plans, modality_of
+from iris_nnu.inference.plans import (AIR_PERCENTILE, BODY_BOX_KEY, ORIGINAL_BODY_BOX_KEY, RunPreprocessing, air_level,
+                                      inference_plans, modality_of)
 from iris_nnu.inference.registration import RegisteredLabels, RegistrationAtlas, registered_label_maps
 from iris_nnu.inference.references import (
     Crop,
@@ -296,6 +297,8 @@ class IrisPredictor:
         self.precision = precision
         self.class_registration_weights: dict[int, float] | None = None
         self.registration_floor: float | None = None
+        # a CT's windows run over its body's box only (RunPreprocessing records it); False: over the whole scan
+        self.windows_over_body = True
         # the references queries are registered to (encode_references sets them; a loaded task has none)
         self.alignment_anchors: list[AlignmentAnchor] = []
         self.registration_atlases: list[RegistrationAtlas] = []  # likewise, for registration_fusion
@@ -606,11 +609,12 @@ class IrisPredictor:
         if frame is None and self.position_grid and self.position_prior:
             frame = scan_frame(properties)
         segmenter = self.segmenter()
+        box = properties.get(BODY_BOX_KEY) if self.windows_over_body else None
         # the registration alone (weight inf) needs no network output in the original geometry
         registration_only = atlas is not None and np.isinf(weights).all() and preprocessed is None
         for start in range(0, k_total, per_pass):
             stop = min(start + per_pass, k_total)
-            logits = None if registration_only else segmenter.logits(image, tasks, frame, classes[start:stop])
+            logits = None if registration_only else segmenter.logits(image, tasks, frame, classes[start:stop], box)
             if preprocessed is not None:
                 preprocessed.update(logits, start)
             if original is not None:
@@ -697,7 +701,8 @@ class IrisPredictor:
                                  "registration_fusion on: a task file holds no image")
         alone = "segmented by the network alone, without --registration_fusion"
         try:
-            registered = registered_label_maps(*query.original, self.registration_atlases, classes)
+            registered = registered_label_maps(*query.original, self.registration_atlases, classes,
+                                               body=query.properties.get(ORIGINAL_BODY_BOX_KEY))
         except RuntimeError as error:  # SimpleITK: e.g. too little overlap to evaluate the metric
             return None, [f"its registration to the references failed ({brief(error)}): {alone}"]
         if self.registration_floor is not None and registered.similarity < self.registration_floor:

@@ -32,7 +32,7 @@ from iris_nnu.inference.images import (
     reader_writer_for,
     strip_ending,
 )
-from iris_nnu.inference.plans import RunPreprocessing
+from iris_nnu.inference.plans import ORIGINAL_BODY_BOX_KEY, RunPreprocessing
 from iris_nnu.inference.registration import RegistrationAtlas
 from iris_nnu.model.position import ScanFrame, position_prior_from_labels
 from iris_nnu.orientation import reorient
@@ -210,6 +210,11 @@ def prepare_reference(case: ReferenceCase, preprocessing: RunPreprocessing, plan
     if keep_atlas:
         image, spacing = preprocessing.cropped_original(original, properties)
         labels, _ = preprocessing.cropped_original(indices[0], properties)
+        if ORIGINAL_BODY_BOX_KEY in properties:  # a CT registers by its body (and every label) alone, as its queries
+            labelled = find_objects((labels > 0).astype(np.int8))[0]
+            region = tuple(slice(min(lo, sl.start), max(hi, sl.stop))
+                           for (lo, hi), sl in zip(properties[ORIGINAL_BODY_BOX_KEY], labelled))
+            image, labels = image[region], labels[region]
         prepared = dataclasses.replace(prepared, atlas=RegistrationAtlas(image, labels, tuple(values), spacing))
     return prepared
 

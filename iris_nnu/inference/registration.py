@@ -197,15 +197,18 @@ class RegisteredLabels:
 
 
 def registered_label_maps(query: np.ndarray, spacing: Sequence[float], atlases: Sequence[RegistrationAtlas],
-                          classes: Sequence[int], seed: int = 0) -> RegisteredLabels:
+                          classes: Sequence[int], seed: int = 0,
+                          body: Sequence[Sequence[int]] | None = None) -> RegisteredLabels:
     """Per class of `classes` (label values), the atlases' labels carried onto the query's cropped original grid
     (`query` (Z, Y, X), its `spacing`) by deformable_transform, each class's mask warped with linear interpolation,
     per class the mean over the atlases that hold it (0 where none does); and how alike the query and the atlases
-    look after it."""
+    look after it. `body`: [lo, hi) per axis of the query where the registration runs (a CT's body box:
+    plans.ORIGINAL_BODY_BOX_KEY); 0 outside it."""
     maps = np.zeros((len(classes), *query.shape), dtype=np.float32)
+    region = (slice(None),) * 3 if body is None else tuple(slice(lo, hi) for lo, hi in body)
     holders = np.zeros(len(classes), dtype=np.float32)
     similarities = []
-    fixed = _voxel_image(query, spacing)
+    fixed = _voxel_image(query[region], spacing)
     fixed_grid = registration_grid(fixed)
     for atlas in atlases:
         transform = grid_transform(fixed_grid, atlas.grid, seed)
@@ -213,7 +216,7 @@ def registered_label_maps(query: np.ndarray, spacing: Sequence[float], atlases: 
         held = [(k, atlas.values.index(value) + 1) for k, value in enumerate(classes) if value in atlas.values]
         for (k, _), warped in zip(held, warp_masks(transform, fixed, atlas.labels, [index for _, index in held],
                                                    atlas.spacing[::-1])):
-            maps[k] += warped
+            maps[(k, *region)] += warped
             holders[k] += 1
     return RegisteredLabels(maps / np.maximum(holders, 1)[:, None, None, None], float(np.mean(similarities)))
 

@@ -102,18 +102,19 @@ class Segmenter:
         return mirror_flips(self.mirror_axes)
 
     def logits(self, image: torch.Tensor, tasks: Sequence[TaskEmbedding], frame: ScanFrame | None,
-               classes: Sequence[int] | None = None) -> torch.Tensor:
+               classes: Sequence[int] | None = None, box: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
         """(K, X, Y, Z) logits on CPU of `classes` (default: the tasks') in the preprocessed image (C, X, Y, Z).
 
         `tasks`: one per network; `frame`: the query's scan frame (None only where no position prior is used: a
-        model without one, or `position_prior=False`). A fold ensemble gives the logit of the mean of the folds'
-        sigmoid maps."""
+        model without one, or `position_prior=False`); `box`: [lo, hi) per axis where the windows run (a CT's body,
+        plans.BODY_BOX_KEY), widened to the patch where the image allows; outside it every class gets -LOGIT_LIMIT.
+        A fold ensemble gives the logit of the mean of the folds' sigmoid maps."""
         if len(tasks) != len(self.networks):
             raise ValueError(f"{len(tasks)} task(s) for {len(self.networks)} fold network(s): give one per fold")
         total = logits = None
         for network, task in zip(self.networks, tasks):
             task = task if classes is None else task.select(list(classes))
-            logits = self._network_logits(image, network, task, frame).cpu()
+            logits = self._network_logits(image, network, task, frame, box).cpu()
             if len(tasks) == 1:
                 return logits
             probability = torch.sigmoid(logits.float())
@@ -123,8 +124,21 @@ class Segmenter:
     def uses_position(self, network: IrisNetwork, task: TaskEmbedding) -> bool:
         return bool(self.position_prior and network.position_grid and task.positions is not None)
 
+    def window_region(self, shape: Sequence[int], box: Sequence[Sequence[int]] | None) -> tuple[slice, ...]:
+        """`box` widened about its centre to the patch size along each axis where `shape` allows, so that its windows
+        see the image rather than padding (the whole image without a box)."""
+        if box is None:
+            return tuple(slice(0, n) for n in shape)
+        region = []
+        for (lo, hi), p, n in zip(box, self.patch_size, shape):
+            lo, hi = max(0, int(lo)), min(n, int(hi))
+            missing = max(0, min(p, n) - (hi - lo))
+            lo = max(0, min(lo - missing // 2, n - max(p, hi - lo)))
+            region.append(slice(lo, min(n, max(hi, lo + p))))
+        return tuple(region)
+
     def _network_logits(self, image: torch.Tensor, network: IrisNetwork, task: TaskEmbedding,
-                        frame: ScanFrame | None) -> torch.Tensor:
+                        frame: ScanFrame | None, box: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
         task = (task if self.position_prior else dataclasses.replace(task, positions=None)).to(self.device)
         network.check_task(task)  # once per query, not per window
         missing = [axes for axes in self.flips if axes not in (task.mirrored or {})]
@@ -153,6 +167,9 @@ class Segmenter:
             return prediction.clamp_(-LOGIT_LIMIT, LOGIT_LIMIT)
 
         on_gpu = self.device.type == "cuda"
+        region = self.window_region(image.shape[1:], box)
+        whole = image
+        image = image[(slice(None), *region)]
         with window_autocast(self.precision, self.device):
             with torch.no_grad():  # in the windows' precision, so that the windows' logits do not change
                 attended.update({axes: network.attended_task_tokens(t)
@@ -167,8 +184,13 @@ class Segmenter:
                 logits = sliding_window_logits(image, task.num_classes, self.patch_size, self.step_size, forward,
                                                self.device, "cpu", self.progress)
         if use_position:
-            add_position_logits(logits, network, task.positions, frame)
-        return logits
+            add_position_logits(logits, network, task.positions, frame, origin=[r.start for r in region])
+        if image.shape == whole.shape:
+            return logits
+        outside = torch.full((task.num_classes, *whole.shape[1:]), -LOGIT_LIMIT, dtype=logits.dtype,
+                             device=logits.device)
+        outside[(slice(None), *region)] = logits
+        return outside
 
 
 # the prior's term is computed in slabs of at most this many float32 values (K x slab voxels): small slabs keep the
@@ -177,13 +199,14 @@ POSITION_CHUNK_VALUES = 2**21
 
 
 @torch.inference_mode()
-def add_position_logits(logits: torch.Tensor, network: IrisNetwork, positions: torch.Tensor, frame: ScanFrame) -> None:
+def add_position_logits(logits: torch.Tensor, network: IrisNetwork, positions: torch.Tensor, frame: ScanFrame,
+                        origin: Sequence[int] = (0, 0, 0)) -> None:
     """logits (K, X, Y, Z) += the position prior's term at each voxel's scan coordinates (clamped as the windows' are),
-    in slabs along the first axis."""
+    in slabs along the first axis; `origin`: the scan voxel of the logits' first one (a region of the scan)."""
     k, x, *rest = logits.shape
     step = max(1, POSITION_CHUNK_VALUES // (k * rest[0] * rest[1]))
     for lo in range(0, x, step):
         n = min(step, x - lo)
-        coordinates = frame.coordinates((lo, 0, 0), (n, *rest), logits.device)[None]
+        coordinates = frame.coordinates((origin[0] + lo, origin[1], origin[2]), (n, *rest), logits.device)[None]
         term = network.position_logits(positions, coordinates)[0]
         logits[:, lo:lo + n] = (logits[:, lo:lo + n].float() + term).clamp_(-LOGIT_LIMIT, LOGIT_LIMIT)
