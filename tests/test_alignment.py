@@ -404,10 +404,15 @@ def test_registration_fusion_auto_is_measured_on_the_references(tmp_path: Path, 
     forced = off if chosen == "off" else _fusion_run(tmp_path, capsys, "forced", [REFERENCE, second],
                                                      "--registration_fusion", chosen)[0]
     assert int((auto != forced).sum()) <= 20, chosen  # a few voxels, should ITK's threads still differ
+    # one reference: a crop such as this hippocampus's (36 mm) is left to the network alone, a longer one is fused
     one, out = _fusion_run(tmp_path, capsys, "one", [REFERENCE])
+    assert "registration fusion off: the reference is a crop (36 mm along its shortest axis, under 100 mm)" in out, out
+    one_off, _ = _fusion_run(tmp_path, capsys, "one_off", [REFERENCE], "--registration_fusion", "off")
+    assert np.array_equal(one, one_off)
+    monkeypatch.setattr(strategies, "CROP_EXTENT_MM", 30.0)
+    one, out = _fusion_run(tmp_path, capsys, "one_long", [REFERENCE])
     assert "registration fusion on: with one reference the network's decision is moved by its label" in out, out
     one_on, _ = _fusion_run(tmp_path, capsys, "one_on", [REFERENCE], "--registration_fusion", "on")
-    one_off, _ = _fusion_run(tmp_path, capsys, "one_off", [REFERENCE], "--registration_fusion", "off")
     assert int((one != one_on).sum()) <= 20 and int((one != one_off).sum()) > 0
     outputs = {}
     for setting in ("on", "registration"):

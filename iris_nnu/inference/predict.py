@@ -24,7 +24,7 @@ from iris_nnu.inference.predictor import DEFAULT_PRIOR_ALIGNMENT, IrisPredictor
 from iris_nnu.inference.references import ReferenceCase, parse_reference
 from iris_nnu.inference.runner import failure_line
 from iris_nnu.inference.segmenter import DEFAULT_PRECISION, MIN_STEP_SIZE, PRECISIONS, window_precision
-from iris_nnu.inference.strategies import (AUTO_FUSION, AUTO_POSTPROCESS, AUTO_STEP, AUTO_THRESHOLD,
+from iris_nnu.inference.strategies import (AUTO_FUSION, AUTO_POSTPROCESS, AUTO_STEP, AUTO_THRESHOLD, CROP_EXTENT_MM,
                                           DEFAULT_STEP_SIZE, DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, DENSE_STEP_SIZE,
                                           FUSION_SETTINGS, POSTPROCESS_SETTINGS, REGISTRATION_WEIGHT, STEP_MARGIN,
                                           STRATEGIES, run_fusion, run_threshold, set_fusion, task_file_threshold,
@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.445 against 0.464 from another, the hippocampus 0.806 against 0.817 (see the README's "
                         "Results). registration: the "
                         "registered labels alone, decided at 0.5, the network not run on the queries. auto: with one "
-                        "-r reference, on; with two or more, the second is segmented from "
+                        f"-r reference, on, but off where that reference is a crop (shorter than {CROP_EXTENT_MM:.0f} "
+                        "mm along an axis, as the hippocampus's); with two or more, the second is segmented from "
                         "the first each way (off, on, registration) before the run and the best kept for each class "
                         "(a line says which; costs about three queries' time, once; a query whose registration "
                         "correlates with it below 0.8 of the second reference's is segmented by the network alone, "
