@@ -522,17 +522,20 @@ def test_ct_modality_uses_the_ct_member_or_the_fixed_window():
 
 
 def test_a_ct_records_the_box_of_its_body_and_an_mr_none(tmp_path):
-    """RunPreprocessing of a CT gives the box where its windows run: the body (the largest region above air, the
-    couch apart from it left out) in the preprocessed grid, a few voxels wider. A CT reference's registration atlas
-    holds that box and every labelled voxel, even one drawn into the air."""
+    """RunPreprocessing of a CT gives the box where its windows run: the body (its regions above air, an arm held
+    apart from the trunk with them, a strip of the couch small beside them left out) in the preprocessed grid, a few
+    voxels wider. A CT reference's registration atlas holds that box and every labelled voxel, even one drawn into
+    the air."""
     plans, _ = tiny_plans("CT")
     ct = np.full((40, 60, 50), -1000.0, np.float32)  # (Z, Y, X)
-    ct[5:30, 10:40, 8:30] = 40.0
-    ct[:, 52:58, :] = 200.0  # the couch
+    ct[5:30, 10:40, 8:22] = 40.0  # the trunk
+    ct[8:28, 14:34, 26:30] = 40.0  # an arm, apart from it
+    ct[:, 55:57, 10:14] = 200.0  # a strip of the couch
     ct += np.random.default_rng(0).normal(0, 10, ct.shape).astype(np.float32)
     marked = np.zeros((1, *ct.shape), np.int16)  # where the body and the couch land after preprocessing
-    marked[0, 5:30, 10:40, 8:30] = 1
-    marked[0, :, 52:58, :] = 2
+    marked[0, 5:30, 10:40, 8:22] = 1
+    marked[0, 8:28, 14:34, 26:30] = 1
+    marked[0, :, 55:57, 10:14] = 2
     properties = {"spacing": [2.0, 1.0, 1.0]}  # 2 mm slices, resampled to the plan's 1 mm
     _, seg, properties = RunPreprocessing(inference_plans(plans, "CT", 1))(ct[None], marked, properties)
     box = properties[BODY_BOX_KEY]

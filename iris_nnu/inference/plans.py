@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 from acvl_utils.cropping_and_padding.bounding_boxes import get_bbox_from_mask
-from acvl_utils.morphology.morphology_helper import remove_all_but_largest_component
+from acvl_utils.morphology.morphology_helper import generic_filter_components
 from nnunetv2.utilities.plans_handling.plans_handler import (
     ConfigurationManager,
     PlansManager,
@@ -39,9 +39,11 @@ CT_RANGE_OVERLAP_WARNING = 0.25
 # applied to each image at inference, where the image's own member is unknown
 NONZERO_MASK_FRACTION = 0.75
 # CT queries and references: the windows and the registration run over the body's box (BODY_BOX_KEY in the
-# properties), not over the air around it, which filled 65-89% of a head-and-neck CT's windows. The body is the
-# largest connected region above CT_AIR_HU (the couch and the air left out), found on every BODY_STRIDE-th voxel;
+# properties), not over the air around it, which filled 65-89% of a head-and-neck CT's windows. The body is every
+# connected region above CT_AIR_HU that holds at least BODY_PART_SHARE of the largest one's voxels (an arm held apart
+# from the trunk stays in; specks, a strip of the couch and the air do not), found on every BODY_STRIDE-th voxel;
 # BODY_MARGIN_VOXELS more on each side (on each grid) keeps the skin inside.
+BODY_PART_SHARE = 0.05
 BODY_BOX_KEY = "iris_body_box"
 ORIGINAL_BODY_BOX_KEY = "iris_body_box_original"  # the same on the cropped original grid (registration fusion)
 BODY_STRIDE = 2
@@ -101,12 +103,13 @@ def trained_on_ct_only(joint_plans: dict) -> bool:
 
 
 def ct_body_box(image: np.ndarray) -> list[list[int]] | None:
-    """[lo, hi) per axis of a CT image's (Z, Y, X) body: its largest connected region above CT_AIR_HU; None when
-    nothing lies above it."""
+    """[lo, hi) per axis of a CT image's (Z, Y, X) body: its connected regions above CT_AIR_HU of at least
+    BODY_PART_SHARE of the largest one's size; None when nothing lies above it."""
     strided = np.asarray(image)[::BODY_STRIDE, ::BODY_STRIDE, ::BODY_STRIDE] > CT_AIR_HU
     if not strided.any():
         return None
-    body = remove_all_but_largest_component(strided)
+    body = generic_filter_components(strided, lambda ids, sizes: [
+        i for i, n in zip(ids, sizes) if n >= BODY_PART_SHARE * max(sizes)])
     return [[lo * BODY_STRIDE, min(n, hi * BODY_STRIDE)] for (lo, hi), n in zip(get_bbox_from_mask(body), image.shape)]
 
 

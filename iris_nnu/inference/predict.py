@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "percentile clip and z-score (MR, PET, ...); auto = CT when the first reference (with "
                         "--task: the first query) holds air in Hounsfield units (at least 0.5%% of its voxels below "
                         "-500), else other (one line says which). A CT's windows and registration cover the box of "
-                        "its body (its largest region above -500 HU) alone")
+                        "its body (its regions above -500 HU, specks left out) alone")
     p.add_argument("--tune_steps", type=int, default=DEFAULT_TUNE_STEPS, help="optimisation steps of --strategy tune")
     p.add_argument("--tune_lr", type=float, default=DEFAULT_TUNE_LR, help="Adam learning rate of --strategy tune")
     p.add_argument("--retrieval_top_k", type=int, default=1,
