@@ -187,10 +187,9 @@ class Segmenter:
             add_position_logits(logits, network, task.positions, frame, origin=[r.start for r in region])
         if image.shape == whole.shape:
             return logits
-        outside = torch.full((task.num_classes, *whole.shape[1:]), -LOGIT_LIMIT, dtype=logits.dtype,
-                             device=logits.device)
-        outside[(slice(None), *region)] = logits
-        return outside
+        full = torch.full((task.num_classes, *whole.shape[1:]), -LOGIT_LIMIT, dtype=logits.dtype, device=logits.device)
+        full[(slice(None), *region)] = logits
+        return full
 
 
 # the prior's term is computed in slabs of at most this many float32 values (K x slab voxels): small slabs keep the
