@@ -297,8 +297,6 @@ class IrisPredictor:
         self.precision = precision
         self.class_registration_weights: dict[int, float] | None = None
         self.registration_floor: float | None = None
-        # a CT's windows run over its body's box only (RunPreprocessing records it); False: over the whole scan
-        self.windows_over_body = True
         # the references queries are registered to (encode_references sets them; a loaded task has none)
         self.alignment_anchors: list[AlignmentAnchor] = []
         self.registration_atlases: list[RegistrationAtlas] = []  # likewise, for registration_fusion
@@ -609,7 +607,7 @@ class IrisPredictor:
         if frame is None and self.position_grid and self.position_prior:
             frame = scan_frame(properties)
         segmenter = self.segmenter()
-        box = properties.get(BODY_BOX_KEY) if self.windows_over_body else None
+        box = properties.get(BODY_BOX_KEY)  # a CT's body (RunPreprocessing): the windows run there alone
         # the registration alone (weight inf) needs no network output in the original geometry
         registration_only = atlas is not None and np.isinf(weights).all() and preprocessed is None
         for start in range(0, k_total, per_pass):
