@@ -25,8 +25,8 @@ from iris_nnu.inference.images import Query
 from iris_nnu.inference.names import dataset_json_names
 from iris_nnu.inference.predictor import IrisPredictor
 from iris_nnu.inference.references import ReferenceCase
-from iris_nnu.inference.strategies import (AUTO_FUSION, AUTO_POSTPROCESS, AUTO_STEP, AUTO_THRESHOLD, run_fusion,
-                                          run_threshold, set_fusion)
+from iris_nnu.inference.strategies import (AUTO_FUSION, AUTO_POSTPROCESS, AUTO_STEP, AUTO_THRESHOLD, apply_fusion,
+                                          run_threshold)
 from iris_nnu.io.model_folder import read_held_out
 from iris_nnu.model import TaskEmbedding
 from iris_nnu.preprocessing.raw_dataset import raw_case_files, training_cases
@@ -87,7 +87,7 @@ def oneshot_task(predictor: IrisPredictor, reference: ReferenceCase) -> TaskEmbe
     """The one-shot task of `reference`, the predictor set to fuse with its registration, and to its calibrated window
     step, decision threshold and largest components (as iris_predict's defaults with one reference:
     --registration_fusion auto, -step_size auto, --threshold auto and --postprocess auto)."""
-    set_fusion(predictor, run_fusion(predictor, AUTO_FUSION, [reference]).setting)
+    apply_fusion(predictor, AUTO_FUSION, [reference])
     references = predictor.encode_references([reference])
     task, _ = predictor.task_for_strategy(references.pool, "oneshot", references)
     predictor.decision_threshold, _ = run_threshold(predictor, AUTO_THRESHOLD, task, [reference], AUTO_STEP,

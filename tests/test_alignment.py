@@ -344,7 +344,7 @@ def test_registration_fusion_segments_and_needs_the_references(tmp_path: Path, c
     assert float(np.mean(list(dice_per_class(truth, outputs["fused"], [1, 2]).values()))) > 0.75
     line = cli_error(capsys, predict_main, "iris_predict", ["-i", str(query), "-o", str(tmp_path / "task"),
                                                              "--task", str(task), "--registration_fusion"])
-    assert "give them with -r" in line
+    assert "--registration_fusion on registers the reference images" in line and "give the references" in line
     assert not (tmp_path / "task").exists()
 
 

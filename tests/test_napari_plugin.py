@@ -196,6 +196,45 @@ def test_saving_refuses_inputs_and_foreign_files(tmp_path):
     assert segment.parse_folds("0 1") == ["0", "1"] and segment.parse_folds("") == ["0"]
 
 
+def file_volume(path: str) -> segment.Volume:
+    """A file as the widget sees a layer our reader opened from it."""
+    data, kwargs, _ = reader.read_layers(path)[0]
+    metadata = kwargs["metadata"]
+    geometry = metadata[reader.GEOMETRY_KEY]
+    return segment.Volume(kwargs["name"], data, geometry["spacing"], geometry["origin"], geometry["direction"],
+                          source=path, names=metadata.get(reader.NAMES_KEY) or {})
+
+
+def test_segment_fuses_with_the_registration_as_iris_predict(tmp_path):
+    """The widget's run chooses the registration fusion as iris_predict does: `on` gives iris_predict
+    --registration_fusion on's segmentation, `auto` leaves the hippocampus crop to the network alone and says so, and
+    `on` with a task file is refused in one line."""
+    references = [(file_volume(image_path(REFERENCE)), file_volume(label_path(REFERENCE)))]
+    query = file_volume(image_path(QUERY))
+    (tmp_path / "work").mkdir()
+
+    def run(fusion: str, task: str | None = None) -> tuple[list[str], list[str], list[np.ndarray]]:
+        events = list(segment.segment(segment.Settings(registration_fusion=fusion), [] if task else references,
+                                      [query], str(tmp_path / "work"), task))
+        notes = [e.message for e in events if isinstance(e, segment.Note) and e.level != "error"]
+        errors = [e.message for e in events if isinstance(e, segment.Note) and e.level == "error"]
+        return notes, errors, [e.segmentation for e in events if isinstance(e, segment.Segmented)]
+
+    reference = f"{image_path(REFERENCE)}:{label_path(REFERENCE)}"
+    assert iris_predict.main(["-i", image_path(QUERY), "-o", str(tmp_path / "fused"), "-r", reference,
+                              "--registration_fusion", "on", "--save_task", str(tmp_path / "task.pt")]) == 0
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "fused" / f"{QUERY}.nii.gz")))
+    notes, errors, (fused,) = run("on")
+    assert not errors
+    np.testing.assert_array_equal(fused, expected)
+    notes, errors, (alone,) = run("auto")
+    assert not errors and any("the reference is a crop" in n for n in notes), notes
+    assert (alone != fused).any()  # the fusion moved some voxels
+    notes, errors, segmentations = run("on", str(tmp_path / "task.pt"))
+    assert not segmentations and len(errors) == 1
+    assert "registration fusion on registers the reference images" in errors[0], errors
+
+
 # ------------------------------------------------------------------------------------------ the widget
 def test_widget_segments_as_iris_predict(viewer, qtbot, tmp_path):
     """Reference and query opened with the plugin's reader; the widget's labels layer equals iris_predict's output
@@ -216,9 +255,9 @@ def test_widget_segments_as_iris_predict(viewer, qtbot, tmp_path):
     assert widget.segmentation_combo.currentText() == result.name  # the newest result, ready to save
 
     out = tmp_path / "cli"
-    # the widget segments by the network alone (no registration fusion there): as iris_predict without fusion
+    # both with their defaults (registration fusion auto: the hippocampus crop left to the network alone)
     assert iris_predict.main(["-i", image_path(QUERY), "-o", str(out), "-r",
-                              f"{image_path(REFERENCE)}:{label_path(REFERENCE)}", "--registration_fusion", "off"]) == 0
+                              f"{image_path(REFERENCE)}:{label_path(REFERENCE)}"]) == 0
     cli = sitk.ReadImage(str(out / f"{QUERY}.nii.gz"))
     expected = sitk.GetArrayFromImage(cli)
     assert set(np.unique(expected)) == {0, 1, 2}

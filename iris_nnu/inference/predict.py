@@ -27,7 +27,7 @@ from iris_nnu.inference.segmenter import DEFAULT_PRECISION, MIN_STEP_SIZE, PRECI
 from iris_nnu.inference.strategies import (AUTO_FUSION, AUTO_POSTPROCESS, AUTO_STEP, AUTO_THRESHOLD, CROP_EXTENT_MM,
                                           DEFAULT_STEP_SIZE, DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, DENSE_STEP_SIZE,
                                           FUSION_SETTINGS, POSTPROCESS_SETTINGS, REGISTRATION_WEIGHT, STEP_MARGIN,
-                                          STRATEGIES, run_fusion, run_threshold, set_fusion, task_file_threshold,
+                                          STRATEGIES, apply_fusion, check_fusion_source, run_threshold, task_file_threshold,
                                           with_calibration)
 from iris_nnu.io.model_folder import DEFAULT_CHECKPOINT, DEFAULT_MODEL_FOLDER, model_folder_folds
 from iris_nnu.model.task import FORMAT_VERSION as TASK_FORMAT
@@ -245,9 +245,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise IrisInputError(f"--retrieval_top_k must be at least 1, got {args.retrieval_top_k}")
     if args.classes_per_pass is not None and args.classes_per_pass < 1:
         raise IrisInputError(f"--classes_per_pass must be at least 1, got {args.classes_per_pass}")
-    if args.registration_fusion in ("on", "registration") and args.task:
-        raise IrisInputError(f"--registration_fusion {args.registration_fusion} registers the reference images to each "
-                             f"query: give them with -r (a task file holds no images)")
+    check_fusion_source(args.registration_fusion, bool(args.task))
     if args.tta and args.strategy == "tune":
         raise IrisInputError("--tta with --strategy tune: the tuned embedding is of the unflipped references only")
     if args.strategy == "tune" and args.task:
@@ -433,10 +431,9 @@ def run_prediction(args: argparse.Namespace) -> int:
         if fusion == AUTO_FUSION and len(cases) > 1:
             print(f"{PROGRAM}: measuring registration fusion on the references (--registration_fusion auto): "
                   f"{cases[1].name} segmented from {cases[0].name} by the network, fused, and by the registration")
-        choice = run_fusion(predictor, fusion, cases, args.classes)
-        set_fusion(predictor, choice.setting, choice.similarity_floor)
-        if choice.line:
-            print(f"{PROGRAM}: {choice.line}")
+        line = apply_fusion(predictor, fusion, cases, args.classes)
+        if line:
+            print(f"{PROGRAM}: {line}")
         references = predictor.encode_references(cases, args.classes)
         for label, values in references.lost.items():
             report(f"warning: {label}: label value(s) {' '.join(map(str, values))} vanish at the model's spacing")

@@ -581,3 +581,19 @@ def run_fusion(predictor: IrisPredictor, setting: str, references: Sequence[Refe
     return FusionChoice(choice, floor, f"{line}; a query whose registration correlates with it below {floor:.2f} "
                                        f"({SIMILARITY_SHARE} of the references' {comparison.similarity:.2f}) is "
                                        f"segmented by the network alone")
+
+
+def check_fusion_source(setting: str, task_file: bool, option: str = "--registration_fusion") -> None:
+    """Refuse a fusion setting that registers reference images where the run has a task file instead of them."""
+    if task_file and setting in ("on", "registration"):
+        raise IrisInputError(f"{option} {setting} registers the reference images to each query, and a task file holds "
+                             f"none: give the references instead")
+
+
+def apply_fusion(predictor: IrisPredictor, setting: str, references: Sequence[ReferenceCase] | None,
+                 classes: Sequence[int] | None = None) -> str | None:
+    """run_fusion, then set_fusion with its choice: the fusion a run segments with, and the line that says why (None:
+    nothing to say). Call it before encoding the run's references."""
+    choice = run_fusion(predictor, setting, references, classes)
+    set_fusion(predictor, choice.setting, choice.similarity_floor)
+    return choice.line

@@ -3,7 +3,8 @@
 The widget takes the same path as iris_predict: every layer becomes a file (the file the layer was read from when our
 reader opened it and it still holds that file's voxels; otherwise a temporary NIfTI written with the layer's
 geometry), the references are parsed into ReferenceCase pairs and encoded by `IrisPredictor.encode_references`, the
-task comes from `task_for_strategy` (or `load_task`), and each query is segmented by `predict_case`. A labels layer is
+task comes from `task_for_strategy` (or `load_task`), the registration fusion is chosen as iris_predict's
+`--registration_fusion` chooses it (`apply_fusion`), and each query is segmented by `predict_case`. A labels layer is
 always written out, as the user painted it, in the geometry of the image it is paired with.
 
 `segment` is a generator of events (Progress, Note, TaskEncoded, Segmented) for napari's thread_worker: the widget
@@ -39,8 +40,8 @@ from iris_nnu.inference.predict import is_task_file, resolve_folds
 from iris_nnu.inference.plans import modality_of
 from iris_nnu.inference.predictor import IrisPredictor
 from iris_nnu.inference.references import ReferenceCase
-from iris_nnu.inference.strategies import (AUTO_POSTPROCESS, AUTO_STEP, AUTO_THRESHOLD, run_threshold,
-                                          with_calibration)
+from iris_nnu.inference.strategies import (AUTO_FUSION, AUTO_POSTPROCESS, AUTO_STEP, AUTO_THRESHOLD, apply_fusion,
+                                          check_fusion_source, run_threshold, with_calibration)
 from iris_nnu.napari.reader import GEOMETRY_KEY, NAMES_KEY, SOURCE_KEY, names_features
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ class Settings:
     classes: list[int] | None = None  # --classes; None: every label value of the references
     tta: bool = False  # --tta
     device: str | None = None  # -device; None: cuda when available, else cpu
+    registration_fusion: str = AUTO_FUSION  # --registration_fusion
 
 
 def parse_classes(text: str) -> list[int] | None:
@@ -278,6 +280,7 @@ def segment(settings: Settings, references: Sequence[tuple[Volume, Volume]], que
         if settings.tta and not predictor.mirror_flips:
             yield Note("the model was trained without mirroring: TTA ignored", "warning")
         if task_file:
+            check_fusion_source(settings.registration_fusion, True, "registration fusion")
             yield Progress(1, total, f"loading task {os.path.basename(task_file)}")
             pool = predictor.load_task(task_file, settings.classes)
             if predictor.mirror_flips and not pool.mirrored:
@@ -296,6 +299,13 @@ def segment(settings: Settings, references: Sequence[tuple[Volume, Volume]], que
             modality, line = predictor.detect_modality(cases[0].images)  # as iris_predict's --modality auto
             predictor.use_modality(modality)
             yield Note(line)
+            fusion = settings.registration_fusion if queries else "off"  # no query to fuse: the task alone
+            if fusion == AUTO_FUSION and len(cases) > 1:
+                yield Progress(1, total, f"measuring registration fusion: {cases[1].name} segmented from "
+                                         f"{cases[0].name} by the network, fused, and by the registration")
+            line = apply_fusion(predictor, fusion, cases, settings.classes)
+            if line:
+                yield Note(line)
             encoded = predictor.encode_references(cases, settings.classes)
             for label, values in encoded.lost.items():
                 yield Note(f"{os.path.basename(label)}: label value(s) {' '.join(map(str, values))} vanish at the "

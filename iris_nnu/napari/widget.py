@@ -34,6 +34,7 @@ from qtpy.QtWidgets import (
 )
 
 from iris_nnu.errors import IrisInputError
+from iris_nnu.inference.strategies import FUSION_SETTINGS
 from iris_nnu.napari.segment import (
     SEGMENTATION_KEY,
     STRATEGIES,
@@ -165,6 +166,14 @@ class IrisWidget(QWidget):
         self.classes = QLineEdit("all")
         self.classes.setToolTip("label values to segment, e.g. 1 2 (all: every value of the references)")
         form.addRow("classes", self.classes)
+        self.fusion = QComboBox()
+        self.fusion.addItems(FUSION_SETTINGS)
+        self.fusion.setToolTip("as iris_predict --registration_fusion. auto: with one reference its label registered "
+                               "onto each query moves the network's decision (not for a crop, such as a hippocampus "
+                               "patch: the network alone); with two or more, each class the way that segments the "
+                               "second reference from the first best. on: fused; off: the network alone (faster by "
+                               "the registration); registration: the registered labels alone")
+        form.addRow("registration fusion", self.fusion)
         self.tta = QCheckBox("mirrored TTA (about 6x the time)")
         form.addRow("", self.tta)
         self.device = QComboBox()
@@ -313,7 +322,8 @@ class IrisWidget(QWidget):
     def settings(self) -> Settings:
         return Settings(model_folder=self.model_combo.currentData(), folds=parse_folds(self.folds.text()),
                         strategy=self.strategy.currentText(), classes=parse_classes(self.classes.text()),
-                        tta=self.tta.isChecked(), device=self.device.currentData())
+                        tta=self.tta.isChecked(), device=self.device.currentData(),
+                        registration_fusion=self.fusion.currentText())
 
     def selected_references(self) -> list[tuple[Volume, Volume]]:
         """The (image, labels) of every complete reference row, checked (labels snapshot as painted now)."""
