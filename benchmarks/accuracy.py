@@ -5,7 +5,7 @@ from the model's training cases of each dataset, i.e. imagesTr minus the held-ou
   iris oneshot      reference #1                      iris ensemble-5   the 5 references averaged per class
   iris retrieval-5  per class, the closest reference  iris tune         reference #1, its task embedding tuned
   registration      reference #1 registered to the query (SimpleITK: affine, then B-spline, Mattes MI, then demons
-                    unless --demons_iterations 0), label warped
+                    on a 3 mm grid and a finer one unless --demons_iterations 0), label warped
   ants syn          reference #1 registered with ANTs SyN (antspyx, optional: `pip install antspyx`), label warped
   iris oneshot 1/pass  as oneshot, one class per forward pass (all classes in one pass should do as well)
   multi-atlas-5     the 5 references registered, per-voxel majority vote
@@ -66,6 +66,8 @@ from iris_nnu.inference.registration import (  # noqa: E402
     BSPLINE_MESH,
     DEMONS_SMOOTHING,
     DEMONS_SPACING_MM,
+    FINE_DEMONS,
+    FINE_DEMONS_VOXELS,
     MAX_SAMPLES,
     MIN_GRID_VOXELS,
     SAMPLING,
@@ -440,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demons_iterations", type=int, default=registration.DEMONS_ITERATIONS,
                    help="demons after the registration's B-spline, for the registration baseline and oneshot-fused "
                         "alike (0: none, the registration before they were added)")
+    p.add_argument("--fine_demons_iterations", type=int, default=FINE_DEMONS[1],
+                   help="demons on the finer grid after those (registration.FINE_DEMONS; 0: none, the registration "
+                        "as it was before that level)")
     p.add_argument("--tune_steps", type=int, default=DEFAULT_TUNE_STEPS)
     p.add_argument("--tune_lr", type=float, default=DEFAULT_TUNE_LR)
     p.add_argument("--threads", type=int, default=2, help="torch and SimpleITK threads")
@@ -473,6 +478,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     registration.DEMONS_ITERATIONS = args.demons_iterations  # what iris_predict's fusion reads at each registration
+    registration.FINE_DEMONS = (FINE_DEMONS[0], args.fine_demons_iterations, FINE_DEMONS[2])
     model_folder = os.path.normpath(args.m or DEFAULT_MODEL_FOLDER)
     if args.step_size != AUTO_STEP:
         args.step_size = float(args.step_size)
@@ -503,7 +509,9 @@ def main() -> int:
                                       "sampling": SAMPLING, "max_samples": MAX_SAMPLES, "bspline_mesh": BSPLINE_MESH,
                                       "bspline_iterations": BSPLINE_ITERATIONS, "min_grid_voxels": MIN_GRID_VOXELS,
                                       "demons_iterations": args.demons_iterations,
-                                      "demons_spacing_mm": DEMONS_SPACING_MM, "demons_smoothing": DEMONS_SMOOTHING},
+                                      "demons_spacing_mm": DEMONS_SPACING_MM, "demons_smoothing": DEMONS_SMOOTHING,
+                                      "fine_demons": registration.FINE_DEMONS,
+                                      "fine_demons_voxels": FINE_DEMONS_VOXELS},
                                   "datasets": results}), args.output)
     print(f"\nall figures written to {args.output}")
     return 0
