@@ -186,8 +186,8 @@ def test_registered_label_maps_follow_a_deformed_query():
     atlas = RegistrationAtlas(reference, labels, (5, 7), spacing)  # label index i is value (5, 7)[i - 1]
     registered = registered_label_maps(query, spacing, [atlas], [5, 7, 9])
     maps = registered.maps
-    # the query looks like the registered reference; an unrelated body of the same shape, less than --registration_fusion
-    # auto's floor asks (the demons' fine level makes any pair look more alike: 0.74 against 0.99 here)
+    # the query looks like the registered reference; an unrelated body of the same shape, less than
+    # --registration_fusion auto's floor asks (the demons' fine level makes any pair look more alike: 0.74 against 0.99)
     assert registered.similarity > 0.9, registered.similarity
     unrelated = RegistrationAtlas(_textured_body(reference.shape, seed=11), labels, (5, 7), spacing)
     other = registered_label_maps(query, spacing, [unrelated], [5])

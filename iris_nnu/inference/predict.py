@@ -27,8 +27,8 @@ from iris_nnu.inference.segmenter import DEFAULT_PRECISION, MIN_STEP_SIZE, PRECI
 from iris_nnu.inference.strategies import (AUTO_FUSION, AUTO_POSTPROCESS, AUTO_STEP, AUTO_THRESHOLD, CROP_EXTENT_MM,
                                           DEFAULT_STEP_SIZE, DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, DENSE_STEP_SIZE,
                                           FUSION_SETTINGS, POSTPROCESS_SETTINGS, REGISTRATION_WEIGHT, STEP_MARGIN,
-                                          STRATEGIES, apply_fusion, check_fusion_source, run_threshold, task_file_threshold,
-                                          with_calibration)
+                                          STRATEGIES, apply_fusion, check_fusion_source, run_threshold,
+                                          task_file_threshold, with_calibration)
 from iris_nnu.io.model_folder import DEFAULT_CHECKPOINT, DEFAULT_MODEL_FOLDER, model_folder_folds
 from iris_nnu.model.task import FORMAT_VERSION as TASK_FORMAT
 
