@@ -268,22 +268,27 @@ def test_demons_refine_on_a_finer_grid_where_the_scan_has_one(monkeypatch):
     fine_demons_grid where that is finer along every axis: on a 2 mm scan, whose first demons grid is 2.5 mm (at least
     MIN_GRID_VOXELS along its shortest axis), a second level at 2 mm; none on a 4 mm scan, nor under FINE_DEMONS_VOXELS
     too small for more, nor on a scan of 4 mm voxels and 2.5 mm slices (as the head-and-neck CTs) whose capped fine
-    grid (3.05 mm) would hold more voxels but coarser slices. The labels land every time."""
+    grid (3.05 mm) would hold more voxels but coarser slices. The labels land every time, and the fine grids (query's
+    and reference's) are made only where the second level runs."""
     import iris_nnu.inference.registration as registration
 
-    real_field = registration._demons_field
-    grids = []
+    real_field, real_fine_grid = registration._demons_field, registration.fine_demons_grid
+    grids, fine_grids = [], []
     monkeypatch.setattr(registration, "_demons_field", lambda fixed, *args: (
         grids.append(fixed.GetSpacing()[0]) or real_field(fixed, *args)))
+    monkeypatch.setattr(registration, "fine_demons_grid", lambda image: (
+        fine_grids.append(image.GetSize()) or real_fine_grid(image)))
     reference, labels, query, truth = _moved_and_bent_pair()
     default = registration.FINE_DEMONS_VOXELS
     for spacing, cap, expected in (((2.0,) * 3, default, [2.5, 2.0]), ((4.0,) * 3, default, [4.0]),
                                    ((2.0,) * 3, 10_000, [2.5]), ((2.5, 4.0, 4.0), 130_000, [4.0])):
         grids.clear()
+        fine_grids.clear()
         monkeypatch.setattr(registration, "FINE_DEMONS_VOXELS", cap)
         atlas = RegistrationAtlas(reference, labels, (1,), spacing)
         maps = registered_label_maps(query, spacing, [atlas], [1]).maps
         assert grids == pytest.approx(expected), (spacing, cap, grids)
+        assert len(fine_grids) == 2 * (len(expected) - 1), (spacing, cap, fine_grids)
         moved = dice_per_class((truth == 1).astype(int), (maps[0] > 0.5).astype(int), [1])[1]
         assert moved > 0.8, (spacing, cap, moved)
 

@@ -55,12 +55,19 @@ def registration_grid(image: sitk.Image, spacing_mm: float = REGISTRATION_SPACIN
     lo, hi = np.percentile(array, (0.5, 99.5))
     out = sitk.GetImageFromArray(np.clip((array - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32))
     out.CopyInformation(image)
-    spacing = min(spacing_mm, min(n * s for n, s in zip(image.GetSize(), image.GetSpacing())) / MIN_GRID_VOXELS)
-    if spacing <= min(image.GetSpacing()) * 1.01:
+    grid_spacing = _grid_spacing(image, spacing_mm)
+    if grid_spacing == tuple(image.GetSpacing()):
         return out
+    spacing = grid_spacing[0]
     size = [max(1, round(n * s / spacing)) for n, s in zip(image.GetSize(), image.GetSpacing())]
     return sitk.Resample(sitk.SmoothingRecursiveGaussian(out, spacing / 2), size, sitk.Transform(), sitk.sitkLinear,
                          image.GetOrigin(), [spacing] * 3, image.GetDirection(), 0.0, sitk.sitkFloat32)
+
+
+def _grid_spacing(image: sitk.Image, spacing_mm: float) -> tuple[float, ...]:
+    """The spacing of registration_grid(image, spacing_mm), without making it."""
+    spacing = min(spacing_mm, min(n * s for n, s in zip(image.GetSize(), image.GetSpacing())) / MIN_GRID_VOXELS)
+    return tuple(image.GetSpacing()) if spacing <= min(image.GetSpacing()) * 1.01 else (spacing,) * 3
 
 
 def _method(grid: sitk.Image, stage: str, shrinks: list[int], seed: int) -> sitk.ImageRegistrationMethod:
@@ -83,8 +90,10 @@ def deformable_transform(fixed_image: sitk.Image, moving_image: sitk.Image,
     MIN_BSPLINE_GRID_VOXELS; Mattes MI, multi-resolution, seeded sampling; on a `spacing_mm` grid), then demons for
     what they leave (`demons_iterations` on DEMONS_SPACING_MM, None: DEMONS_ITERATIONS; 0: no demons; then FINE_DEMONS
     on the scans' fine_demons_grid): the transform of fixed points to moving points."""
-    return grid_transform(registration_grid(fixed_image, spacing_mm), registration_grid(moving_image, spacing_mm), seed,
-                          demons_iterations, (fine_demons_grid(fixed_image), fine_demons_grid(moving_image)))
+    fixed = registration_grid(fixed_image, spacing_mm)
+    fine = (fine_demons_grid(fixed_image), fine_demons_grid(moving_image)) if fine_demons_run(fixed, fixed_image) \
+        else None
+    return grid_transform(fixed, registration_grid(moving_image, spacing_mm), seed, demons_iterations, fine)
 
 
 def grid_transform(fixed: sitk.Image, moving: sitk.Image, seed: int = 0, demons_iterations: int | None = None,
@@ -127,27 +136,53 @@ def _with_demons(smooth_parts: list[sitk.Transform], fixed: sitk.Image, moving: 
     parts = list(smooth_parts)
     if demons_iterations <= 0:
         return sitk.CompositeTransform(parts)
-    extent = [n * s for n, s in zip(fixed.GetSize(), fixed.GetSpacing())]
-    spacing = min(DEMONS_SPACING_MM, min(extent) / MIN_GRID_VOXELS)
     coarse = fixed
-    if spacing > max(fixed.GetSpacing()) * 1.01:
-        size = [max(1, round(e / spacing)) for e in extent]
-        coarse = sitk.Resample(fixed, size, sitk.Transform(), sitk.sitkLinear, fixed.GetOrigin(), [spacing] * 3,
+    spacing = _coarse_demons_spacing(fixed)
+    if spacing != tuple(fixed.GetSpacing()):
+        size = [max(1, round(n * s / spacing[0])) for n, s in zip(fixed.GetSize(), fixed.GetSpacing())]
+        coarse = sitk.Resample(fixed, size, sitk.Transform(), sitk.sitkLinear, fixed.GetOrigin(), spacing,
                                fixed.GetDirection(), 0.0, sitk.sitkFloat32)
     parts.append(_demons_field(coarse, moving, sitk.CompositeTransform(parts), demons_iterations, DEMONS_SMOOTHING))
     _, iterations, smoothing = FINE_DEMONS
-    # finer along every axis: a head-and-neck CT's grid (3.9-5 mm in-plane, 2.5 mm slices) is the first level's,
-    # and its fine grid, capped at FINE_DEMONS_VOXELS over the whole scan, would be coarser than its slices
-    if fine is not None and iterations > 0 and max(fine[0].GetSpacing()) < 0.99 * min(coarse.GetSpacing()):
+    if fine is not None and iterations > 0 and _finer(fine[0].GetSpacing(), coarse.GetSpacing()):
         parts.append(_demons_field(fine[0], fine[1], sitk.CompositeTransform(parts), iterations, smoothing))
     return sitk.CompositeTransform(parts)
+
+
+def _coarse_demons_spacing(fixed: sitk.Image) -> tuple[float, ...]:
+    """The spacing of the demons' first level on the `fixed` registration grid: DEMONS_SPACING_MM, or the grid's own
+    where that is no coarser (at least MIN_GRID_VOXELS along the shortest extent)."""
+    spacing = min(DEMONS_SPACING_MM, min(n * s for n, s in zip(fixed.GetSize(), fixed.GetSpacing())) / MIN_GRID_VOXELS)
+    return (spacing,) * 3 if spacing > max(fixed.GetSpacing()) * 1.01 else tuple(fixed.GetSpacing())
+
+
+def _finer(fine: Sequence[float], coarse: Sequence[float]) -> bool:
+    # finer along every axis: a head-and-neck CT's grid (3.9-5 mm in-plane, 2.5 mm slices) is the first level's,
+    # and its fine grid, capped at FINE_DEMONS_VOXELS over the whole scan, would be coarser than its slices
+    return max(fine) < 0.99 * min(coarse)
+
+
+def fine_demons_run(fixed: sitk.Image, fixed_image: sitk.Image) -> bool:
+    """Whether the demons' second level runs for a fixed scan (`fixed_image`, on its registration grid `fixed`): its
+    fine_demons_grid finer along every axis than the first level's. Decided before making the fine grids, which a
+    head-and-neck CT never uses (0.16 s a query)."""
+    return FINE_DEMONS[1] > 0 and _finer(_fine_demons_spacing(fixed_image), _coarse_demons_spacing(fixed))
+
+
+def _fine_demons_mm(image: sitk.Image) -> float:
+    """FINE_DEMONS' spacing, coarser where that would exceed FINE_DEMONS_VOXELS over `image`."""
+    extent = np.prod([n * s for n, s in zip(image.GetSize(), image.GetSpacing())])
+    return max(FINE_DEMONS[0], float(extent / FINE_DEMONS_VOXELS) ** (1 / 3))
+
+
+def _fine_demons_spacing(image: sitk.Image) -> tuple[float, ...]:
+    return _grid_spacing(image, _fine_demons_mm(image))
 
 
 def fine_demons_grid(image: sitk.Image) -> sitk.Image:
     """`image` as registration_grid makes it at FINE_DEMONS' spacing, coarser where that would exceed
     FINE_DEMONS_VOXELS: the grid of the demons' second, finer level."""
-    extent = np.prod([n * s for n, s in zip(image.GetSize(), image.GetSpacing())])
-    return registration_grid(image, max(FINE_DEMONS[0], float(extent / FINE_DEMONS_VOXELS) ** (1 / 3)))
+    return registration_grid(image, _fine_demons_mm(image))
 
 
 def _demons_field(fixed: sitk.Image, moving: sitk.Image, before: sitk.Transform, iterations: int,
@@ -239,9 +274,11 @@ def registered_label_maps(query: np.ndarray, spacing: Sequence[float], atlases: 
     holders = np.zeros(len(classes), dtype=np.float32)
     similarities = []
     fixed = _voxel_image(query[region], spacing)
-    fixed_grid, fixed_fine = registration_grid(fixed), fine_demons_grid(fixed)
+    fixed_grid = registration_grid(fixed)
+    fixed_fine = fine_demons_grid(fixed) if fine_demons_run(fixed_grid, fixed) else None
     for atlas in atlases:
-        transform = grid_transform(fixed_grid, atlas.grid, seed, fine=(fixed_fine, atlas.fine_grid))
+        transform = grid_transform(fixed_grid, atlas.grid, seed,
+                                   fine=None if fixed_fine is None else (fixed_fine, atlas.fine_grid))
         similarities.append(registration_similarity(fixed_grid, atlas.grid, transform))
         held = [(k, atlas.values.index(value) + 1) for k, value in enumerate(classes) if value in atlas.values]
         for (k, _), warped in zip(held, warp_masks(transform, fixed, atlas.labels, [index for _, index in held],
