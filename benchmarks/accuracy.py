@@ -81,6 +81,7 @@ from iris_nnu.inference.strategies import (  # noqa: E402
     DEFAULT_STEP_SIZE,
     DEFAULT_TUNE_LR,
     DEFAULT_TUNE_STEPS,
+    HIDDEN_EDGE_FACTOR,
     calibrated_threshold,
     calibrated_window,
     run_fusion,
@@ -445,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fine_demons_iterations", type=int, default=FINE_DEMONS[1],
                    help="demons on the finer grid after those (registration.FINE_DEMONS; 0: none, the registration "
                         "as it was before that level)")
+    p.add_argument("--hidden_edge_factor", type=float, default=HIDDEN_EDGE_FACTOR,
+                   help="oneshot-fused and oneshot-auto: a fused class whose edge the reference hides takes this many "
+                        "times the registration weight (strategies.HIDDEN_EDGE_FACTOR; 1: every class alike, as "
+                        "before)")
     p.add_argument("--tune_steps", type=int, default=DEFAULT_TUNE_STEPS)
     p.add_argument("--tune_lr", type=float, default=DEFAULT_TUNE_LR)
     p.add_argument("--threads", type=int, default=2, help="torch and SimpleITK threads")
@@ -486,6 +491,7 @@ def main() -> int:
     predictor = IrisPredictor(tile_step_size=DEFAULT_STEP_SIZE if args.step_size == AUTO_STEP else args.step_size,
                               device=args.device, modality="other" if args.modality == AUTO_MODALITY else args.modality,
                               precision=args.precision)
+    predictor.hidden_edge_factor = args.hidden_edge_factor
     predictor.initialize_from_model_folder(args.m, args.f, args.chk)
     held_out_file = args.held_out or os.path.join(model_folder, HELD_OUT_FILE)
     held_out = read_held_out(model_folder, args.held_out)

@@ -24,8 +24,8 @@ from iris_nnu.inference.alignment import (
 from iris_nnu.inference.evaluate import dice_per_class
 from iris_nnu.inference.predict import main as predict_main
 from iris_nnu.inference.predictor import fuse_with_atlas
-from iris_nnu.inference.registration import RegistrationAtlas, registered_label_maps, warp_masks
-from iris_nnu.inference.strategies import SIMILARITY_SHARE
+from iris_nnu.inference.registration import RegistrationAtlas, hidden_edge_share, registered_label_maps, warp_masks
+from iris_nnu.inference.strategies import HIDDEN_EDGE_FACTOR, HIDDEN_EDGE_SHARE, SIMILARITY_SHARE, hidden_edge_line
 from iris_nnu.model import TaskEmbedding
 from iris_nnu.model.position import ScanFrame, position_prior_from_labels
 
@@ -394,6 +394,45 @@ def test_a_confident_network_outvotes_the_registration_and_an_unsure_one_follows
     assert ((mixed[1] > 0) == atlas[1].astype(bool)).all()
 
 
+def test_a_class_whose_edge_the_reference_hides_takes_a_heavier_registration_weight():
+    """hidden_edge_share: a structure brighter than all around it shows its whole edge (0); one as bright as the
+    tissue it lies in hides it (near 1). fusion_weights multiplies a fused class's
+    weight by hidden_edge_factor where the share, averaged over the references holding it, reaches HIDDEN_EDGE_SHARE;
+    a class the network segments alone (0) or the registration alone (inf) keeps its weight, and factor 1 changes
+    nothing."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(100.0, 2.0, (24, 24, 24)).astype(np.float32)
+    labels = np.zeros(image.shape, np.int16)
+    labels[4:10, 4:10, 4:10] = 1
+    image[4:10, 4:10, 4:10] += 50  # shows its edge
+    labels[12:20, 12:20, 12:20] = 2  # the tissue's own intensity: no edge to see
+    atlas = RegistrationAtlas(image, labels, (3, 7), (1.0, 1.0, 1.0))
+    assert atlas.hidden_edges[3] == 0.0 and atlas.hidden_edges[7] > 0.7
+    assert hidden_edge_share(image, labels, 2) == atlas.hidden_edges[7]
+    predictor = IrisPredictor(registration_fusion=True, registration_weight=2.0)
+    predictor.registration_atlases = [atlas]
+    assert predictor.hidden_edge_factor == HIDDEN_EDGE_FACTOR > 1
+    np.testing.assert_array_equal(predictor.fusion_weights([3, 7]), [2.0, 2.0 * HIDDEN_EDGE_FACTOR])
+    assert hidden_edge_line(predictor, [3, 7]).endswith("for 1 fused class(es) whose edges the references' images "
+                                                       "hide (hidden edge share 0.2 or more): 7")
+    shown = RegistrationAtlas(image + 50.0 * (labels == 2), labels, (3, 7), (1.0, 1.0, 1.0))
+    assert shown.hidden_edges[7] == 0.0
+    predictor.registration_atlases = [shown]
+    np.testing.assert_array_equal(predictor.fusion_weights([3, 7]), [2.0, 2.0])
+    predictor.registration_atlases = [atlas, shown]  # hidden in one of two: the mean decides
+    assert (atlas.hidden_edges[7] + shown.hidden_edges[7]) / 2 >= HIDDEN_EDGE_SHARE
+    np.testing.assert_array_equal(predictor.fusion_weights([3, 7]), [2.0, 2.0 * HIDDEN_EDGE_FACTOR])
+    predictor.registration_atlases = [atlas]
+    predictor.class_registration_weights = {3: 2.0, 7: math.inf}
+    np.testing.assert_array_equal(predictor.fusion_weights([3, 7]), [2.0, math.inf])
+    predictor.class_registration_weights = {3: 2.0}
+    np.testing.assert_array_equal(predictor.fusion_weights([3, 7]), [2.0, 0.0])
+    predictor.class_registration_weights = None
+    predictor.hidden_edge_factor = 1.0
+    np.testing.assert_array_equal(predictor.fusion_weights([3, 7]), [2.0, 2.0])
+    assert hidden_edge_line(predictor, [3, 7]) is None
+
+
 def _fusion_run(tmp_path: Path, capsys, name: str, references: list[str], *options: str) -> tuple[np.ndarray, str]:
     query = tmp_path / "in"
     if not query.exists():
@@ -417,6 +456,9 @@ def test_registration_fusion_auto_is_measured_on_the_references(tmp_path: Path, 
 
     # the runs compared below are repeatable: conftest runs ITK on one thread (the registration alone showed 45
     # voxels of difference between two runs with 2 threads)
+    # every class at one weight, so that one setting wins for both (with the posterior's weight raised for its hidden
+    # edge the two classes choose apart; that rule has its own test)
+    monkeypatch.setattr(predictor_module, "HIDDEN_EDGE_FACTOR", 1.0)
 
     second = f"{DEMO}/imagesTr/hippocampus_040_0000.nii.gz:{DEMO}/labelsTr/hippocampus_040.nii.gz"
     prepared = []

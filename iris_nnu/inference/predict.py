@@ -27,8 +27,8 @@ from iris_nnu.inference.segmenter import DEFAULT_PRECISION, MIN_STEP_SIZE, PRECI
 from iris_nnu.inference.strategies import (AUTO_FUSION, AUTO_POSTPROCESS, AUTO_STEP, AUTO_THRESHOLD, CROP_EXTENT_MM,
                                           DEFAULT_STEP_SIZE, DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, DENSE_STEP_SIZE,
                                           FUSION_SETTINGS, POSTPROCESS_SETTINGS, REGISTRATION_WEIGHT, STEP_MARGIN,
-                                          STRATEGIES, apply_fusion, check_fusion_source, run_threshold,
-                                          task_file_threshold, with_calibration)
+                                          STRATEGIES, apply_fusion, check_fusion_source, hidden_edge_line,
+                                          run_threshold, task_file_threshold, with_calibration)
 from iris_nnu.io.model_folder import DEFAULT_CHECKPOINT, DEFAULT_MODEL_FOLDER, model_folder_folds
 from iris_nnu.model.task import FORMAT_VERSION as TASK_FORMAT
 
@@ -185,12 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "reference on one thread, under a second for hippocampus crops) and "
                         "add their evidence to each class's "
                         f"logit ({REGISTRATION_WEIGHT:g} where the registered label covers a voxel, minus as much "
-                        "where it does not), decided at the network's --threshold: a confident network outvotes a "
+                        "where it does not; twice that for a structure whose edge the reference's image hides, "
+                        "its intensities just outside as inside, such as the thalamus: one line names them), decided "
+                        "at the network's --threshold: a confident network outvotes a "
                         "registration gone astray. Measured one-shot from one reference on held-out queries, against "
-                        "the network alone: the abdomen 0.710 against 0.669 over six references, whole brains 0.639 "
-                        "against 0.562 (ANTs SyN 0.561), their deep structures 0.740 against 0.632 (ANTs SyN 0.764), "
-                        "head-and-neck CT 0.612 against 0.560 from one reference and "
-                        "0.445 against 0.464 from another, the hippocampus 0.806 against 0.817 (see the README's "
+                        "the network alone: the abdomen 0.708 against 0.669 over six references, whole brains 0.641 "
+                        "against 0.562 (ANTs SyN 0.561), their deep structures 0.764 against 0.632 (ANTs SyN 0.764), "
+                        "head-and-neck CT 0.625 against 0.560 from one reference and "
+                        "0.437 against 0.464 from another, the hippocampus 0.806 against 0.817 (see the README's "
                         "Results). registration: the "
                         "registered labels alone, decided at 0.5, the network not run on the queries. auto: with one "
                         f"-r reference, on, but off where that reference is a crop (shorter than {CROP_EXTENT_MM:.0f} "
@@ -443,6 +445,9 @@ def run_prediction(args: argparse.Namespace) -> int:
         folds = f" by each of {predictor.num_folds} folds" if predictor.num_folds > 1 else ""
         print(f"{PROGRAM}: task encoded from {len(references.names)} reference(s){folds}, classes "
               f"{' '.join(map(str, references.classes))}")
+        line = hidden_edge_line(predictor, references.classes)
+        if line:
+            print(f"{PROGRAM}: {line}")
     else:
         pool = predictor.load_task(args.task, args.classes)
         if args.prior_alignment == "affine" and predictor.position_prior and predictor.position_grid:

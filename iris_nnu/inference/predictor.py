@@ -70,6 +70,8 @@ from iris_nnu.inference.strategies import (
     DEFAULT_THRESHOLD,
     DEFAULT_TUNE_LR,
     DEFAULT_TUNE_STEPS,
+    HIDDEN_EDGE_FACTOR,
+    HIDDEN_EDGE_SHARE,
     REGISTRATION_WEIGHT,
     STRATEGIES,
     select_references,
@@ -255,7 +257,9 @@ class IrisPredictor:
             inf: the registered label alone, decided at 0.5, and the network is not run on the queries.
             `class_registration_weights` (attribute, None by default) sets the weight per class value instead
             (strategies.set_fusion, --registration_fusion auto decided per class): a class absent from it, or at
-            weight 0, is the network's alone. `registration_floor` (attribute, None by
+            weight 0, is the network's alone. A fused class whose edge the references' images hide takes
+            `hidden_edge_factor` (attribute, HIDDEN_EDGE_FACTOR; 1: none) times its weight (fusion_weights).
+            `registration_floor` (attribute, None by
             default): a query whose registration looks less like it than this (registration_similarity) is segmented
             by the network alone, at the run's decision threshold (set_fusion; --registration_fusion auto sets it
             from the references).
@@ -296,6 +300,7 @@ class IrisPredictor:
         window_precision(precision, device)  # refuses an unknown one
         self.precision = precision
         self.class_registration_weights: dict[int, float] | None = None
+        self.hidden_edge_factor = HIDDEN_EDGE_FACTOR
         self.registration_floor: float | None = None
         # the references queries are registered to (encode_references sets them; a loaded task has none)
         self.alignment_anchors: list[AlignmentAnchor] = []
@@ -570,10 +575,29 @@ class IrisPredictor:
 
     def fusion_weights(self, classes: Sequence[int]) -> np.ndarray:
         """Each class's registration weight (K,): 0 for a class the network segments alone, inf for one the
-        registration segments alone."""
+        registration segments alone; a fused class whose edge the references' images hide (hidden_edge_share at
+        HIDDEN_EDGE_SHARE or more, averaged over the references that hold it) `hidden_edge_factor` times its own."""
         if self.class_registration_weights is None:
-            return np.full(len(classes), self.registration_weight, np.float32)
-        return np.array([self.class_registration_weights.get(int(c), 0.0) for c in classes], np.float32)
+            weights = np.full(len(classes), self.registration_weight, np.float32)
+        else:
+            weights = np.array([self.class_registration_weights.get(int(c), 0.0) for c in classes], np.float32)
+        hidden = self.hidden_edge_classes(classes)
+        for k, c in enumerate(classes):
+            if 0 < weights[k] < np.inf and int(c) in hidden:
+                weights[k] *= self.hidden_edge_factor
+        return weights
+
+    def hidden_edge_classes(self, classes: Sequence[int]) -> list[int]:
+        """The class values whose edge the references' images hide (registration.hidden_edge_share, averaged over the
+        encoded references that hold the class, at HIDDEN_EDGE_SHARE or more); none where `hidden_edge_factor` is 1."""
+        if self.hidden_edge_factor == 1:
+            return []
+        hidden = []
+        for c in map(int, classes):
+            shares = [a.hidden_edges[c] for a in self.registration_atlases if c in a.hidden_edges]
+            if shares and np.mean(shares) >= HIDDEN_EDGE_SHARE:
+                hidden.append(c)
+        return hidden
 
     def segment_preprocessed(self, data: np.ndarray, properties: dict, task: Tasks, *, export: bool = True,
                              probabilities: bool = False, preprocessed_labels: bool = False,

@@ -69,6 +69,15 @@ AUTO_FUSION = "auto"
 # made the registered label decide alone (any voxel it covers passes, any other fails) wherever the registration went
 # astray; this rule lets a confident network outvote it.
 REGISTRATION_WEIGHT = 2.0
+# A fused class whose edge the references' images hide (registration.hidden_edge_share at HIDDEN_EDGE_SHARE or more,
+# averaged over the references that hold it) takes HIDDEN_EDGE_FACTOR times the weight: the network, which reads
+# edges, misses it, and the registration carries it from the anatomy around. Whole brains, 3 held-out queries, from
+# oasis_007 / oasis_014: the 12 subcortical structures 0.740 -> 0.764 / 0.770 -> 0.793 (ANTs SyN 0.764 / 0.784), all 85
+# 0.639 -> 0.641 / 0.632 -> 0.636 (the thalamus 0.71 -> 0.82 from oasis_007); weight 4 for every class instead costs the
+# cortex (0.631 / 0.628). Elsewhere mixed: head-and-neck CT +0.013 / -0.008 (references 060 / 034), the abdomen
+# +0.009 / -0.019 from the two of six references with such a class (020 / 022; README Results)
+HIDDEN_EDGE_SHARE = 0.2
+HIDDEN_EDGE_FACTOR = 2.0
 # a run's registration fusion -> each class's registration weight (None: no registration; inf: the registration alone)
 REGISTRATION_WEIGHTS: dict[str, float | None] = {"off": None, "on": REGISTRATION_WEIGHT, "registration": math.inf}
 FUSION_SETTINGS = (AUTO_FUSION, *REGISTRATION_WEIGHTS)  # iris_predict --registration_fusion
@@ -581,6 +590,20 @@ def run_fusion(predictor: IrisPredictor, setting: str, references: Sequence[Refe
     return FusionChoice(choice, floor, f"{line}; a query whose registration correlates with it below {floor:.2f} "
                                        f"({SIMILARITY_SHARE} of the references' {comparison.similarity:.2f}) is "
                                        f"segmented by the network alone")
+
+
+def hidden_edge_line(predictor: IrisPredictor, classes: Sequence[int]) -> str | None:
+    """What a fused run says of the classes whose registration weight rises because their edges hide
+    (IrisPredictor.fusion_weights); None where none does."""
+    if not predictor.registration_fusion:
+        return None
+    weights = dict(zip(classes, predictor.fusion_weights(classes)))
+    raised = [c for c in predictor.hidden_edge_classes(classes) if 0 < weights[c] < math.inf]
+    if not raised:
+        return None
+    listed = " ".join(map(str, raised[:LISTED_CLASSES])) + (" ..." if len(raised) > LISTED_CLASSES else "")
+    return (f"registration weight x{predictor.hidden_edge_factor:g} for {len(raised)} fused class(es) whose edges the "
+            f"references' images hide (hidden edge share {HIDDEN_EDGE_SHARE} or more): {listed}")
 
 
 def check_fusion_source(setting: str, task_file: bool, option: str = "--registration_fusion") -> None:

@@ -41,7 +41,7 @@ from iris_nnu.inference.plans import modality_of
 from iris_nnu.inference.predictor import IrisPredictor
 from iris_nnu.inference.references import ReferenceCase
 from iris_nnu.inference.strategies import (AUTO_FUSION, AUTO_POSTPROCESS, AUTO_STEP, AUTO_THRESHOLD, apply_fusion,
-                                          check_fusion_source, run_threshold, with_calibration)
+                                          check_fusion_source, hidden_edge_line, run_threshold, with_calibration)
 from iris_nnu.napari.reader import GEOMETRY_KEY, NAMES_KEY, SOURCE_KEY, names_features
 
 log = logging.getLogger(__name__)
@@ -310,6 +310,9 @@ def segment(settings: Settings, references: Sequence[tuple[Volume, Volume]], que
             for label, values in encoded.lost.items():
                 yield Note(f"{os.path.basename(label)}: label value(s) {' '.join(map(str, values))} vanish at the "
                            f"model's spacing", "warning")
+            line = hidden_edge_line(predictor, encoded.classes)
+            if line:
+                yield Note(line)
             pool, names = encoded.pool, reference_names(references)
             description = f"{len(cases)} reference(s): {', '.join(labels.name for _, labels in references)}"
         task, _ = predictor.task_for_strategy(pool, settings.strategy, encoded)
