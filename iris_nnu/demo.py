@@ -26,7 +26,7 @@ from iris_nnu.inference.names import dataset_json_names
 from iris_nnu.inference.predictor import IrisPredictor
 from iris_nnu.inference.references import ReferenceCase
 from iris_nnu.inference.strategies import (AUTO_FUSION, AUTO_POSTPROCESS, AUTO_STEP, AUTO_THRESHOLD, apply_fusion,
-                                          run_threshold)
+                                          raised_for_hidden_edges, run_threshold)
 from iris_nnu.io.model_folder import read_held_out
 from iris_nnu.model import TaskEmbedding
 from iris_nnu.preprocessing.raw_dataset import raw_case_files, training_cases
@@ -127,11 +127,14 @@ def run_dataset(predictor: IrisPredictor, raw_folder: str, held_out: list[str], 
     out = os.path.join(output, name)
     kind = "held-out" if held_out else "a dataset the default model never trained on"
     counted = f"{len(queries)} quer{'y' if len(queries) == 1 else 'ies'}"
+    raised = raised_for_hidden_edges(predictor, task.classes)
+    hidden = (f" (its weight x{predictor.hidden_edge_factor:g} for {len(raised)} structure(s) whose edges the reference "
+              f"hides)" if raised else "")
     print(f"{PROGRAM}: {name}: reference {reference} ({len(task.classes)} structures, modality {predictor.modality}, "
           f"window step {predictor.tile_step_size}, decision threshold "
           f"{describe_threshold(predictor.decision_threshold)}, largest component alone for "
           f"{len(predictor.largest_component)}, {'fused with' if predictor.registration_fusion else 'without'} its "
-          f"registration), {counted} ({kind})")
+          f"registration{hidden}), {counted} ({kind})")
     failures = predictor.predict_queries(queries, out, task, progress=False)
     if failures:
         raise IrisInputError("; ".join(failures))

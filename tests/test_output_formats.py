@@ -283,6 +283,13 @@ def test_demo_without_a_data_folder_runs_on_the_bundled_held_out_cases(tmp_path,
         assert summary["foreground_mean"]["Dice"] > least, name
     # headneck_train_007 has no brainstem label: left out of the printed mean, and said so
     assert "over 4 structures" in printed and "not labelled in this query: Brainstem" in printed
+    # the CT's reference hides the edges of its brainstem and right parotid (hidden_edge_share 0.48 and 0.22), the
+    # abdomen's none (under 0.2)
+    lines = {name: next(x for x in printed.splitlines() if f"{name}: reference" in x)
+             for name in ("Dataset003_HeadNeckCT", "Dataset004_AbdomenMR")}
+    assert "fused with its registration (its weight x2 for 2 structure(s) whose edges the reference hides)" in \
+        lines["Dataset003_HeadNeckCT"]
+    assert "fused with its registration)" in lines["Dataset004_AbdomenMR"]
 
 
 def test_demo_dicom_path_writes_a_seg_of_a_bundled_case(tmp_path, monkeypatch, capsys):

@@ -592,13 +592,18 @@ def run_fusion(predictor: IrisPredictor, setting: str, references: Sequence[Refe
                                        f"segmented by the network alone")
 
 
-def hidden_edge_line(predictor: IrisPredictor, classes: Sequence[int]) -> str | None:
-    """What a fused run says of the classes whose registration weight rises because their edges hide
-    (IrisPredictor.fusion_weights); None where none does."""
+def raised_for_hidden_edges(predictor: IrisPredictor, classes: Sequence[int]) -> list[int]:
+    """The fused classes whose registration weight rises because the references hide their edges
+    (IrisPredictor.fusion_weights)."""
     if not predictor.registration_fusion:
-        return None
+        return []
     weights = dict(zip(classes, predictor.fusion_weights(classes)))
-    raised = [c for c in predictor.hidden_edge_classes(classes) if 0 < weights[c] < math.inf]
+    return [c for c in predictor.hidden_edge_classes(classes) if 0 < weights[c] < math.inf]
+
+
+def hidden_edge_line(predictor: IrisPredictor, classes: Sequence[int]) -> str | None:
+    """What a fused run says of raised_for_hidden_edges; None where it is empty."""
+    raised = raised_for_hidden_edges(predictor, classes)
     if not raised:
         return None
     listed = " ".join(map(str, raised[:LISTED_CLASSES])) + (" ..." if len(raised) > LISTED_CLASSES else "")
