@@ -409,6 +409,8 @@ def test_a_class_whose_edge_the_reference_hides_takes_a_heavier_registration_wei
     atlas = RegistrationAtlas(image, labels, (3, 7), (1.0, 1.0, 1.0))
     assert atlas.hidden_edges[3] == 0.0 and atlas.hidden_edges[7] > 0.7
     assert hidden_edge_share(image, labels, 2) == atlas.hidden_edges[7]
+    with pytest.raises(ValueError, match="no voxel of index 3"):
+        hidden_edge_share(image, labels, 3)
     predictor = IrisPredictor(registration_fusion=True, registration_weight=2.0)
     predictor.registration_atlases = [atlas]
     assert predictor.hidden_edge_factor == HIDDEN_EDGE_FACTOR > 1
