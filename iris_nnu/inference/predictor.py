@@ -620,7 +620,7 @@ class IrisPredictor:
         cropped_shape = tuple(properties["shape_after_cropping_and_before_resampling"])
         per_export = max(1, int(self.map_memory_bytes // (8 * np.prod(data.shape[1:]) + 4 * np.prod(cropped_shape))))
         floors = threshold_logits(threshold or self.decision_threshold, classes)  # 0 for 0.5
-        weights = self.fusion_weights(classes)
+        weights = self.fusion_weights(classes) if atlas is not None else None  # read only to fuse
         # a fused class is the network's logit moved by the registration's evidence: decided at the network's
         # threshold; a class by the registration alone is its registered label, decided at 0.5
         exported = floors if atlas is None else np.where(np.isinf(weights), 0, floors)  # Winner makes it float32
