@@ -78,8 +78,8 @@ def main() -> int:
         result = predictor.predict_case([accuracy.image_file(folder, case)], task, save_probabilities=True)
         iris_s = time.perf_counter() - start
         transform = deformable_transform(fixed, reference_image, seed=args.seed)
-        registered = np.stack(warp_masks(transform, fixed, reference_labels, classes, reference_image.GetSpacing(),
-                                         reference_image.GetOrigin(), reference_image.GetDirection()))
+        registered = warp_masks(transform, fixed, reference_labels, classes, reference_image.GetSpacing(),
+                                reference_image.GetOrigin(), reference_image.GetDirection())
         registration_s = time.perf_counter() - start - iris_s
         iris = result.probabilities.astype(np.float32)[[result.classes.index(c) for c in classes]]
         row = {"case": case, "iris_s": iris_s, "registration_s": registration_s,

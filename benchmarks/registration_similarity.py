@@ -41,8 +41,8 @@ def registered_onto(fixed: sitk.Image, moving_grid: sitk.Image, moving_label: si
     fixed_grid = registration_grid(fixed)
     transform = grid_transform(fixed_grid, moving_grid, seed)
     similarity = registration_similarity(fixed_grid, moving_grid, transform)
-    maps = np.stack(warp_masks(transform, fixed, sitk.GetArrayFromImage(moving_label), classes,
-                               moving_label.GetSpacing(), moving_label.GetOrigin(), moving_label.GetDirection()))
+    maps = warp_masks(transform, fixed, sitk.GetArrayFromImage(moving_label), classes,
+                      moving_label.GetSpacing(), moving_label.GetOrigin(), moving_label.GetDirection())
     return similarity, labels_from(maps, classes, 0.5)
 
 

@@ -24,7 +24,8 @@ from iris_nnu.inference.alignment import (
 from iris_nnu.inference.evaluate import dice_per_class
 from iris_nnu.inference.predict import main as predict_main
 from iris_nnu.inference.predictor import fuse_with_atlas
-from iris_nnu.inference.registration import RegistrationAtlas, hidden_edge_share, registered_label_maps, warp_masks
+from iris_nnu.inference.registration import (RegistrationAtlas, hidden_edge_share, registered_label_maps,
+                                             sampled_field, warp_masks)
 from iris_nnu.inference.strategies import HIDDEN_EDGE_FACTOR, HIDDEN_EDGE_SHARE, SIMILARITY_SHARE, hidden_edge_line
 from iris_nnu.model import TaskEmbedding
 from iris_nnu.model.position import ScanFrame, position_prior_from_labels
@@ -352,6 +353,38 @@ def test_warp_masks_matches_one_resample_per_mask():
         assert ours.shape == resampled.shape and ours.dtype == np.float32
         np.testing.assert_allclose(ours, resampled, atol=1e-4, err_msg=f"mask {index}")
     assert warped[0].sum() > 100 and warped[1].sum() > 100 and not warped[4].any()
+    # added into a running sum that is a view of a larger array (a CT's body box), index 0 (background) left out
+    maps = np.ones((3, 30, 40, 44), np.float32)
+    view = maps[:, 2:28, 3:37, 4:42]
+    warp_masks(transform, fixed, labels, [2, 0, 4], moving.GetSpacing(), moving.GetOrigin(), moving.GetDirection(),
+               out=view)
+    np.testing.assert_allclose(view[0], 1 + warped[1], atol=1e-6)
+    np.testing.assert_array_equal(view[1], 1)
+    np.testing.assert_allclose(view[2], 1 + warped[3], atol=1e-6)
+    assert (maps[:, :2] == 1).all() and (maps[:, :, :, 42:] == 1).all()
+
+
+def test_a_b_spline_sampled_on_its_grid_moves_points_as_the_b_spline_does():
+    """sampled_field (the B-spline as a field on the registration grid, interpolated linearly) lands points within a
+    fiftieth of a millimetre of where the B-spline itself does, for displacements of several millimetres, and
+    leaves points outside the grid where they are, as the B-spline does."""
+    grid = sitk.Image(100, 90, 60, sitk.sitkFloat32)
+    grid.SetSpacing((2.0, 2.0, 2.5))
+    grid.SetOrigin((-30.0, 10.0, 5.0))
+    bspline = sitk.BSplineTransformInitializer(grid, [3, 3, 3], 3)
+    bspline.SetParameters(np.random.default_rng(1).normal(0, 8.0, len(bspline.GetParameters())).tolist())
+    sampled = sampled_field(bspline, grid)
+    rng = np.random.default_rng(2)
+    low, high = np.asarray(grid.GetOrigin()), np.asarray(grid.TransformIndexToPhysicalPoint(
+        [n - 1 for n in grid.GetSize()]))
+    moved, errors = [], []
+    for point in rng.uniform(low, high, (500, 3)):
+        exact = np.asarray(bspline.TransformPoint(point.tolist()))
+        moved.append(np.linalg.norm(exact - point))
+        errors.append(np.linalg.norm(np.asarray(sampled.TransformPoint(point.tolist())) - exact))
+    assert np.median(moved) > 3 and max(errors) < 0.02, (np.median(moved), max(errors))
+    outside = (float(low[0]) - 50, 50.0, 50.0)
+    assert sampled.TransformPoint(outside) == pytest.approx(outside)
 
 
 def test_registration_fusion_segments_and_needs_the_references(tmp_path: Path, capsys):
@@ -386,10 +419,10 @@ def test_a_confident_network_outvotes_the_registration_and_an_unsure_one_follows
     the registration's; a class of weight inf is its registered label alone, 0 the network alone."""
     logits = np.array([[4.0, -4.0, 0.5, -0.5], [4.0, -4.0, 0.5, -0.5]], dtype=np.float32)
     atlas = np.array([[0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 1.0]], dtype=np.float32)
-    fused = fuse_with_atlas(logits, atlas, 2.0)
+    fused = fuse_with_atlas(logits.copy(), atlas, 2.0)
     np.testing.assert_allclose(fused[0], [2.0, -2.0, -1.5, 1.5])
     assert ((fused > 0) == [[True, False, False, True]] * 2).all()
-    mixed = fuse_with_atlas(logits, atlas, np.array([0.0, np.inf], dtype=np.float32))
+    mixed = fuse_with_atlas(logits.copy(), atlas, np.array([0.0, np.inf], dtype=np.float32))
     np.testing.assert_array_equal(mixed[0], logits[0])
     assert ((mixed[1] > 0) == atlas[1].astype(bool)).all()
 

@@ -52,7 +52,7 @@ from iris_nnu.inference.images import (
 )
 from iris_nnu.inference.plans import (AIR_PERCENTILE, BODY_BOX_KEY, ORIGINAL_BODY_BOX_KEY, RunPreprocessing, air_level,
                                       inference_plans, modality_of)
-from iris_nnu.inference.registration import RegisteredLabels, RegistrationAtlas, registered_label_maps
+from iris_nnu.inference.registration import RegisteredLabels, RegistrationAtlas, registered_label_maps, slabs
 from iris_nnu.inference.references import (
     Crop,
     PreparedReference,
@@ -100,15 +100,20 @@ def fuse_with_atlas(logits: np.ndarray, atlas: np.ndarray, weight: float | np.nd
     """The network's logits with the registration's evidence added, logits + weight * (2 * atlas - 1) (both (K, ...),
     float32; `weight` one for all classes or one per class, (K,)): a voxel the registered label covers gains `weight`,
     one it leaves out loses it, and the network's decision threshold still decides, so a confident network outvotes a
-    registration that went astray. A class of weight inf is the registered label alone (its logit)."""
+    registration that went astray. A class of weight inf is the registered label alone (its logit). In place: returns
+    `logits`, changed (a brain's 85 classes are 1.8 GB; read in slabs, in one pass where both arrays share a layout,
+    as registered_label_maps and export.resample_to_cropped_shape make them)."""
     weights = np.broadcast_to(np.asarray(weight, dtype=np.float32), (logits.shape[0],))
-    fused = np.empty(logits.shape, dtype=np.float32)
-    for k, w in enumerate(weights):
-        if np.isinf(w):  # the registered label's own logit
-            fused[k] = torch.logit(torch.from_numpy(atlas[k].astype(np.float32))).clamp_(-LOGIT_LIMIT, LOGIT_LIMIT)
-        else:
-            fused[k] = logits[k] + w * (2 * atlas[k] - 1)
-    return fused
+    alone = np.isinf(weights)
+    finite = np.where(alone, 0, weights).astype(np.float32).reshape(-1, *[1] * (logits.ndim - 1))
+    for slab in slabs(logits.shape):
+        evidence = atlas[slab] * (2 * finite)
+        evidence -= finite
+        logits[slab] += evidence
+    for k in np.flatnonzero(alone):  # the registered label's own logit
+        logits[k] = torch.logit(torch.from_numpy(np.ascontiguousarray(atlas[k], dtype=np.float32))).clamp_(
+            -LOGIT_LIMIT, LOGIT_LIMIT).numpy()
+    return logits
 
 
 # A task of a run: one TaskEmbedding, or for a fold ensemble one per fold network (in the predictor's fold order)

@@ -10,6 +10,7 @@ structure looks like; a registration where it lies in this anatomy (README, Resu
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Sequence
@@ -121,8 +122,19 @@ def grid_transform(fixed: sitk.Image, moving: sitk.Image, seed: int = 0, demons_
     try:
         method.Execute(fixed, moving)
     except RuntimeError:  # L-BFGS-B stepped the B-spline off the moving scan (1 of 6 CT pairs): the affine stands
-        bspline.SetParameters([0.0] * len(bspline.GetParameters()))
-    return _with_demons([affine, bspline], fixed, moving, demons_iterations, fine)
+        return _with_demons([affine], fixed, moving, demons_iterations, fine)
+    return _with_demons([affine, sampled_field(bspline, fixed)], fixed, moving, demons_iterations, fine)
+
+
+def sampled_field(transform: sitk.Transform, grid: sitk.Image) -> sitk.DisplacementFieldTransform:
+    """`transform` sampled at `grid`'s voxels, as a displacement field interpolated linearly between them (identity
+    outside the grid, as a B-spline outside its mesh)."""
+    # A cubic B-spline costs 64 control points per evaluated point: a brain's 1 mm grid took 6 of the 7 s of carrying
+    # its labels through the whole transform. Its mesh spans the grid in 3 intervals, so linear interpolation between
+    # the grid's voxels (2 mm) moves no point by a measurable amount (benchmarks/warp_speed.py)
+    field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, grid.GetSize(), grid.GetOrigin(),
+                                              grid.GetSpacing(), grid.GetDirection())
+    return sitk.DisplacementFieldTransform(field)
 
 
 def _with_demons(smooth_parts: list[sitk.Transform], fixed: sitk.Image, moving: sitk.Image,
@@ -290,8 +302,8 @@ def registration_similarity(fixed: sitk.Image, moving: sitk.Image, transform: si
 
 @dataclass(frozen=True)
 class RegisteredLabels:
-    """The references' labels carried onto a query (registered_label_maps): per class (K, Z, Y, X) float32 in [0, 1],
-    and the registrations' mean registration_similarity."""
+    """The references' labels carried onto a query (registered_label_maps): per class (K, Z, Y, X) float32 in [0, 1]
+    (class_last_zeros' layout), and the registrations' mean registration_similarity."""
 
     maps: np.ndarray
     similarity: float
@@ -305,7 +317,7 @@ def registered_label_maps(query: np.ndarray, spacing: Sequence[float], atlases: 
     per class the mean over the atlases that hold it (0 where none does); and how alike the query and the atlases
     look after it. `body`: [lo, hi) per axis of the query where the registration runs (a CT's body box:
     plans.ORIGINAL_BODY_BOX_KEY); 0 outside it."""
-    maps = np.zeros((len(classes), *query.shape), dtype=np.float32)
+    maps = class_last_zeros(len(classes), query.shape)
     region = (slice(None),) * 3 if body is None else tuple(slice(lo, hi) for lo, hi in body)
     holders = np.zeros(len(classes), dtype=np.float32)
     similarities = []
@@ -316,25 +328,29 @@ def registered_label_maps(query: np.ndarray, spacing: Sequence[float], atlases: 
         transform = grid_transform(fixed_grid, atlas.grid, seed,
                                    fine=None if fixed_fine is None else (fixed_fine, atlas.fine_grid))
         similarities.append(registration_similarity(fixed_grid, atlas.grid, transform))
-        held = [(k, atlas.values.index(value) + 1) for k, value in enumerate(classes) if value in atlas.values]
-        for (k, _), warped in zip(held, warp_masks(transform, fixed, atlas.labels, [index for _, index in held],
-                                                   atlas.spacing[::-1])):
-            maps[(k, *region)] += warped
-            holders[k] += 1
-    return RegisteredLabels(maps / np.maximum(holders, 1)[:, None, None, None], float(np.mean(similarities)))
+        rows = [atlas.values.index(value) + 1 if value in atlas.values else 0 for value in classes]
+        warp_masks(transform, fixed, atlas.labels, rows, atlas.spacing[::-1], out=maps[(slice(None), *region)])
+        holders += np.asarray(rows) > 0
+    if holders.max(initial=0) > 1:
+        maps /= np.maximum(holders, 1)[:, None, None, None]
+    at_most_one(maps)
+    return RegisteredLabels(maps, float(np.mean(similarities)))
 
 
-COARSE_STEP = 4  # warp_masks finds the fixed voxels that can land on a mask on every 4th voxel per axis first
+WARP_BLOCK_VOXELS = 1_000_000  # fixed voxels per block of warp_masks: bounds its temporaries (about 0.2 GB)
 
 
 def warp_masks(transform: sitk.Transform, fixed: sitk.Image, labels: np.ndarray, indices: Sequence[int],
                spacing: Sequence[float], origin: Sequence[float] = (0.0, 0.0, 0.0),
-               direction: Sequence[float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)) -> list[np.ndarray]:
+               direction: Sequence[float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+               out: np.ndarray | None = None) -> np.ndarray:
     """Each mask labels == i (i in `indices`; `labels` (Z, Y, X) on the grid of `spacing`, `origin`, `direction`,
     SimpleITK's x, y, z order) carried onto `fixed`'s grid through `transform` (fixed points -> label points) with
-    linear interpolation, as sitk.Resample would: (Z, Y, X) float32 each. The transform is evaluated once per fixed
-    voxel, not once per mask (a brain's 85 structures through a B-spline: 16 s instead of 13 minutes with one
-    Resample each), and each mask is interpolated only where fixed voxels land near its bounding box."""
+    linear interpolation, as sitk.Resample would: (len(indices), Z, Y, X) float32 in [0, 1] (class_last_zeros'
+    layout), or added into `out` where given (a running sum of any layout, a view too; each mask adds at most 1 + an
+    ulp). An index of 0 or one the labels lack gives zeros. The transform is evaluated once per fixed voxel, and each
+    fixed voxel adds its 8 label neighbours' interpolation weights to the masks their labels name: every mask in one
+    pass, whatever their number (benchmarks/warp_speed.py)."""
     field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(),
                                               fixed.GetSpacing(), fixed.GetDirection())
     shift = sitk.GetArrayViewFromImage(field)  # (Z, Y, X, 3), components x, y, z (mm)
@@ -344,41 +360,80 @@ def warp_masks(transform: sitk.Transform, fixed: sitk.Image, labels: np.ndarray,
     offset = to_label @ (np.asarray(fixed.GetOrigin(), float) - np.asarray(origin, float))
     voxels = [np.arange(n, dtype=np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
               for axis, n in enumerate(shift.shape[:3])]  # z, y, x
-    coordinates = []  # per label axis z, y, x: the label index each fixed voxel lands on
+    coordinates = []  # per label axis z, y, x: the label index each fixed voxel lands on, flat over the fixed grid
     for axis in (2, 1, 0):
         c = sum(np.float32(step[axis, k]) * voxels[2 - k] for k in range(3)) + np.float32(offset[axis])
-        coordinates.append(c + sum(np.float32(to_label[axis, k]) * shift[..., k] for k in range(3)))
+        coordinates.append((c + sum(np.float32(to_label[axis, k]) * shift[..., k] for k in range(3))).ravel())
     del shift, field
-    coarse = [c[::COARSE_STEP, ::COARSE_STEP, ::COARSE_STEP] for c in coordinates]
-    # per label axis, how far a fixed voxel can land from the coarse sample at the corner of its cell
-    margin = [sum(float(np.abs(np.diff(c, axis=a)).max(initial=0)) for a in range(3)) + 1 for c in coarse]
-    boxes = ndimage.find_objects(labels.astype(np.int32, copy=False), max_label=max(indices, default=0))
-    warped = []
-    for index in indices:
-        out = np.zeros(fixed.GetSize()[::-1], dtype=np.float32)
-        warped.append(out)
-        box = boxes[index - 1]
-        if box is None:
-            continue
-        # the box and one voxel of zeros around it, within the labels' grid
-        low = [max(sl.start - 1, 0) for sl in box]
-        high = [min(sl.stop, n - 1) for sl, n in zip(box, labels.shape)]  # inclusive
-        near = np.ones(coarse[0].shape, dtype=bool)
-        for c, lo, hi, m in zip(coarse, low, high, margin):
-            near &= (c >= lo - m) & (c <= hi + m)
-        hits = np.nonzero(near)
-        if not hits[0].size:
-            continue
-        region = tuple(slice(max(0, int(h.min()) * COARSE_STEP - COARSE_STEP),
-                             min(n, int(h.max()) * COARSE_STEP + COARSE_STEP + 1))
-                       for h, n in zip(hits, out.shape))
-        crop = (labels[tuple(slice(lo, hi + 1) for lo, hi in zip(low, high))] == index).astype(np.float32)
-        points = [c[region] for c in coordinates]
+    shape = tuple(fixed.GetSize()[::-1])
+    fresh = out is None
+    if fresh:
+        out = class_last_zeros(len(indices), shape)
+    if out.dtype != np.float32 or out.shape != (len(indices), *shape) or min(out.strides) < 0:
+        raise ValueError(f"warp_masks: out must be float32 {(len(indices), *shape)} with positive strides, "
+                         f"not {out.dtype} {out.shape} strides {out.strides}")
+    rows = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.int32)  # label value -> its row in `out` + 1; 0: none
+    for row, index in enumerate(indices):
+        if 0 < index < rows.size:
+            rows[index] = row + 1
+    row_of = rows[labels]
+    # a fixed voxel reads the 2 x 2 x 2 label voxels from floor(its point) up: one near no mask is skipped
+    near = ndimage.maximum_filter(row_of > 0, size=2, origin=-1, mode="nearest").ravel()
+    row_of = row_of.ravel()
+    strides = (labels.shape[1] * labels.shape[2], labels.shape[2], 1)
+    # `out` (a view of any layout) as the flat run of memory it spans, addressed by its strides in elements
+    steps = [s // out.itemsize for s in out.strides]
+    memory = np.lib.stride_tricks.as_strided(out, shape=(sum((n - 1) * e for n, e in zip(out.shape, steps)) + 1,),
+                                             strides=(out.itemsize,))
+    for start in range(0, coordinates[0].size, WARP_BLOCK_VOXELS):
+        points = [c[start:start + WARP_BLOCK_VOXELS] for c in coordinates]
         # ITK's rule: a point within half a voxel of the labels' grid takes its edge voxels, one further out is 0
         inside = np.ones(points[0].shape, dtype=bool)
         for c, n in zip(points, labels.shape):
             inside &= (c >= -0.5) & (c <= n - 0.5)
-        values = ndimage.map_coordinates(crop, np.stack([c.ravel() - lo for c, lo in zip(points, low)]), order=1,
-                                         mode="nearest", prefilter=False).reshape(inside.shape)
-        out[region] = np.where(inside, values, 0)
-    return warped
+        voxel = np.flatnonzero(inside)
+        points = [c[voxel] for c in points]
+        lows = [np.floor(c) for c in points]
+        first = [np.clip(low.astype(np.int64), 0, n - 1) for low, n in zip(lows, labels.shape)]
+        keep = np.flatnonzero(near[sum(f * stride for f, stride in zip(first, strides))])
+        if not keep.size:
+            continue
+        place = sum(i * e for i, e in zip(np.unravel_index(voxel[keep] + start, shape), steps[1:]))
+        corners = []  # per axis: (flat offset, weight) of the lower and the upper neighbour, clamped to the grid
+        for c, low, f, n, stride in zip(points, lows, first, labels.shape, strides):
+            upper = c[keep] - low[keep]
+            above = np.clip(low[keep].astype(np.int64) + 1, 0, n - 1)
+            corners.append([(f[keep] * stride, 1 - upper), (above * stride, upper)])
+        for (z, wz), (y, wy), (x, wx) in itertools.product(*corners):
+            row = row_of[z + y + x]
+            hit = np.flatnonzero(row)
+            # within one corner each fixed voxel appears once: the fancy-indexed += adds without collisions
+            memory[(row[hit] - 1).astype(np.int64) * steps[0] + place[hit]] += wz[hit] * wy[hit] * wx[hit]
+    if fresh:  # a running sum in `out` is its caller's to bound
+        at_most_one(out)
+    return out
+
+
+def class_last_zeros(classes: int, shape: Sequence[int]) -> np.ndarray:
+    """Zeros (classes, *shape) float32 whose class axis has stride 1, the layout of the network's logits in the
+    original geometry (export.resample_to_cropped_shape): the fusion then reads both in one pass, not one per class."""
+    return np.zeros((*shape, classes), dtype=np.float32).transpose(3, 0, 1, 2)
+
+
+SLAB_ELEMENTS = 1 << 22  # at_most_one and the fusion work on slabs of about this many values (16 MB of float32)
+
+
+def slabs(shape: Sequence[int]) -> list[tuple[slice, slice]]:
+    """Index tuples cutting (K, Z, ...) arrays along Z into slabs of about SLAB_ELEMENTS values."""
+    step = max(1, SLAB_ELEMENTS // max(1, int(np.prod(shape)) // max(1, shape[1])))
+    return [(slice(None), slice(z, z + step)) for z in range(0, shape[1], step)]
+
+
+def at_most_one(maps: np.ndarray) -> None:
+    """Clip (K, Z, ...) soft masks to 1 in place: warp_masks' float32 sums of 8 weights can pass it by an ulp (a NaN
+    for a logit). Writes only where one does: pages no mask reached stay unwritten (a brain's 85 maps are 1.8 GB)."""
+    for slab in slabs(maps.shape):
+        block = maps[slab]
+        np.minimum(block, 1, out=block, where=block > 1)
+
+
