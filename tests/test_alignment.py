@@ -362,6 +362,7 @@ def test_warp_masks_matches_one_resample_per_mask():
     np.testing.assert_array_equal(view[1], 1)
     np.testing.assert_allclose(view[2], 1 + warped[3], atol=1e-6)
     assert (maps[:, :2] == 1).all() and (maps[:, :, :, 42:] == 1).all()
+    assert warp_masks(transform, fixed, labels, [], moving.GetSpacing()).shape == (0, 26, 34, 38)
 
 
 def test_a_b_spline_sampled_on_its_grid_moves_points_as_the_b_spline_does():

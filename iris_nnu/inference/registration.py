@@ -372,6 +372,8 @@ def warp_masks(transform: sitk.Transform, fixed: sitk.Image, labels: np.ndarray,
     if out.dtype != np.float32 or out.shape != (len(indices), *shape) or min(out.strides) < 0:
         raise ValueError(f"warp_masks: out must be float32 {(len(indices), *shape)} with positive strides, "
                          f"not {out.dtype} {out.shape} strides {out.strides}")
+    if not len(indices):
+        return out
     rows = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.int32)  # label value -> its row in `out` + 1; 0: none
     for row, index in enumerate(indices):
         if 0 < index < rows.size:
