@@ -369,9 +369,8 @@ def warp_masks(transform: sitk.Transform, fixed: sitk.Image, labels: np.ndarray,
     fresh = out is None
     if fresh:
         out = class_last_zeros(len(indices), shape)
-    if out.dtype != np.float32 or out.shape != (len(indices), *shape) or min(out.strides) < 0:
-        raise ValueError(f"warp_masks: out must be float32 {(len(indices), *shape)} with positive strides, "
-                         f"not {out.dtype} {out.shape} strides {out.strides}")
+    if out.dtype != np.float32 or out.shape != (len(indices), *shape):
+        raise ValueError(f"warp_masks: out must be float32 {(len(indices), *shape)}, not {out.dtype} {out.shape}")
     if not len(indices):
         return out
     rows = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.int32)  # label value -> its row in `out` + 1; 0: none
@@ -383,10 +382,6 @@ def warp_masks(transform: sitk.Transform, fixed: sitk.Image, labels: np.ndarray,
     near = ndimage.maximum_filter(row_of > 0, size=2, origin=-1, mode="nearest").ravel()
     row_of = row_of.ravel()
     strides = (labels.shape[1] * labels.shape[2], labels.shape[2], 1)
-    # `out` (a view of any layout) as the flat run of memory it spans, addressed by its strides in elements
-    steps = [s // out.itemsize for s in out.strides]
-    memory = np.lib.stride_tricks.as_strided(out, shape=(sum((n - 1) * e for n, e in zip(out.shape, steps)) + 1,),
-                                             strides=(out.itemsize,))
     for start in range(0, coordinates[0].size, WARP_BLOCK_VOXELS):
         points = [c[start:start + WARP_BLOCK_VOXELS] for c in coordinates]
         # ITK's rule: a point within half a voxel of the labels' grid takes its edge voxels, one further out is 0
@@ -400,7 +395,7 @@ def warp_masks(transform: sitk.Transform, fixed: sitk.Image, labels: np.ndarray,
         keep = np.flatnonzero(near[sum(f * stride for f, stride in zip(first, strides))])
         if not keep.size:
             continue
-        place = sum(i * e for i, e in zip(np.unravel_index(voxel[keep] + start, shape), steps[1:]))
+        place = np.unravel_index(voxel[keep] + start, shape)  # z, y, x in `out`
         corners = []  # per axis: (flat offset, weight) of the lower and the upper neighbour, clamped to the grid
         for c, low, f, n, stride in zip(points, lows, first, labels.shape, strides):
             upper = c[keep] - low[keep]
@@ -410,7 +405,7 @@ def warp_masks(transform: sitk.Transform, fixed: sitk.Image, labels: np.ndarray,
             row = row_of[z + y + x]
             hit = np.flatnonzero(row)
             # within one corner each fixed voxel appears once: the fancy-indexed += adds without collisions
-            memory[(row[hit] - 1).astype(np.int64) * steps[0] + place[hit]] += wz[hit] * wy[hit] * wx[hit]
+            out[(row[hit] - 1, *(p[hit] for p in place))] += wz[hit] * wy[hit] * wx[hit]
     if fresh:  # a running sum in `out` is its caller's to bound
         at_most_one(out)
     return out
