@@ -106,7 +106,7 @@ def fuse_with_atlas(logits: np.ndarray, atlas: np.ndarray, weight: float | np.nd
     weights = np.broadcast_to(np.asarray(weight, dtype=np.float32), (logits.shape[0],))
     alone = np.isinf(weights)
     finite = np.where(alone, 0, weights).astype(np.float32).reshape(-1, *[1] * (logits.ndim - 1))
-    for slab in slabs(logits.shape):
+    for slab in slabs(logits.shape) if finite.any() else ():  # none: every class 0 or inf (registration alone)
         evidence = atlas[slab] * (2 * finite)
         evidence -= finite
         logits[slab] += evidence
